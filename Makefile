@@ -1,0 +1,54 @@
+# refund-classifier — `make demo` and `make test` set up everything they need.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := runs/demo
+VERSION ?= 1
+
+.PHONY: help venv demo test up down status bench clean
+
+help:
+	@echo "make demo   - sample catalogue -> train -> export -> TorchServe + PostgreSQL -> ingest -> report"
+	@echo "make test   - the test suite (real TorchServe, real PostgreSQL)"
+	@echo "make up | down | status - the services"
+
+# Recreated only when requirements.txt changes.
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m training.make_sample_catalogue --out $(DEMO)/catalogue --per-class 60 --seed 0
+	$(PY) -m training.make_sample_catalogue --out $(DEMO)/unseen --per-class 5 --seed 12345 --first-id 90000
+	$(PY) -m training.train --data-dir $(DEMO)/catalogue --out $(DEMO)/run --epochs 8 --image-size 64 48
+	$(PY) -m training.export --run $(DEMO)/run --version $(VERSION) --force
+	$(PY) -m serving down >/dev/null
+	$(PY) -m serving up --archive refund_classifier-$(VERSION).mar
+	rm -rf $(DEMO)/inbox && mkdir -p $(DEMO)/inbox && cp $(DEMO)/unseen/images/*.jpg $(DEMO)/inbox/
+	$(PY) -m ingest run --inbox $(DEMO)/inbox
+	$(PY) -m ingest report --latest 10
+	@echo
+	@echo "TorchServe and PostgreSQL are still running: 'make status' shows them, 'make down' stops them."
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+up: $(STAMP)
+	$(PY) -m serving up
+
+down: $(STAMP)
+	$(PY) -m serving down
+
+status: $(STAMP)
+	$(PY) -m serving status
+
+bench: $(STAMP)
+	@echo "benchmarks: see issue 'Benchmarks' (bench/)"
+
+clean: down
+	rm -rf runs .run

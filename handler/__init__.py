@@ -1,0 +1,1 @@
+"""TorchServe handler package: only these files travel inside the model archive."""

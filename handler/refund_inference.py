@@ -1,0 +1,111 @@
+"""The handler's model-independent logic, as plain functions unit tests call without a server.
+
+One bad photo never fails the rest of its batch: `prepare_batch` sets it aside with its
+ImageError, and `error_response` / `error_status` turn that into its own 4xx answer.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+try:  # inside a model archive every file sits flat in the model dir
+    from refund_preprocess import ImageError, load_for_model
+except ImportError:  # in the repository, as the `handler` package
+    from handler.refund_preprocess import ImageError, load_for_model
+
+META_FILE = "model_meta.json"
+INDEX_TO_NAME_FILE = "index_to_name.json"
+# Keys under which a multipart form or a JSON body may carry the image.
+PAYLOAD_KEYS = ("data", "body", "file", "image", "b64")
+
+
+def extract_payload(request: dict) -> bytes:
+    """One TorchServe request row -> the image bytes (raw body, multipart field or base64)."""
+    value = None
+    for key in PAYLOAD_KEYS:
+        if request.get(key) is not None:
+            value = request[key]
+            break
+    if value is None:
+        raise ImageError("no_image", f"the request carries no image; send the bytes as the body or as one of the fields {', '.join(PAYLOAD_KEYS)}")
+    if isinstance(value, dict):  # JSON body: {"b64": "..."} or {"image": "..."}
+        for key in PAYLOAD_KEYS:
+            if isinstance(value.get(key), str):
+                return _b64decode(value[key])
+        raise ImageError("no_image", f"the JSON body has none of the fields {', '.join(PAYLOAD_KEYS)}")
+    if isinstance(value, str):
+        return _b64decode(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ImageError("no_image", f"unsupported payload type {type(value).__name__}")
+
+
+def _b64decode(text: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # data URL
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError("bad_base64", f"the text payload is not valid base64: {exc}") from exc
+
+
+@dataclass
+class Prepared:
+    """A batch with its bad rows set aside: `batch` holds the good rows in order."""
+
+    batch: torch.Tensor | None  # uint8 (G, 3, H, W)
+    good: list[int] = field(default_factory=list)
+    errors: dict[int, ImageError] = field(default_factory=dict)
+    size: int = 0
+
+
+def prepare_batch(requests: list[dict], image_size: tuple[int, int], *, max_pixels: int, max_bytes: int) -> Prepared:
+    tensors, good, errors = [], [], {}
+    for i, request in enumerate(requests):
+        try:
+            tensors.append(load_for_model(extract_payload(request), image_size, max_pixels=max_pixels, max_bytes=max_bytes))
+            good.append(i)
+        except ImageError as exc:
+            errors[i] = exc
+    batch = torch.stack(tensors) if tensors else None
+    return Prepared(batch=batch, good=good, errors=errors, size=len(requests))
+
+
+def format_prediction(
+    probs: torch.Tensor, classes: list[str], *, topk: int, review_threshold: float, model: str, version: str
+) -> dict:
+    """probs: (num_classes,) calibrated probabilities for one image."""
+    k = min(topk, probs.numel())
+    p, idx = probs.topk(k)
+    top = [{"label": classes[j], "p": round(float(q), 6)} for q, j in zip(p.tolist(), idx.tolist())]
+    return {
+        "label": top[0]["label"],
+        "confidence": top[0]["p"],
+        "topk": top,
+        "needs_review": top[0]["p"] < review_threshold,
+        "model": model,
+        "version": version,
+    }
+
+
+def error_response(exc: ImageError, *, model: str, version: str) -> dict:
+    return {"error": exc.message, "code": exc.code, "model": model, "version": version}
+
+
+def error_status(exc: ImageError) -> int:
+    """413 for inputs over a size limit, 400 for the rest."""
+    return 413 if exc.code in ("too_large", "too_many_pixels") else 400
+
+
+def load_meta(model_dir: str) -> tuple[dict, list[str]]:
+    with open(os.path.join(model_dir, META_FILE)) as f:
+        meta = json.load(f)
+    with open(os.path.join(model_dir, INDEX_TO_NAME_FILE)) as f:
+        index_to_name = json.load(f)
+    classes = [index_to_name[str(i)] for i in range(len(index_to_name))]
+    return meta, classes

@@ -1,0 +1,103 @@
+"""Image preprocessing shared by training, evaluation and the TorchServe handler.
+
+This is the one definition: training caches `to_uint8_tensor(decode_image(...))` and
+the handler runs the same two calls, then both call `normalize`. Nothing here imports
+from training/ or ingest/, because only handler files travel inside the model archive.
+"""
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Far above any product photo, far below what exhausts a worker's memory (~50 MP ~ 150 MB RGB).
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+
+
+class ImageError(ValueError):
+    """An input that cannot become a model input. `code` is machine-readable."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Bytes of any common image format -> an upright RGB PIL image, or ImageError."""
+    if not data:
+        raise ImageError("empty", "the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"the payload is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_many_pixels", f"the image is a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("not_an_image", "the bytes are not an image in a supported format") from exc
+    except Exception as exc:  # PIL raises a zoo of types for garbage headers
+        raise ImageError("not_an_image", f"cannot read the image header: {exc}") from exc
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_many_pixels",
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )
+    try:
+        img.seek(0)  # GIF/TIFF/WebP: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except Exception as exc:
+        raise ImageError("corrupt", f"the image data is corrupt or truncated: {exc}") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Product shots sit on white: composite transparency on white, not black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+        # 16-bit grayscale: scale to 8 bits instead of clipping at 255.
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode == "F":
+        img = img.convert("L")
+    return img.convert("RGB")
+
+
+def to_uint8_tensor(img: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W) resized to image_size = (H, W)."""
+    height, width = image_size
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BILINEAR, reducing_gap=None)
+    buf = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return buf.view(height, width, 3).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def normalize(
+    batch: torch.Tensor,
+    *,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) or (3, H, W) -> float32 normalized, same shape."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (batch.float() / 255.0 - m) / s
+
+
+def load_for_model(data: bytes, image_size: tuple[int, int], **limits) -> torch.Tensor:
+    """Bytes -> uint8 (3, H, W): what both the handler and training's cache hold."""
+    return to_uint8_tensor(decode_image(data, **limits), image_size)

@@ -1,0 +1,1 @@
+"""Ingestion: inbox -> TorchServe -> PostgreSQL."""

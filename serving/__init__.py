@@ -1,0 +1,1 @@
+"""Serving: start/stop TorchServe and the private PostgreSQL; model version rollouts."""

@@ -1,0 +1,221 @@
+"""Start, stop and query a TorchServe instance. Shared by `python -m serving`, the demo and the tests.
+
+Each instance has its own state folder (pid file, logs, TorchServe's temp dir), so several
+can run side by side on different ports (the tests do) without touching each other.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from serving.paths import REPO_ROOT, state_dir
+
+MODEL_NAME = "refund_classifier"
+
+
+class TorchServeError(RuntimeError):
+    pass
+
+
+def load_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def write_properties(path: Path, props: dict[str, str]) -> Path:
+    Path(path).write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return Path(path)
+
+
+@dataclass
+class TorchServe:
+    """One TorchServe instance: its config file, model store and state folder."""
+
+    config: Path = REPO_ROOT / "config.properties"
+    model_store: Path | None = None
+    state: Path | None = None
+
+    def __post_init__(self):
+        self.config = Path(self.config).resolve()
+        props = load_properties(self.config)
+        if self.model_store is None:
+            self.model_store = REPO_ROOT / props.get("model_store", "model_store")
+        self.model_store = Path(self.model_store).resolve()
+        self.state = Path(self.state or state_dir() / "torchserve").resolve()
+        self.inference_url = props.get("inference_address", "http://127.0.0.1:8080")
+        self.management_url = props.get("management_address", "http://127.0.0.1:8081")
+        self.metrics_url = props.get("metrics_address", "http://127.0.0.1:8082")
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state / "torchserve.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state / "logs"
+
+    def pid(self) -> int | None:
+        """The pid of our running TorchServe, or None (a stale pid file is removed)."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            self.pid_file.unlink(missing_ok=True)
+            return None
+        except PermissionError:
+            return pid
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            r = requests.get(f"{self.inference_url}/ping", timeout=timeout)
+            return r.ok and r.json().get("status") == "Healthy"
+        except (requests.RequestException, ValueError):
+            return False
+
+    def start(self, models: list[str] | None = None, *, wait_s: float = 180.0, env: dict | None = None) -> None:
+        """Start TorchServe with `models` (e.g. ["refund_classifier=refund_classifier-1.mar"]) and wait for /ping."""
+        if self.pid() is not None:
+            if self.healthy():
+                return
+            raise TorchServeError(f"TorchServe (pid {self.pid()}) is running but not healthy; see {self.log_dir}")
+        self.model_store.mkdir(parents=True, exist_ok=True)
+        tmp = self.state / "tmp"
+        for d in (self.log_dir, tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground",
+            "--ts-config", str(self.config), "--model-store", str(self.model_store),
+            "--ncs",  # no config snapshots: a restart loads exactly what it is told (see serving.rollout)
+        ]
+        if models:
+            cmd += ["--models", *models]
+        run_env = {
+            **os.environ,
+            "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir),
+            # TorchServe keeps its pid file in the temp dir: one per instance.
+            "TMPDIR": str(tmp), "TEMP": str(tmp),
+            **(env or {}),
+        }
+        with open(self.log_dir / "console.log", "ab") as console:
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env, stdout=console, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise TorchServeError(f"TorchServe exited with code {proc.returncode} while starting; see {self.log_dir}/console.log:\n{tail(self.log_dir / 'console.log')}")
+            if self.healthy():
+                break
+            time.sleep(0.5)
+        else:
+            self.stop()
+            raise TorchServeError(f"TorchServe did not answer /ping as Healthy within {wait_s:.0f}s; see {self.log_dir}")
+        # /ping says Healthy even while a model's workers die at load: wait for a READY worker.
+        for spec in models or []:
+            name = spec.split("=", 1)[0] if "=" in spec else MODEL_NAME
+            try:
+                self.wait_ready(name, wait_s=max(deadline - time.monotonic(), 5.0))
+            except TorchServeError:
+                self.stop()
+                raise
+
+    def wait_ready(self, model: str = MODEL_NAME, version: str | None = None, *, wait_s: float = 120.0) -> None:
+        """Wait until `model` (a given version, or the default) has a READY worker."""
+        url = f"{self.management_url}/models/{model}" + (f"/{version}" if version else "")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(url, timeout=5)
+                if r.ok and any(w.get("status") == "READY" for m in r.json() for w in m.get("workers", [])):
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TorchServeError(f"model {model}{'/' + version if version else ''} has no READY worker after {wait_s:.0f}s; "
+                              f"last lines of {self.log_dir}/model_log.log:\n{tail(self.log_dir / 'model_log.log')}")
+
+    def stop(self, wait_s: float = 30.0) -> bool:
+        """Stop our TorchServe (its whole process group: frontend and workers). True if one was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+        # The group may outlive its leader for a moment (backend workers).
+        _signal_group(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def models(self) -> list[dict]:
+        r = requests.get(f"{self.management_url}/models", timeout=10)
+        r.raise_for_status()
+        return r.json().get("models", [])
+
+    def describe(self, model: str = MODEL_NAME, version: str = "all") -> list[dict]:
+        r = requests.get(f"{self.management_url}/models/{model}/{version}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child counts as gone
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+_VERSION_PART = re.compile(r"(\d+)")
+
+
+def version_key(version: str) -> list:
+    """Natural sort: 2 < 10, 1.2 < 1.10."""
+    return [int(p) if p.isdigit() else p for p in _VERSION_PART.split(version)]
+
+
+def archives(model_store: Path, model: str = MODEL_NAME) -> dict[str, Path]:
+    """{version: path} of the `model`-VERSION.mar archives in the store, oldest version first."""
+    found = {p.name[len(model) + 1:-4]: p for p in Path(model_store).glob(f"{model}-*.mar")}
+    return dict(sorted(found.items(), key=lambda kv: version_key(kv[0])))
+
+
+def latest_archive(model_store: Path, model: str = MODEL_NAME) -> Path | None:
+    found = archives(model_store, model)
+    return list(found.values())[-1] if found else None

@@ -1,0 +1,1 @@
+"""Training: catalogue preparation, training, evaluation and export."""

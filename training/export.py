@@ -1,0 +1,116 @@
+"""Package a training run as a TorchServe model archive.
+
+    python -m training.export --run runs/demo --version 1
+
+-> model_store/refund_classifier-1.mar holding the handler files from handler/, the
+state_dict (weights.pt), index_to_name.json, model_meta.json (arch, preprocessing,
+calibration) and model-config.yaml (batching, workers, handler settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from training.train import CHECKPOINT
+
+MODEL_NAME = "refund_classifier"
+HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
+HANDLER_FILE = "refund_handler.py"
+HANDLER_EXTRA = ["refund_inference.py", "refund_model.py", "refund_preprocess.py"]
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
+
+# TorchServe's per-model settings; issue "Production handler" tunes them.
+DEFAULT_MODEL_CONFIG = {
+    "minWorkers": 1,
+    "maxWorkers": 1,
+    "batchSize": 16,
+    "maxBatchDelay": 20,
+    "responseTimeout": 60,
+    "handler": {"topk": 5},
+}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def archive_path(model_store: Path, version: str, model_name: str = MODEL_NAME) -> Path:
+    return Path(model_store) / f"{model_name}-{version}.mar"
+
+
+def export(run: Path, version: str, *, model_store: Path, model_name: str = MODEL_NAME, force: bool = False) -> Path:
+    if not VERSION_RE.match(version):
+        raise ExportError(f"Invalid --version {version!r}: use letters, digits, '.', '_' or '-' (e.g. 1, 1.2, 2026-11-26)")
+    ckpt_path = Path(run) / CHECKPOINT
+    if not ckpt_path.is_file():
+        raise ExportError(f"{ckpt_path} does not exist: train first (python -m training.train --out {run} ...)")
+    target = archive_path(model_store, version, model_name)
+    if target.exists() and not force:
+        raise ExportError(f"{target} exists; versions are immutable: export a new --version (or pass --force)")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    meta = {
+        **ckpt["model_config"],
+        **ckpt["preprocess"],
+        **ckpt.get("calibration", {}),
+        "version": version,
+    }
+    Path(model_store).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        staging = Path(tmp)
+        torch.save(ckpt["model"], staging / "weights.pt")
+        (staging / "model_meta.json").write_text(json.dumps(meta, indent=1))
+        (staging / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(ckpt["classes"])}, indent=1))
+        (staging / "model-config.yaml").write_text(yaml.safe_dump(DEFAULT_MODEL_CONFIG, sort_keys=False))
+        for name in [HANDLER_FILE, *HANDLER_EXTRA]:
+            shutil.copy(HANDLER_DIR / name, staging / name)
+        extra = [staging / n for n in ["model_meta.json", "index_to_name.json", *HANDLER_EXTRA]]
+        cmd = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", model_name, "--version", version,
+            "--serialized-file", str(staging / "weights.pt"),
+            "--handler", str(staging / HANDLER_FILE),
+            "--extra-files", ",".join(str(p) for p in extra),
+            "--config-file", str(staging / "model-config.yaml"),
+            "--export-path", str(staging), "--archive-format", "default",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ExportError(f"torch-model-archiver failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+        # The archiver names the file after the model; the store keeps one file per version.
+        # Copy then rename, so a reader of the store never sees a half-written archive.
+        partial = target.with_suffix(".mar.partial")
+        shutil.copy(staging / f"{model_name}.mar", partial)
+        partial.replace(target)
+    return target
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="run folder written by training.train")
+    parser.add_argument("--version", type=str, required=True, help="model version, e.g. 1 or 2026-11-26")
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"), help="where to write the .mar")
+    parser.add_argument("--model-name", type=str, default=MODEL_NAME, help="TorchServe model name")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing archive of this version")
+    return parser
+
+
+def main(args: argparse.Namespace) -> Path:
+    try:
+        path = export(args.run, args.version, model_store=args.model_store, model_name=args.model_name, force=args.force)
+    except ExportError as exc:
+        raise SystemExit(f"export: {exc}") from exc
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
