@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,7 +25,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"serving: no {MODEL_NAME}-*.mar in {ts.model_store}: export one (python -m training.export ...)", file=sys.stderr)
         return 2
     ts.start([f"{MODEL_NAME}={archive.name}"])
-    print(f"torchserve: up at {ts.inference_url} serving {archive.name} (logs: {ts.log_dir})")
+    print(f"torchserve: up at {ts.inference_url} serving {archive.name} (logs: {ts.log_dir})", flush=True)
+    if args.foreground:  # containers: live as long as TorchServe, stop it on SIGTERM
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0 if ts.stop() else 0))
+        code = ts.wait()
+        print(f"torchserve: exited with code {code}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -56,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start PostgreSQL (embedded default) and TorchServe, wait until ready")
     p.add_argument("--archive", type=str, default=None, help="archive in the model store to serve (default: the newest version)")
+    p.add_argument("--foreground", action="store_true", help="stay attached until TorchServe exits (for containers)")
     p.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop TorchServe and the private PostgreSQL").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="is it up, and what does it serve").set_defaults(fn=cmd_status)

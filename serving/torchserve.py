@@ -71,13 +71,12 @@ class TorchServe:
         """The pid of our running TorchServe, or None (a stale pid file is removed)."""
         try:
             pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            self.pid_file.unlink(missing_ok=True)
+        except (FileNotFoundError, ValueError):
             return None
-        except PermissionError:
+        if _alive(pid):
             return pid
+        self.pid_file.unlink(missing_ok=True)
+        return None
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
@@ -113,6 +112,7 @@ class TorchServe:
         with open(self.log_dir / "console.log", "ab") as console:
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env, stdout=console, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self._proc = proc  # keep the handle: it reaps the process, and dropping it early warns
         self.pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
@@ -139,6 +139,8 @@ class TorchServe:
         url = f"{self.management_url}/models/{model}" + (f"/{version}" if version else "")
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
+            if self.pid_file.exists() and self.pid() is None:
+                raise TorchServeError(f"TorchServe exited; see {self.log_dir}/console.log:\n{tail(self.log_dir / 'console.log')}")
             try:
                 r = requests.get(url, timeout=5)
                 if r.ok and any(w.get("status") == "READY" for m in r.json() for w in m.get("workers", [])):
@@ -160,10 +162,16 @@ class TorchServe:
             time.sleep(0.2)
         if _alive(pid):
             _signal_group(pid, signal.SIGKILL)
+        if getattr(self, "_proc", None) is not None:
+            self._proc.wait(timeout=10)
         # The group may outlive its leader for a moment (backend workers).
         _signal_group(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+    def wait(self) -> int:
+        """Block until the TorchServe this object started exits; its exit code."""
+        return self._proc.wait()
 
     def models(self) -> list[dict]:
         r = requests.get(f"{self.management_url}/models", timeout=10)
@@ -181,6 +189,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
     try:  # a zombie child counts as gone
         waited, _ = os.waitpid(pid, os.WNOHANG)
         return waited == 0

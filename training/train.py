@@ -46,7 +46,7 @@ def stratified_split(items: list[Item], val_frac: float, seed: int) -> tuple[lis
 def load_images(items: list[Item], image_size: tuple[int, int]) -> torch.Tensor:
     """Decode every image once into a uint8 cache (N, 3, H, W): the same calls the handler makes."""
     out = torch.empty((len(items), 3, *image_size), dtype=torch.uint8)
-    for i, item in enumerate(tqdm(items, desc="decode", leave=False, mininterval=1.0)):
+    for i, item in enumerate(tqdm(items, desc="decode", leave=False, mininterval=1.0, disable=None)):
         out[i] = load_for_model(item.path.read_bytes(), image_size)
     return out
 
@@ -70,7 +70,7 @@ def train_one_epoch(model, optimizer, scheduler, criterion, images, labels, *, b
     model.train()
     order = torch.randperm(len(labels))
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch}", leave=False, mininterval=1.0)
+    bar = tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
     for start in bar:
         idx = order[start:start + batch_size]
         x = normalize(augment(images[idx]), mean=mean, std=std).to(device, memory_format=torch.channels_last)

@@ -1,0 +1,137 @@
+"""Shared fixtures: a tiny catalogue, a tiny trained model and its archive, and real services.
+
+The services are real: a private PostgreSQL cluster (initdb/pg_ctl) and a TorchServe on free
+ports, each in its own temporary folder, so test runs never touch the demo's services.
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import uuid
+import zipfile
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from ingest import db
+from serving.paths import REPO_ROOT
+from serving.postgres import Cluster
+from serving.torchserve import TorchServe, load_properties, write_properties
+from training import export as export_mod
+from training import make_sample_catalogue, train
+
+IMAGE_SIZE = (32, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sample_catalogue(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("catalogue")
+    make_sample_catalogue.write_catalogue(out, per_class=30, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def unseen_images(tmp_path_factory) -> Path:
+    """Images the model never saw (another seed), with their true labels in styles.csv."""
+    out = tmp_path_factory.mktemp("unseen")
+    make_sample_catalogue.write_catalogue(out, per_class=3, seed=999, first_id=50000)
+    return out
+
+
+def train_tiny(data_dir: Path, out: Path, *extra: str, epochs: int = 10) -> Path:
+    args = train.get_args_parser().parse_args([
+        "--data-dir", str(data_dir), "--out", str(out), "--arch", "tinynet", "--epochs", str(epochs),
+        "--image-size", *map(str, IMAGE_SIZE), "--batch-size", "16", "--lr", "0.01", *extra,
+    ])
+    train.main(args)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_catalogue, tmp_path_factory) -> Path:
+    return train_tiny(sample_catalogue, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def model_store(trained_run, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    export_mod.export(trained_run, "1", model_store=store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def extracted_archive(model_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mar")
+    with zipfile.ZipFile(model_store / "refund_classifier-1.mar") as z:
+        z.extractall(out)
+    return out
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    # Under /tmp, not pytest's 0700 tmp dir: as root the server runs as `postgres`, which must reach it.
+    root = Path(tempfile.mkdtemp(prefix="rc-test-pg-"))
+    cluster = Cluster(root=root, port=free_port())
+    cluster.start()
+    template = "refund_template"
+    _admin(cluster, f'CREATE DATABASE "{template}"')
+    db.migrate(cluster.url(template))
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _admin(cluster: Cluster, sql: str) -> None:
+    conn = psycopg2.connect(cluster.url("postgres"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def database_url(pg_cluster) -> str:
+    """A fresh database per test, cloned from the migrated template."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    _admin(pg_cluster, f'CREATE DATABASE "{name}" TEMPLATE refund_template')
+    yield pg_cluster.url(name)
+    _admin(pg_cluster, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- TorchServe ----------------------------------------------------------------------------
+
+def make_torchserve(model_store: Path, state: Path, **overrides: str) -> TorchServe:
+    """A TorchServe from the repository's config.properties, on free ports, with its own state folder."""
+    props = load_properties(REPO_ROOT / "config.properties")
+    props.update({
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
+        "model_store": str(model_store),
+        **overrides,
+    })
+    state.mkdir(parents=True, exist_ok=True)
+    config = write_properties(state / "config.properties", props)
+    return TorchServe(config=config, model_store=model_store, state=state)
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store, tmp_path_factory):
+    ts = make_torchserve(model_store, tmp_path_factory.mktemp("ts"))
+    ts.start(["refund_classifier=refund_classifier-1.mar"])
+    yield ts
+    ts.stop()
