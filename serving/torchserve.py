@@ -16,6 +16,7 @@ from pathlib import Path
 
 import requests
 
+from serving.client import AuthError, TorchServeClient
 from serving.paths import REPO_ROOT, state_dir
 
 MODEL_NAME = "refund_classifier"
@@ -58,6 +59,14 @@ class TorchServe:
         self.inference_url = props.get("inference_address", "http://127.0.0.1:8080")
         self.management_url = props.get("management_address", "http://127.0.0.1:8081")
         self.metrics_url = props.get("metrics_address", "http://127.0.0.1:8082")
+        self.token_auth = props.get("disable_token_authorization", "false").lower() != "true"
+        self.client = TorchServeClient(self.inference_url, self.management_url,
+                                       key_file=self.key_file if self.token_auth else None)
+
+    @property
+    def key_file(self) -> Path:
+        """TorchServe writes its keys into its working directory, which is our state folder."""
+        return self.state / "key_file.json"
 
     @property
     def pid_file(self) -> Path:
@@ -80,9 +89,9 @@ class TorchServe:
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
-            r = requests.get(f"{self.inference_url}/ping", timeout=timeout)
+            r = self.client.inference("GET", "ping", timeout=timeout)
             return r.ok and r.json().get("status") == "Healthy"
-        except (requests.RequestException, ValueError):
+        except (requests.RequestException, ValueError, AuthError):
             return False
 
     def start(self, models: list[str] | None = None, *, wait_s: float = 180.0, env: dict | None = None) -> None:
@@ -92,6 +101,8 @@ class TorchServe:
                 return
             raise TorchServeError(f"TorchServe (pid {self.pid()}) is running but not healthy; see {self.log_dir}")
         self.model_store.mkdir(parents=True, exist_ok=True)
+        self.key_file.unlink(missing_ok=True)  # a previous run's keys are dead
+        self.client.forget_keys()
         tmp = self.state / "tmp"
         for d in (self.log_dir, tmp):
             d.mkdir(parents=True, exist_ok=True)
@@ -110,7 +121,8 @@ class TorchServe:
             **(env or {}),
         }
         with open(self.log_dir / "console.log", "ab") as console:
-            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env, stdout=console, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, cwd=self.state,  # TorchServe writes key_file.json into its cwd
+                                     env=run_env, stdout=console, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self._proc = proc  # keep the handle: it reaps the process, and dropping it early warns
         self.pid_file.write_text(str(proc.pid))
@@ -136,16 +148,16 @@ class TorchServe:
 
     def wait_ready(self, model: str = MODEL_NAME, version: str | None = None, *, wait_s: float = 120.0) -> None:
         """Wait until `model` (a given version, or the default) has a READY worker."""
-        url = f"{self.management_url}/models/{model}" + (f"/{version}" if version else "")
+        path = f"models/{model}" + (f"/{version}" if version else "")
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.pid_file.exists() and self.pid() is None:
                 raise TorchServeError(f"TorchServe exited; see {self.log_dir}/console.log:\n{tail(self.log_dir / 'console.log')}")
             try:
-                r = requests.get(url, timeout=5)
+                r = self.client.management("GET", path, timeout=5)
                 if r.ok and any(w.get("status") == "READY" for m in r.json() for w in m.get("workers", [])):
                     return
-            except (requests.RequestException, ValueError):
+            except (requests.RequestException, ValueError, AuthError):
                 pass
             time.sleep(0.5)
         raise TorchServeError(f"model {model}{'/' + version if version else ''} has no READY worker after {wait_s:.0f}s; "
@@ -174,12 +186,12 @@ class TorchServe:
         return self._proc.wait()
 
     def models(self) -> list[dict]:
-        r = requests.get(f"{self.management_url}/models", timeout=10)
+        r = self.client.management("GET", "models", timeout=10)
         r.raise_for_status()
         return r.json().get("models", [])
 
     def describe(self, model: str = MODEL_NAME, version: str = "all") -> list[dict]:
-        r = requests.get(f"{self.management_url}/models/{model}/{version}", timeout=10)
+        r = self.client.management("GET", f"models/{model}/{version}", timeout=10)
         r.raise_for_status()
         return r.json()
 
