@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from training.train import CHECKPOINT
 
@@ -28,15 +27,8 @@ HANDLER_FILE = "refund_handler.py"
 HANDLER_EXTRA = ["refund_inference.py", "refund_model.py", "refund_preprocess.py"]
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 
-# TorchServe's per-model settings; issue "Production handler" tunes them.
-DEFAULT_MODEL_CONFIG = {
-    "minWorkers": 1,
-    "maxWorkers": 1,
-    "batchSize": 16,
-    "maxBatchDelay": 20,
-    "responseTimeout": 60,
-    "handler": {"topk": 5},
-}
+# TorchServe's per-model settings (batching, workers, handler options), tuned with the handler.
+MODEL_CONFIG = HANDLER_DIR / "model-config.yaml"
 
 
 class ExportError(RuntimeError):
@@ -69,7 +61,7 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
         torch.save(ckpt["model"], staging / "weights.pt")
         (staging / "model_meta.json").write_text(json.dumps(meta, indent=1))
         (staging / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(ckpt["classes"])}, indent=1))
-        (staging / "model-config.yaml").write_text(yaml.safe_dump(DEFAULT_MODEL_CONFIG, sort_keys=False))
+        shutil.copy(MODEL_CONFIG, staging / "model-config.yaml")
         for name in [HANDLER_FILE, *HANDLER_EXTRA]:
             shutil.copy(HANDLER_DIR / name, staging / name)
         extra = [staging / n for n in ["model_meta.json", "index_to_name.json", *HANDLER_EXTRA]]
