@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
-import shlex
 import stat
 import time
 from pathlib import Path
@@ -116,14 +114,14 @@ def mount_at(service: dict, target: str) -> dict:
 
 
 def published(service: dict) -> list[tuple[str, str, str]]:
-    """(host_ip, host_port, container_port) of each published port."""
+    """(host_ip, host_port, container_port) of each published port ("" where not given)."""
     out = []
     for p in service.get("ports", []):
         if isinstance(p, dict):
             out.append((p.get("host_ip", ""), str(p.get("published", "")), str(p["target"])))
         else:
-            parts = str(p).split(":")
-            out.append(("", *parts) if len(parts) == 2 else tuple(parts) if len(parts) == 3 else ("", "", parts[0]))
+            parts = str(p).split(":")  # [[host_ip:]host_port:]container_port
+            out.append(tuple([""] * (3 - len(parts)) + parts))
     return out
 
 
