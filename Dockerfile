@@ -45,8 +45,9 @@ COPY deploy/__init__.py deploy/healthcheck.py deploy/
 # default config of `python -m serving`.
 COPY deploy/config.properties config.properties
 
-RUN groupadd --gid "${RC_GID}" refund \
- && useradd --uid "${RC_UID}" --gid "${RC_GID}" --create-home --shell /usr/sbin/nologin refund \
+# --non-unique: the host's gid may exist in the image already (macOS's staff, 20, is Debian's dialout).
+RUN groupadd --non-unique --gid "${RC_GID}" refund \
+ && useradd --non-unique --uid "${RC_UID}" --gid "${RC_GID}" --create-home --shell /usr/sbin/nologin refund \
  && mkdir -p /app/model_store /app/.run/torchserve \
  && chown -R refund:refund /app/model_store /app/.run
 USER refund

@@ -205,6 +205,19 @@ def test_the_password_is_required_and_never_written_down(raw_compose, compose):
     assert compose["services"]["ingest"]["environment"]["PGPASSWORD"] == "test-password"
 
 
+def test_our_containers_run_without_capabilities(compose):
+    for name in ("torchserve", "ingest"):
+        service = compose["services"][name]
+        assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"], name
+
+
+def test_gpu_override_only_reserves_gpus_for_torchserve():
+    override = yaml.safe_load((REPO_ROOT / "deploy" / "docker-compose.gpu.yml").read_text())
+    assert set(override["services"]) == {"torchserve"}
+    devices = override["services"]["torchserve"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
 def test_postgres_service(compose):
     pg = compose["services"]["postgres"]
     assert re.fullmatch(r"postgres:\d+\.\d+(-[a-z0-9]+)?", pg["image"]), f"official image, pinned by full tag: {pg['image']}"
