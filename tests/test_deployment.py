@@ -7,11 +7,11 @@ The last tests run the container's TorchServe config and the HEALTHCHECK against
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import stat
 import time
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -465,19 +465,11 @@ def test_kserve_alternative_parses():
 
 # -- against a real TorchServe -----------------------------------------------------------------
 
-def test_healthcheck_module_units(tmp_path):
+def test_healthcheck_local_url():
     from deploy import healthcheck
 
     assert healthcheck.local_url("http://0.0.0.0:8080") == "http://127.0.0.1:8080"
     assert healthcheck.local_url("http://torchserve:8080/") == "http://torchserve:8080"
-    key_file = tmp_path / "key_file.json"
-    assert healthcheck.read_keys(key_file) is None
-    key_file.write_text('{"management": {"key": "m"}, "inference": {"key": "i", "expiration time": "2026-11-26T10:48:37.994450934Z"}, "API": {"key": "a"}}')
-    keys = healthcheck.read_keys(key_file)
-    assert (keys.inference, keys.api) == ("i", "a") and keys.inference_expires.microsecond == 994450
-    assert healthcheck.expired(keys, keys.inference_expires) and not healthcheck.expired(keys, keys.inference_expires.replace(year=2025))
-    key_file.write_text('{"inference": ')  # half-written
-    assert healthcheck.read_keys(key_file) is None
 
 
 @pytest.mark.integration
@@ -508,14 +500,12 @@ def test_container_config_in_a_real_torchserve_registers_only_from_the_store(mod
     overrides = {k: v for k, v in props.items() if not k.endswith(("_address", "_port")) and k != "model_store"}
     overrides.update({
         "allowed_urls": props["allowed_urls"].replace("/app/model_store", str(model_store)),
-        # serving.torchserve.TorchServe cannot wait on a keyed /ping yet; the keyed path is tested below.
-        "disable_token_authorization": "true",
     })
     ts = make_torchserve(model_store, tmp_path / "ts", **overrides)
     ts.start()
     try:
         def register(url: str) -> requests.Response:
-            return requests.post(f"{ts.management_url}/models", params={"url": url, "model_name": "rc", "synchronous": "true", "initial_workers": "1"}, timeout=120)
+            return ts.client.management("POST", "models", params={"url": url, "model_name": "rc", "synchronous": "true", "initial_workers": "1"}, timeout=120)
 
         for outside in ("https://example.com/refund_classifier-1.mar", "file:///etc/passwd", f"file://{model_store}/../refund_classifier-1.mar"):
             r = register(outside)
@@ -523,7 +513,8 @@ def test_container_config_in_a_real_torchserve_registers_only_from_the_store(mod
             assert re.search("does not match any allowed URL|Relative path is not allowed", r.json()["message"]), r.text
         r = register("refund_classifier-1.mar")  # by name, from the store
         assert r.status_code == 200, r.text
-        r = requests.post(f"{ts.inference_url}/predictions/rc", data=b"", timeout=30)
+        assert ts.token_auth
+        r = ts.client.inference("POST", "predictions/rc", data=b"", timeout=30)
         assert r.status_code == 400 and r.json()["code"] == "empty"
         assert "ts_inference_requests_total" in requests.get(f"{ts.metrics_url}/metrics", timeout=10).text
     finally:
@@ -531,9 +522,6 @@ def test_container_config_in_a_real_torchserve_registers_only_from_the_store(mod
 
 
 @pytest.mark.integration
-@pytest.mark.skipif("cwd=REPO_ROOT" in inspect.getsource(TorchServe.start),
-                    reason="serving.torchserve.TorchServe runs TorchServe in the repository, not in its state folder, "
-                           "so key_file.json is not where the compose file shares it (the handler branch moves it)")
 def test_healthcheck_with_token_authorization_renews_an_expired_key(model_store, tmp_path):
     from deploy import healthcheck
     from conftest import make_torchserve
@@ -546,11 +534,11 @@ def test_healthcheck_with_token_authorization_renews_an_expired_key(model_store,
         ok, why = healthcheck.check(ts.config, key_file)
         assert ok, why
         assert requests.get(f"{ts.inference_url}/ping", timeout=5).status_code == 400, "keyless /ping is refused"
-        first = healthcheck.read_keys(key_file)
-        time.sleep(max(0.0, (first.inference_expires.timestamp() - time.time())) + 1)
-        assert not healthcheck.check(ts.config, key_file, allow_renew=False)[0]
-        ok, why = healthcheck.check(ts.config, key_file)
+        first = json.loads(key_file.read_text())["inference"]
+        expires = datetime.fromisoformat(first["expiration time"][:26] + "+00:00")
+        time.sleep(max(0.0, expires.timestamp() - time.time()) + 1)
+        ok, why = healthcheck.check(ts.config, key_file)  # expired: renewed with the API key
         assert ok, why
-        assert healthcheck.read_keys(key_file).inference != first.inference
+        assert json.loads(key_file.read_text())["inference"]["key"] != first["key"]
     finally:
         ts.stop()
