@@ -109,9 +109,11 @@ class RefundClassifierHandler(BaseHandler):
         metrics = self.context.metrics
         emit(metrics, METRIC_IMAGES, len(data), "count", "counter")
         emit(metrics, METRIC_BATCH_SIZE, len(data), "count", "histogram")
-        for code, n in reject_counts(prepared).items():
+        rejects = reject_counts(prepared)
+        for code, n in rejects.items():
             emit(metrics, METRIC_REJECTS, n, "count", "counter", Reason=code)
         emit(metrics, METRIC_PREPROCESS, time.perf_counter() - started, "seconds", "histogram")
+        logger.info("batch of %d: %d rejected %s", len(data), len(prepared.errors), rejects or "")
         return prepared
 
     def inference(self, prepared: Prepared, *args, **kwargs):
