@@ -397,3 +397,14 @@ def test_training_and_handler_preprocess_identically(handler, sample_catalogue):
 def test_load_for_model_shape_and_dtype():
     t = load_for_model(encode(photo(), "PNG"), (24, 16))
     assert t.shape == (3, 24, 16) and t.dtype == torch.uint8
+
+
+def test_plain_mock_context_and_legacy_metrics_store(extracted_archive, unseen_images):
+    """TorchServe's own MockContext (legacy MetricsStore, no per-request status) still works for good images."""
+    ctx = MockContext(model_pt_file="weights.pt", model_dir=str(extracted_archive), model_file=None,
+                      model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
+    h = RefundClassifierHandler()
+    h.initialize(ctx)
+    out = h.handle([{"body": p.read_bytes()} for p in sorted((unseen_images / "images").glob("*.jpg"))[:2]], ctx)
+    assert [("label" in o) for o in out] == [True, True]
+    assert {m.name for m in ctx.metrics.store} >= {METRIC_IMAGES, METRIC_INFERENCE}
