@@ -66,8 +66,9 @@ def decode_image(
         img.seek(0)  # GIF/TIFF/WebP: the first frame
         img.load()
     except Exception as exc:
-        code = "truncated" if "truncated" in str(exc) else "corrupt"
-        raise ImageError(code, f"the image data is {'truncated' if code == 'truncated' else 'corrupt'}: {exc}") from exc
+        # One code for truncated and damaged pixel data (ingestion records "corrupt: <message>").
+        what = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise ImageError("corrupt", f"the image data is {what}: {exc}") from exc
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block is no reason to refuse a readable photo

@@ -237,8 +237,10 @@ def test_bad_inputs_are_named():
     assert code_of(b"") == "empty"
     assert code_of(b"this is text, not an image") == "not_an_image"
     assert code_of(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40) == "not_an_image"  # a header and nothing sane after it
-    assert code_of(jpeg[: len(jpeg) // 2]) == "truncated"
-    assert code_of(png[: len(png) // 2]) == "truncated"
+    for cut in (jpeg[: len(jpeg) // 2], png[: len(png) // 2]):
+        with pytest.raises(ImageError, match="truncated") as err:
+            decode_image(cut)
+        assert err.value.code == "corrupt"
     assert code_of(jpeg, max_bytes=1000) == "too_large"
 
 
@@ -285,7 +287,7 @@ def test_batch_order_and_mixed_good_and_bad(handler, unseen_images):
     out = h.handle(data, ctx)
     assert len(out) == len(data)
     assert [("label" in o) for o in out] == [True, False, True, False, True, False, False, True]
-    assert ctx.statuses == {1: (400, "empty"), 3: (400, "not_an_image"), 5: (400, "truncated"),
+    assert ctx.statuses == {1: (400, "empty"), 3: (400, "not_an_image"), 5: (400, "corrupt"),
                             6: (413, "too_many_pixels")}
     for i in (1, 3, 5, 6):
         assert set(out[i]) >= {"error", "code"} and out[i]["code"] == ctx.statuses[i][1]

@@ -157,7 +157,7 @@ def test_a_bad_image_in_a_batch_fails_alone(torchserve, unseen_images):
         assert codes == [200 if b in good else 400 for b in bodies], codes
         for body, r in zip(bodies, answers):
             assert ("label" in r.json()) is (body in good)
-        assert [r.json()["code"] for r in answers if r.status_code == 400] == ["empty", "not_an_image", "truncated"]
+        assert [r.json()["code"] for r in answers if r.status_code == 400] == ["empty", "not_an_image", "corrupt"]
         batches = [(int(n), int(k)) for n, k in re.findall(r"batch of (\d+): (\d+) rejected", log.read_text()[start:])]
         if any(0 < k < n for n, k in batches):
             return
