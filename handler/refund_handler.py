@@ -2,25 +2,54 @@
 
 Thin: TorchServe wants exactly one class in this module, so the logic lives in plain
 functions in refund_inference.py and refund_preprocess.py.
+
+Handler settings come from the `handler:` section of the archive's model-config.yaml
+(precision, threads, topk, max_pixels, max_bytes); calibration (temperature,
+review_threshold) comes from model_meta.json, written by training.export.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
+from contextlib import nullcontext
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
-    from refund_inference import Prepared, error_response, error_status, format_prediction, load_meta, prepare_batch
-    from refund_model import build_model
+    from refund_inference import (Prepared, calibration, error_response, error_status, format_prediction, load_meta,
+                                  prepare_batch, reject_counts, resolve_precision, threads_per_worker)
+    from refund_model import build_model, cpu_supports_bf16
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
 except ImportError:  # in the repository, as the `handler` package
-    from handler.refund_inference import Prepared, error_response, error_status, format_prediction, load_meta, prepare_batch
-    from handler.refund_model import build_model
+    from handler.refund_inference import (Prepared, calibration, error_response, error_status, format_prediction,
+                                          load_meta, prepare_batch, reject_counts, resolve_precision,
+                                          threads_per_worker)
+    from handler.refund_model import build_model, cpu_supports_bf16
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
 
 logger = logging.getLogger(__name__)
+
+# The handler's own metrics (TorchServe adds the ModelName, Level and Hostname labels).
+# Seconds, so that Prometheus' default histogram buckets (5 ms .. 10 s) fit.
+METRIC_IMAGES = "refund_images_total"
+METRIC_REJECTS = "refund_rejects_total"  # label Reason = the error code
+METRIC_BATCH_SIZE = "refund_batch_size"
+METRIC_PREPROCESS = "refund_preprocess_seconds"
+METRIC_INFERENCE = "refund_inference_seconds"
+
+
+def emit(metrics, name: str, value: float, unit: str, kind: str, **labels: str) -> None:
+    """One handler metric through TorchServe's metrics cache (0.8+); skipped on the legacy store."""
+    if not hasattr(metrics, "add_metric_to_cache"):  # the legacy MetricsStore cannot carry a type
+        metrics.add_metric(name, value, unit)
+        return
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    dims = [Dimension(k, v) for k, v in labels.items()]  # a fresh list: the cache appends to it
+    metrics.add_metric(name, value, unit, dimensions=dims, metric_type=MetricTypes[kind.upper()])
 
 
 class RefundClassifierHandler(BaseHandler):
@@ -30,13 +59,13 @@ class RefundClassifierHandler(BaseHandler):
         manifest = context.manifest["model"]
         self.model_name = manifest.get("modelName", "refund_classifier")
         self.model_version = str(manifest.get("modelVersion", "unknown"))
-        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        settings = yaml_config.get("handler", {}) or {}
         self.meta, self.classes = load_meta(model_dir)
 
         self.image_size = tuple(self.meta["image_size"])
         self.mean, self.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
-        self.temperature = float(self.meta.get("temperature", 1.0))
-        self.review_threshold = float(settings.get("review_threshold", self.meta.get("review_threshold", 0.5)))
+        self.temperature, self.review_threshold = calibration(self.meta)
         self.topk = int(settings.get("topk", 5))
         self.max_pixels = int(settings.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_bytes = int(settings.get("max_bytes", DEFAULT_MAX_BYTES))
@@ -44,28 +73,60 @@ class RefundClassifierHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
+            bf16_native = torch.cuda.is_bf16_supported()
         else:
             self.device = torch.device("cpu")
+            bf16_native = cpu_supports_bf16()
+            # TorchServe starts one process per worker; each gets cores // workers threads.
+            cores = len(os.sched_getaffinity(0))
+            workers = int(yaml_config.get("maxWorkers", yaml_config.get("minWorkers", 1)))
+            torch.set_num_threads(threads_per_worker(settings.get("threads", "auto"), cores=cores, workers=workers))
+        self.precision = resolve_precision(str(settings.get("precision", "auto")),
+                                           device_type=self.device.type, bf16_native=bf16_native)
+
         model = build_model(self.meta["arch"], len(self.classes))
         state = torch.load(os.path.join(model_dir, manifest["serializedFile"]), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-        self.model = model.eval().to(self.device)
+        # channels_last: oneDNN's fast convolution layout (and the layout training used).
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.initialized = True
         logger.info(
-            "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s",
+            "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d "
+            "temperature=%.4g review_threshold=%.4g",
             self.model_name, self.model_version, self.meta["arch"], len(self.classes), self.image_size, self.device,
+            self.precision, torch.get_num_threads(), self.temperature, self.review_threshold,
         )
 
+    def autocast(self):
+        """bf16 autocast, as training.train.evaluate uses it: weights stay fp32, matmuls/convs run in bf16."""
+        if self.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
     def preprocess(self, data):
-        return prepare_batch(data, self.image_size, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+        started = time.perf_counter()
+        prepared = prepare_batch(data, self.image_size, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+        metrics = self.context.metrics
+        emit(metrics, METRIC_IMAGES, len(data), "count", "counter")
+        emit(metrics, METRIC_BATCH_SIZE, len(data), "count", "histogram")
+        rejects = reject_counts(prepared)
+        for code, n in rejects.items():
+            emit(metrics, METRIC_REJECTS, n, "count", "counter", Reason=code)
+        emit(metrics, METRIC_PREPROCESS, time.perf_counter() - started, "seconds", "histogram")
+        logger.info("batch of %d: %d rejected %s", len(data), len(prepared.errors), rejects or "")
+        return prepared
 
     def inference(self, prepared: Prepared, *args, **kwargs):
         if prepared.batch is None:
             return prepared, None
+        started = time.perf_counter()
         with torch.inference_mode():
-            x = normalize(prepared.batch, mean=self.mean, std=self.std).to(self.device)  # (G, 3, H, W)
-            logits = self.model(x).float()
-            probs = torch.softmax(logits / self.temperature, dim=1).cpu()
+            x = normalize(prepared.batch, mean=self.mean, std=self.std)  # (G, 3, H, W)
+            x = x.to(self.device, memory_format=torch.channels_last)
+            with self.autocast():
+                logits = self.model(x)
+            probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()  # (G, num_classes)
+        emit(self.context.metrics, METRIC_INFERENCE, time.perf_counter() - started, "seconds", "histogram")
         return prepared, probs
 
     def postprocess(self, data):

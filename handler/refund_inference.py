@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -25,31 +26,48 @@ PAYLOAD_KEYS = ("data", "body", "file", "image", "b64")
 
 
 def extract_payload(request: dict) -> bytes:
-    """One TorchServe request row -> the image bytes (raw body, multipart field or base64)."""
+    """One TorchServe request row -> the image bytes.
+
+    TorchServe hands a raw body over as {"body": bytearray}, a multipart form as one key per
+    field, a JSON body as a dict and a text/plain body as str. Text, and bytes that are
+    entirely base64 characters (no image format starts that way), are base64-decoded.
+    """
     value = None
     for key in PAYLOAD_KEYS:
         if request.get(key) is not None:
             value = request[key]
             break
+    if value is None and len(request) == 1:  # a multipart form with one field of any name
+        value = next(iter(request.values()))
     if value is None:
         raise ImageError("no_image", f"the request carries no image; send the bytes as the body or as one of the fields {', '.join(PAYLOAD_KEYS)}")
     if isinstance(value, dict):  # JSON body: {"b64": "..."} or {"image": "..."}
         for key in PAYLOAD_KEYS:
             if isinstance(value.get(key), str):
                 return _b64decode(value[key])
-        raise ImageError("no_image", f"the JSON body has none of the fields {', '.join(PAYLOAD_KEYS)}")
+        raise ImageError("no_image", f"the JSON body has none of the fields {', '.join(PAYLOAD_KEYS)} as a base64 string")
     if isinstance(value, str):
         return _b64decode(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+        value = bytes(value)
+        if value and _B64_BYTES.fullmatch(value):
+            try:
+                return _b64decode(value.decode("ascii"))
+            except ImageError:
+                pass  # plain ASCII that is not base64 either: let the decoder name it
+        return value
     raise ImageError("no_image", f"unsupported payload type {type(value).__name__}")
+
+
+# Base64 text sent as a raw body (no Content-Type): only the base64 alphabet, or a data URL.
+_B64_BYTES = re.compile(rb"(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=\s]+")
 
 
 def _b64decode(text: str) -> bytes:
     if text.startswith("data:") and "," in text:  # data URL
         text = text.split(",", 1)[1]
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError("bad_base64", f"the text payload is not valid base64: {exc}") from exc
 
@@ -109,3 +127,50 @@ def load_meta(model_dir: str) -> tuple[dict, list[str]]:
         index_to_name = json.load(f)
     classes = [index_to_name[str(i)] for i in range(len(index_to_name))]
     return meta, classes
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(setting: str, *, device_type: str, bf16_native: bool) -> str:
+    """The archive's `precision` setting -> "bf16" or "fp32" for this device.
+
+    auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else
+    fp32 (emulated bf16 is slower than fp32). bf16 forces it, fp32 forbids it.
+    """
+    if setting not in PRECISIONS:
+        raise ValueError(f"Invalid handler precision {setting!r}; choose one of: {', '.join(PRECISIONS)}")
+    if setting == "auto":
+        return "bf16" if bf16_native else "fp32"
+    return setting
+
+
+def threads_per_worker(setting: int | str, *, cores: int, workers: int) -> int:
+    """torch intra-op threads per worker so that workers x threads = cores (at least 1)."""
+    if setting in ("auto", None, 0):
+        return max(1, cores // max(1, workers))
+    threads = int(setting)
+    if threads < 1:
+        raise ValueError(f"Invalid handler threads {setting!r}; use a positive integer or 'auto'")
+    return threads
+
+
+def calibration(meta: dict) -> tuple[float, float]:
+    """(temperature, review_threshold) from model_meta.json; 1.0 and 0.5 when absent."""
+    temperature = float(meta.get("temperature", 1.0))
+    threshold = float(meta.get("review_threshold", 0.5))
+    if not temperature > 0:
+        raise ValueError(f"Invalid temperature {temperature!r} in {META_FILE}: must be > 0")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"Invalid review_threshold {threshold!r} in {META_FILE}: must be in [0, 1]")
+    return temperature, threshold
+
+
+def reject_counts(prepared: Prepared) -> dict[str, int]:
+    """{error code: how many} for the rows of a batch set aside."""
+    counts: dict[str, int] = {}
+    for exc in prepared.errors.values():
+        counts[exc.code] = counts.get(exc.code, 0) + 1
+    return counts

@@ -7,6 +7,7 @@ from training/ or ingest/, because only handler files travel inside the model ar
 from __future__ import annotations
 
 import io
+import warnings
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,17 +34,26 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Image.Image:
-    """Bytes of any common image format -> an upright RGB PIL image, or ImageError."""
+    """Bytes of any common image format -> an upright RGB PIL image, or ImageError.
+
+    JPEG, PNG, WebP, BMP, TIFF, GIF (first frame); modes 1, L, P, RGB(A), LA, CMYK, I;16, I, F.
+    The pixel limit is checked from the header, before anything is decompressed. PIL's own
+    bomb guard (Image.MAX_IMAGE_PIXELS, left at its default) still caps it at ~179 MP.
+    """
     if not data:
         raise ImageError("empty", "the image is empty (0 bytes)")
     if len(data) > max_bytes:
         raise ImageError("too_large", f"the payload is {len(data)} bytes; the limit is {max_bytes}")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # PIL warns between MAX_IMAGE_PIXELS and twice that; our own limit below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageError("too_many_pixels", f"the image is a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", "the bytes are not an image in a supported format") from exc
+        raise ImageError("not_an_image", "the bytes are not an image in a supported format "
+                                         "(JPEG, PNG, WebP, BMP, TIFF, GIF)") from exc
     except Exception as exc:  # PIL raises a zoo of types for garbage headers
         raise ImageError("not_an_image", f"cannot read the image header: {exc}") from exc
     width, height = img.size
@@ -55,21 +65,31 @@ def decode_image(
     try:
         img.seek(0)  # GIF/TIFF/WebP: the first frame
         img.load()
+    except Exception as exc:
+        # One code for truncated and damaged pixel data (ingestion records "corrupt: <message>").
+        what = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise ImageError("corrupt", f"the image data is {what}: {exc}") from exc
+    try:
         img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block is no reason to refuse a readable photo
+        pass
+    try:
         return _to_rgb(img)
     except Exception as exc:
-        raise ImageError("corrupt", f"the image data is corrupt or truncated: {exc}") from exc
+        raise ImageError("unsupported_mode", f"cannot convert an image of mode {img.mode!r} to RGB: {exc}") from exc
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    elif img.mode in ("L", "RGB") and "transparency" in img.info:  # a colour key: one value means "transparent"
+        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Product shots sit on white: composite transparency on white, not black.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit grayscale: scale to 8 bits instead of clipping at 255.
         img = img.point(lambda v: v / 256).convert("L")
     if img.mode == "F":

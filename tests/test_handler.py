@@ -3,88 +3,387 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
-from handler.refund_handler import RefundClassifierHandler
-from handler.refund_inference import extract_payload
-from handler.refund_preprocess import ImageError, load_for_model, normalize
-from training.train import load_images
+import ts
+from handler.refund_handler import (METRIC_BATCH_SIZE, METRIC_IMAGES, METRIC_INFERENCE, METRIC_PREPROCESS,
+                                    METRIC_REJECTS, RefundClassifierHandler)
+from handler.refund_inference import calibration, extract_payload, prepare_batch, resolve_precision, threads_per_worker
+from handler.refund_preprocess import ImageError, decode_image, load_for_model, normalize
 from training.catalogue import list_items
+from training.train import load_images
+
+DEFAULT_METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
+
+
+class RecordingMetrics(MetricsCacheYamlImpl):
+    """TorchServe's real metrics cache (as a worker has it), remembering what was added."""
+
+    def __init__(self):
+        super().__init__(config_file_path=str(DEFAULT_METRICS_YAML))
+        self.model_name = "refund_classifier"
+        self.initialize_cache()
+        self.recorded: list[tuple[str, float, dict]] = []
+
+    def _parse_yaml_file(self, config_file_path) -> None:  # ts leaves the file open (a ResourceWarning)
+        with open(config_file_path, encoding="utf-8") as f:
+            self._parsed_file = yaml.safe_load(f)
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=[], metric_type=None):  # noqa: B006 (mirrors ts)
+        self.recorded.append((name, value, {d.name: d.value for d in dimensions}))
+        super().add_metric(name, value, unit, idx, dimensions, metric_type)
+
+    def values(self, name: str, **labels) -> list[float]:
+        return [v for n, v, dims in self.recorded if n == name and all(dims.get(k) == x for k, x in labels.items())]
 
 
 class RecordingContext(MockContext):
-    """MockContext plus the per-request status TorchServe's real Context keeps."""
+    """MockContext plus the per-request status TorchServe's real Context keeps, and a real metrics cache."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.statuses: dict[int, tuple[int, str]] = {}
+        self.metrics = RecordingMetrics()
 
     def set_response_status(self, code=200, phrase="", idx=0):
         self.statuses[idx] = (code, phrase)
 
 
-@pytest.fixture(scope="module")
-def handler(extracted_archive):
-    ctx = RecordingContext(model_pt_file="weights.pt", model_dir=str(extracted_archive), model_file=None,
+def make_handler(model_dir: Path) -> tuple[RefundClassifierHandler, RecordingContext]:
+    ctx = RecordingContext(model_pt_file="weights.pt", model_dir=str(model_dir), model_file=None,
                            model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
     ctx.manifest["model"].update(modelName="refund_classifier", modelVersion="1")
     h = RefundClassifierHandler()
     h.initialize(ctx)
+    h.context = ctx
     return h, ctx
 
 
-def jpeg_bytes(path) -> bytes:
-    return path.read_bytes()
+@pytest.fixture(scope="module")
+def handler(extracted_archive):
+    return make_handler(extracted_archive)
 
+
+def variant(archive: Path, tmp_path: Path, *, meta: dict | None = None, settings: dict | None = None) -> Path:
+    """A copy of the extracted archive with model_meta.json keys / handler settings replaced."""
+    out = tmp_path / "archive"
+    shutil.copytree(archive, out)
+    if meta:
+        m = json.loads((out / "model_meta.json").read_text())
+        (out / "model_meta.json").write_text(json.dumps({**m, **meta}))
+    if settings:
+        cfg = yaml.safe_load((out / "model-config.yaml").read_text())
+        cfg["handler"] = {**cfg.get("handler", {}), **settings}
+        (out / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(size=(40, 30)) -> Image.Image:
+    """An RGB picture with distinct quadrants, so rotations and crops show."""
+    w, h = size
+    img = Image.new("RGB", size, (200, 30, 30))
+    img.paste((30, 200, 30), (w // 2, 0, w, h // 2))
+    img.paste((30, 30, 200), (0, h // 2, w // 2, h))
+    return img
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (grayscale, 8 bit) with no pixel data: a bomb's header, instantly."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def pixel(img: Image.Image, xy) -> tuple[int, int, int]:
+    return img.convert("RGB").getpixel(xy)
+
+
+def close(a, b, tol=12) -> bool:
+    return all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+# -- formats and modes -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,kw", [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}),
+                                    ("TIFF", {}), ("GIF", {})])
+def test_every_format_decodes_to_rgb(fmt, kw):
+    img = decode_image(encode(photo(), fmt, **kw))
+    assert img.mode == "RGB" and img.size == (40, 30)
+    assert close(pixel(img, (2, 2)), (200, 30, 30), tol=40)
+    assert close(pixel(img, (38, 2)), (30, 200, 30), tol=40)
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert close(pixel(decode_image(buf.getvalue()), (5, 5)), (255, 0, 0), tol=5)
+
+
+def test_animated_webp_first_frame():
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert close(pixel(decode_image(buf.getvalue()), (5, 5)), (255, 0, 0), tol=5)
+
+
+def test_grayscale_and_bilevel():
+    assert pixel(decode_image(encode(Image.new("L", (8, 8), 77), "PNG")), (1, 1)) == (77, 77, 77)
+    assert pixel(decode_image(encode(Image.new("1", (8, 8), 1), "PNG")), (1, 1)) == (255, 255, 255)
+
+
+def test_palette_with_and_without_transparency():
+    pal = photo().convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    assert close(pixel(decode_image(encode(pal, "PNG")), (2, 2)), (200, 30, 30))
+    # transparent palette entry -> white, like every other transparency
+    p = Image.new("P", (8, 8), 0)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.paste(1, (4, 0, 8, 8))
+    data = encode(p, "PNG", transparency=0)
+    img = decode_image(data)
+    assert pixel(img, (1, 1)) == (255, 255, 255) and pixel(img, (6, 1)) == (255, 0, 0)
+
+
+def test_rgba_and_la_are_composited_on_white():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (4, 0, 8, 8))
+    img = decode_image(encode(rgba, "PNG"))
+    assert pixel(img, (1, 1)) == (255, 255, 255) and pixel(img, (6, 1)) == (0, 0, 255)
+    half = decode_image(encode(Image.new("RGBA", (4, 4), (0, 0, 0, 128)), "PNG"))
+    assert close(pixel(half, (1, 1)), (127, 127, 127), tol=2)  # half-transparent black on white
+    la = decode_image(encode(Image.new("LA", (4, 4), (0, 0)), "PNG"))
+    assert pixel(la, (1, 1)) == (255, 255, 255)
+    webp = decode_image(encode(rgba, "WEBP", lossless=True))
+    assert pixel(webp, (1, 1)) == (255, 255, 255)
+
+
+def test_cmyk_jpeg():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    for fmt in ("JPEG", "TIFF"):
+        assert close(pixel(decode_image(encode(cmyk, fmt)), (4, 4)), (255, 0, 0), tol=20), fmt
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    import numpy as np
+
+    ramp = Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 257))  # 0..65535, mode I;16
+    assert ramp.mode == "I;16"
+    for fmt in ("PNG", "TIFF"):
+        img = decode_image(encode(ramp, fmt))
+        values = sorted({pixel(img, (x, y))[0] for x in range(16) for y in range(16)})
+        assert values[0] == 0 and values[-1] == 255 and len(values) > 200, fmt
+
+
+def test_float_image():
+    img = decode_image(encode(Image.new("F", (4, 4), 100.0), "TIFF"))
+    assert pixel(img, (1, 1)) == (100, 100, 100)
+
+
+@pytest.mark.parametrize("orientation,expected_size,red_corner", [
+    (1, (40, 30), (0, 0)),     # as stored
+    (3, (40, 30), (39, 29)),   # rotated 180
+    (6, (30, 40), (29, 0)),    # stored rotated 90 CCW: the red top-left ends top-right
+    (8, (30, 40), (0, 39)),    # stored rotated 90 CW: the red top-left ends bottom-left
+])
+def test_exif_orientation_is_applied(orientation, expected_size, red_corner):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img = decode_image(encode(photo(), "JPEG", quality=95, exif=exif))
+    assert img.size == expected_size
+    assert close(pixel(img, red_corner), (200, 30, 30), tol=40)
+
+
+def test_broken_exif_does_not_reject_a_readable_photo(monkeypatch):
+    from handler import refund_preprocess
+
+    def boom(img):
+        raise ValueError("bad EXIF")
+
+    monkeypatch.setattr(refund_preprocess.ImageOps, "exif_transpose", boom)
+    assert decode_image(encode(photo(), "PNG")).size == (40, 30)
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+
+def code_of(data: bytes, **limits) -> str:
+    with pytest.raises(ImageError) as err:
+        decode_image(data, **limits)
+    assert err.value.message
+    return err.value.code
+
+
+def test_bad_inputs_are_named():
+    jpeg = encode(photo((200, 200)), "JPEG")
+    png = encode(Image.effect_noise((200, 200), 60).convert("RGB"), "PNG")
+    assert code_of(b"") == "empty"
+    assert code_of(b"this is text, not an image") == "not_an_image"
+    assert code_of(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40) == "not_an_image"  # a header and nothing sane after it
+    for cut in (jpeg[: len(jpeg) // 2], png[: len(png) // 2]):
+        with pytest.raises(ImageError, match="truncated") as err:
+            decode_image(cut)
+        assert err.value.code == "corrupt"
+    assert code_of(jpeg, max_bytes=1000) == "too_large"
+
+
+def test_decompression_bombs():
+    # PNG headers of bombs (a real 20000 x 20000 1-bit PNG is 49 kB and 400 MP; encoding one takes seconds)
+    # above PIL's own limit (2 x Image.MAX_IMAGE_PIXELS): PIL's DecompressionBombError, named the same
+    assert code_of(png_header(30000, 30000)) == "too_many_pixels"
+    # between PIL's warning and error thresholds: our limit (50 MP) refuses it, and no warning leaks
+    assert code_of(png_header(10000, 10000)) == "too_many_pixels"
+    # the limit is configurable
+    assert code_of(png_header(2000, 2000), max_pixels=1_000_000) == "too_many_pixels"
+    assert code_of(encode(Image.new("RGB", (1000, 1000), "white"), "PNG"), max_pixels=999_999) == "too_many_pixels"
+
+
+def test_payloads_and_base64():
+    jpeg = encode(photo(), "JPEG")
+    b64 = base64.b64encode(jpeg)
+    assert extract_payload({"body": bytearray(jpeg)}) == jpeg                    # raw body
+    assert extract_payload({"data": jpeg}) == jpeg                               # multipart field "data"
+    assert extract_payload({"photo": bytearray(jpeg)}) == jpeg                   # a single field of any name
+    assert extract_payload({"body": b64.decode()}) == jpeg                       # text/plain body
+    assert extract_payload({"body": bytearray(b64)}) == jpeg                     # base64 sent as raw bytes
+    assert extract_payload({"body": bytearray(b64[:40] + b"\n" + b64[40:])}) == jpeg  # wrapped lines
+    assert extract_payload({"body": "data:image/jpeg;base64," + b64.decode()}) == jpeg
+    assert extract_payload({"body": {"b64": b64.decode()}}) == jpeg              # JSON body
+    for bad, code in [({"body": "not base64!!"}, "bad_base64"), ({}, "no_image"),
+                      ({"a": b"x", "b": b"y"}, "no_image"), ({"body": {"nothing": 1}}, "no_image"),
+                      ({"body": 12}, "no_image")]:
+        with pytest.raises(ImageError) as err:
+            extract_payload(bad)
+        assert err.value.code == code, bad
+
+
+# -- the handler -----------------------------------------------------------------------------
 
 def test_batch_order_and_mixed_good_and_bad(handler, unseen_images):
     h, ctx = handler
     ctx.statuses.clear()
-    good = sorted((unseen_images / "images").glob("*.jpg"))[:3]
+    good = sorted((unseen_images / "images").glob("*.jpg"))[:4]
+    big = png_header(8000, 7000)  # 56 MP > the 50 MP limit
     data = [{"body": good[0].read_bytes()}, {"body": b""}, {"data": good[1].read_bytes()},
-            {"body": b"this is text, not a JPEG"}, {"body": base64.b64encode(good[2].read_bytes()).decode()}]
+            {"body": b"this is text, not a JPEG"}, {"body": base64.b64encode(good[2].read_bytes()).decode()},
+            {"body": good[3].read_bytes()[: good[3].stat().st_size // 2]}, {"body": big}, {"file": good[3].read_bytes()}]
     out = h.handle(data, ctx)
-    assert len(out) == 5
-    assert [("label" in o) for o in out] == [True, False, True, False, True]
-    assert out[1]["code"] == "empty" and out[3]["code"] == "not_an_image"
-    assert ctx.statuses == {1: (400, "empty"), 3: (400, "not_an_image")}
-    for o in (out[0], out[2], out[4]):
+    assert len(out) == len(data)
+    assert [("label" in o) for o in out] == [True, False, True, False, True, False, False, True]
+    assert ctx.statuses == {1: (400, "empty"), 3: (400, "not_an_image"), 5: (400, "corrupt"),
+                            6: (413, "too_many_pixels")}
+    for i in (1, 3, 5, 6):
+        assert set(out[i]) >= {"error", "code"} and out[i]["code"] == ctx.statuses[i][1]
+    for o in (out[0], out[2], out[4], out[7]):
         assert o["model"] == "refund_classifier" and o["version"] == "1"
-        assert 0 <= o["confidence"] <= 1 and o["topk"][0]["label"] == o["label"]
+        assert 0 <= o["confidence"] <= 1 and o["topk"][0]["label"] == o["label"] and o["topk"][0]["p"] == o["confidence"]
+        assert isinstance(o["needs_review"], bool)
         ps = [t["p"] for t in o["topk"]]
         assert len(ps) == 5 and ps == sorted(ps, reverse=True) and sum(ps) <= 1 + 1e-6
-    # each good answer is the same as that image alone
-    alone = h.handle([{"body": good[1].read_bytes()}], ctx)[0]
-    assert alone["label"] == out[2]["label"] and abs(alone["confidence"] - out[2]["confidence"]) < 1e-5
+    # each answer is that image's own, wherever it sat in the batch
+    for i, path in [(0, good[0]), (2, good[1]), (7, good[3])]:
+        alone = h.handle([{"body": path.read_bytes()}], ctx)[0]
+        assert alone["label"] == out[i]["label"] and abs(alone["confidence"] - out[i]["confidence"]) < 5e-3
 
 
-def test_truncated_image_is_rejected(handler, unseen_images):
+def test_batch_of_only_bad_inputs(handler):
     h, ctx = handler
     ctx.statuses.clear()
-    data = next((unseen_images / "images").glob("*.jpg")).read_bytes()
-    out = h.handle([{"body": data[: len(data) // 2]}], ctx)
-    assert out[0]["code"] == "corrupt" and ctx.statuses[0][0] == 400
+    out = h.handle([{"body": b""}, {"body": b"x"}], ctx)
+    assert [o["code"] for o in out] == ["empty", "not_an_image"] and set(ctx.statuses) == {0, 1}
 
 
-def test_base64_errors_are_named():
-    with pytest.raises(ImageError) as err:
-        extract_payload({"body": "not base64!!"})
-    assert err.value.code == "bad_base64"
-    with pytest.raises(ImageError) as err:
-        extract_payload({"other": b"x"})
-    assert err.value.code == "no_image"
+def test_metrics_per_batch(handler, unseen_images):
+    h, ctx = handler
+    ctx.metrics.recorded.clear()
+    good = next((unseen_images / "images").glob("*.jpg")).read_bytes()
+    h.handle([{"body": good}, {"body": b""}, {"body": b""}, {"body": b"nope"}, {"body": good}], ctx)
+    m = ctx.metrics
+    assert m.values(METRIC_IMAGES) == [5] and m.values(METRIC_BATCH_SIZE) == [5]
+    assert m.values(METRIC_REJECTS, Reason="empty") == [2] and m.values(METRIC_REJECTS, Reason="not_an_image") == [1]
+    assert len(m.values(METRIC_PREPROCESS)) == 1 and len(m.values(METRIC_INFERENCE)) == 1
+    assert 0 < m.values(METRIC_PREPROCESS)[0] < 10 and 0 < m.values(METRIC_INFERENCE)[0] < 10
 
 
-def test_pixel_limit():
-    buf = io.BytesIO()
-    Image.new("RGB", (2000, 2000), "white").save(buf, "PNG")
-    with pytest.raises(ImageError) as err:
-        load_for_model(buf.getvalue(), (32, 32), max_pixels=1_000_000)
-    assert err.value.code == "too_many_pixels"
+def test_handler_limits_come_from_model_config(extracted_archive, tmp_path):
+    h, ctx = make_handler(variant(extracted_archive, tmp_path, settings={"max_pixels": 1000, "max_bytes": 5000, "topk": 2}))
+    small = encode(photo((30, 30)), "PNG")
+    out = h.handle([{"body": small}, {"body": encode(photo((40, 30)), "PNG")},
+                    {"body": encode(Image.effect_noise((60, 60), 80).convert("RGB"), "PNG")}], ctx)
+    assert len(out[0]["topk"]) == 2
+    assert out[1]["code"] == "too_many_pixels" and out[2]["code"] == "too_large"
+    assert ctx.statuses[1][0] == 413 and ctx.statuses[2][0] == 413
+
+
+def test_temperature_and_review_threshold_from_model_meta(handler, extracted_archive, tmp_path, unseen_images):
+    h1, ctx1 = handler
+    h2, ctx2 = make_handler(variant(extracted_archive, tmp_path, meta={"temperature": 3.0, "review_threshold": 0.99}))
+    assert (h2.temperature, h2.review_threshold) == (3.0, 0.99)
+    images = sorted((unseen_images / "images").glob("*.jpg"))[:4]
+    for path in images:
+        a = h1.handle([{"body": path.read_bytes()}], ctx1)[0]
+        b = h2.handle([{"body": path.read_bytes()}], ctx2)[0]
+        assert a["label"] == b["label"]  # temperature scaling never changes the ranking
+        assert b["confidence"] < a["confidence"]  # a softer distribution
+        assert b["needs_review"] is True
+        assert a["needs_review"] is (a["confidence"] < h1.review_threshold)
+    # the calibrated probabilities are softmax(logits / T)
+    x = normalize(load_images(list_items(unseen_images)[0][:1], h1.image_size), mean=h1.mean, std=h1.std)
+    with torch.inference_mode():
+        logits = h1.model.float()(x).float()
+    expected = torch.softmax(logits / 3.0, 1).max().item()
+    got = h2.handle([{"body": list_items(unseen_images)[0][0].path.read_bytes()}], ctx2)[0]["confidence"]
+    assert abs(got - expected) < 2e-2  # bf16 on CPUs that have it
+
+
+def test_invalid_calibration_and_settings_are_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        calibration({"temperature": 0})
+    with pytest.raises(ValueError, match="review_threshold"):
+        calibration({"review_threshold": 1.5})
+    assert calibration({}) == (1.0, 0.5)
+    with pytest.raises(ValueError, match="choose one of: auto, fp32, bf16"):
+        resolve_precision("fp16", device_type="cpu", bf16_native=True)
+
+
+def test_precision_and_threads():
+    assert resolve_precision("auto", device_type="cpu", bf16_native=True) == "bf16"
+    assert resolve_precision("auto", device_type="cpu", bf16_native=False) == "fp32"
+    assert resolve_precision("fp32", device_type="cpu", bf16_native=True) == "fp32"
+    assert resolve_precision("bf16", device_type="cuda", bf16_native=False) == "bf16"
+    assert threads_per_worker("auto", cores=2, workers=1) == 2
+    assert threads_per_worker("auto", cores=2, workers=2) == 1
+    assert threads_per_worker("auto", cores=2, workers=4) == 1
+    assert threads_per_worker(3, cores=2, workers=1) == 3
+    with pytest.raises(ValueError):
+        threads_per_worker(-1, cores=2, workers=1)
+
+
+def test_fp32_archive_setting(extracted_archive, tmp_path, handler, unseen_images):
+    h32, ctx32 = make_handler(variant(extracted_archive, tmp_path, settings={"precision": "fp32"}))
+    assert h32.precision == "fp32" and torch.get_num_threads() == len(os.sched_getaffinity(0))
+    h, ctx = handler
+    data = [{"body": p.read_bytes()} for p in sorted((unseen_images / "images").glob("*.jpg"))]
+    a, b = h.handle(data, ctx), h32.handle(data, ctx32)
+    agree = sum(x["label"] == y["label"] for x, y in zip(a, b)) / len(a)
+    assert agree >= 0.9, agree
 
 
 def test_training_and_handler_preprocess_identically(handler, sample_catalogue):
@@ -92,5 +391,22 @@ def test_training_and_handler_preprocess_identically(handler, sample_catalogue):
     h, _ = handler
     items = list_items(sample_catalogue)[0][:5]
     cached = normalize(load_images(items, h.image_size), mean=h.mean, std=h.std)
-    served = h.preprocess([{"body": it.path.read_bytes()} for it in items])
+    served = prepare_batch([{"body": it.path.read_bytes()} for it in items], h.image_size,
+                           max_pixels=h.max_pixels, max_bytes=h.max_bytes)
     assert torch.equal(cached, normalize(served.batch, mean=h.mean, std=h.std))
+
+
+def test_load_for_model_shape_and_dtype():
+    t = load_for_model(encode(photo(), "PNG"), (24, 16))
+    assert t.shape == (3, 24, 16) and t.dtype == torch.uint8
+
+
+def test_plain_mock_context_and_legacy_metrics_store(extracted_archive, unseen_images):
+    """TorchServe's own MockContext (legacy MetricsStore, no per-request status) still works for good images."""
+    ctx = MockContext(model_pt_file="weights.pt", model_dir=str(extracted_archive), model_file=None,
+                      model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
+    h = RefundClassifierHandler()
+    h.initialize(ctx)
+    out = h.handle([{"body": p.read_bytes()} for p in sorted((unseen_images / "images").glob("*.jpg"))[:2]], ctx)
+    assert [("label" in o) for o in out] == [True, True]
+    assert {m.name for m in ctx.metrics.store} >= {METRIC_IMAGES, METRIC_INFERENCE}

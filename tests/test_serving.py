@@ -1,12 +1,70 @@
-"""A real TorchServe started from the exported archive."""
+"""A real TorchServe started from the exported archive and the repository's config.properties."""
 from __future__ import annotations
 
-import requests
-import pytest
+import base64
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
 
-from training.catalogue import read_styles
+import pytest
+import requests
+import torch
+
+from handler.refund_inference import resolve_precision
+from handler.refund_model import build_model, cpu_supports_bf16
+from handler.refund_preprocess import normalize
+from serving.torchserve import load_properties
+from serving.paths import REPO_ROOT
+from training import export as export_mod
+from training.catalogue import list_items, read_styles
+from training.train import CHECKPOINT, load_images
 
 pytestmark = pytest.mark.integration
+
+PREDICT = "predictions/refund_classifier"
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*?),?\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(ts) -> dict[tuple[str, frozenset], float]:
+    """TorchServe's /metrics (Prometheus text) -> {(sample name, labels without Hostname): value}."""
+    r = requests.get(f"{ts.metrics_url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:200]
+    out = {}
+    for line in r.text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            labels = frozenset((k, v) for k, v in _LABEL.findall(m.group(2) or "") if k != "Hostname")
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def post_all(ts, bodies: list, *, threads: int = 16) -> list[requests.Response]:
+    url = f"{ts.inference_url}/{PREDICT}"
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda body: requests.post(url, data=body, timeout=60), bodies))
+
+
+def unseen(unseen_images: Path) -> list[Path]:
+    return sorted((unseen_images / "images").glob("*.jpg"))
+
+
+def wait_for(predicate, timeout_s: float = 15.0):
+    """Metrics reach the frontend as worker log lines, a moment after the answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
 
 
 def test_ping(torchserve):
@@ -19,7 +77,7 @@ def test_predictions_on_unseen_images(torchserve, unseen_images):
     correct = 0
     for row in rows:
         data = (unseen_images / "images" / f"{row['id']}.jpg").read_bytes()
-        r = requests.post(f"{torchserve.inference_url}/predictions/refund_classifier", data=data, timeout=30)
+        r = requests.post(f"{torchserve.inference_url}/{PREDICT}", data=data, timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == "refund_classifier" and body["version"] == "1"
@@ -29,13 +87,136 @@ def test_predictions_on_unseen_images(torchserve, unseen_images):
 
 
 def test_bad_image_gets_a_4xx_with_a_json_error(torchserve):
-    r = requests.post(f"{torchserve.inference_url}/predictions/refund_classifier", data=b"GIF89a not really", timeout=30)
+    r = requests.post(f"{torchserve.inference_url}/{PREDICT}", data=b"GIF89a not really", timeout=30)
     assert r.status_code == 400
-    assert r.json()["code"] in ("not_an_image", "corrupt")
+    assert r.json()["code"] in ("not_an_image", "corrupt") and r.json()["error"]
 
 
 def test_versioned_endpoint_and_management(torchserve):
     models = torchserve.describe("refund_classifier")
     assert models[0]["modelVersion"] == "1"
-    r = requests.post(f"{torchserve.inference_url}/predictions/refund_classifier/1", data=b"", timeout=30)
+    r = requests.post(f"{torchserve.inference_url}/{PREDICT}/1", data=b"", timeout=30)
     assert r.status_code == 400 and r.json()["code"] == "empty"
+
+
+def test_archive_settings_reach_torchserve(torchserve):
+    """batchSize / maxBatchDelay / workers come from handler/model-config.yaml inside the archive."""
+    model = torchserve.describe("refund_classifier", "1")[0]
+    assert model["batchSize"] == 8 and model["maxBatchDelay"] == 10
+    assert model["minWorkers"] == model["maxWorkers"] == 1
+    log = (torchserve.log_dir / "model_log.log").read_text()
+    cores = len(os.sched_getaffinity(0))
+    assert re.search(rf"loaded refund_classifier v1: .* threads={cores} ", log), "workers x threads != cores"
+
+
+def test_payload_forms(torchserve, unseen_images):
+    """Raw bytes, a multipart field, base64 as text, as a raw body and in JSON: the same answer."""
+    data = unseen(unseen_images)[0].read_bytes()
+    b64 = base64.b64encode(data).decode()
+    url = f"{torchserve.inference_url}/{PREDICT}"
+    answers = [
+        requests.post(url, data=data, timeout=30),
+        requests.post(url, files={"photo": ("x.jpg", data, "image/jpeg")}, timeout=30),
+        requests.post(url, data=b64, headers={"Content-Type": "text/plain"}, timeout=30),
+        requests.post(url, data=b64.encode(), timeout=30),
+        requests.post(url, json={"b64": b64}, timeout=30),
+    ]
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
+    labels = {r.json()["label"] for r in answers}
+    confidences = [r.json()["confidence"] for r in answers]
+    assert len(labels) == 1 and max(confidences) - min(confidences) < 1e-2
+
+
+def test_concurrent_requests_are_batched(torchserve, unseen_images):
+    before = scrape(torchserve)
+    images = [p.read_bytes() for p in unseen(unseen_images)] * 2
+    answers = post_all(torchserve, images)
+    assert all(r.status_code == 200 for r in answers)
+
+    def grew():
+        after = scrape(torchserve)
+        n = total(after, "refund_batch_size_sum") - total(before, "refund_batch_size_sum")
+        return (n, total(after, "refund_batch_size_count") - total(before, "refund_batch_size_count")) \
+            if n >= len(images) else None
+
+    seen = wait_for(grew)
+    assert seen, "the handler's batch-size metric did not count the requests"
+    n_images, n_batches = seen
+    assert n_images == len(images) and n_batches < n_images, f"{n_images} images came in {n_batches} batches"
+
+
+def test_a_bad_image_in_a_batch_fails_alone(torchserve, unseen_images):
+    good = [p.read_bytes() for p in unseen(unseen_images)]
+    bad = [b"", b"not an image at all", good[0][: len(good[0]) // 2]]
+    bodies = [good[0], bad[0], good[1], good[2], bad[1], good[3], good[4], bad[2], good[5], good[6]]
+    log = torchserve.log_dir / "model_log.log"
+    for attempt in range(3):  # batching depends on timing: retry until one batch held both kinds
+        start = log.stat().st_size
+        answers = post_all(torchserve, bodies)
+        codes = [r.status_code for r in answers]
+        assert codes == [200 if b in good else 400 for b in bodies], codes
+        for body, r in zip(bodies, answers):
+            assert ("label" in r.json()) is (body in good)
+        assert [r.json()["code"] for r in answers if r.status_code == 400] == ["empty", "not_an_image", "corrupt"]
+        batches = [(int(n), int(k)) for n, k in re.findall(r"batch of (\d+): (\d+) rejected", log.read_text()[start:])]
+        if any(0 < k < n for n, k in batches):
+            return
+    pytest.fail(f"no batch mixed good and bad images: {batches}")
+
+
+def test_metrics_endpoint_exposes_handler_metrics(torchserve):
+    requests.post(f"{torchserve.inference_url}/{PREDICT}", data=b"", timeout=30)  # at least one reject
+    text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=10).text
+    for name, kind in [("refund_images_total", "counter"), ("refund_rejects_total", "counter"),
+                       ("refund_batch_size", "histogram"), ("refund_preprocess_seconds", "histogram"),
+                       ("refund_inference_seconds", "histogram"), ("ts_inference_requests_total", "counter")]:
+        assert f"# TYPE {name} {kind}" in text, name
+    samples = wait_for(lambda: (s := scrape(torchserve)) and total(s, "refund_rejects_total", Reason="empty") and s)
+    assert total(samples, "refund_rejects_total", Reason="empty", ModelName="refund_classifier") >= 1
+    assert total(samples, "refund_images_total") >= total(samples, "refund_batch_size_count") >= 1
+    assert total(samples, "refund_inference_seconds_count") >= 1
+
+
+def test_no_train_serve_skew(torchserve, trained_run, unseen_images):
+    """The served answer equals the offline path: training's decode cache + normalize + the checkpoint's model."""
+    ckpt = torch.load(trained_run / CHECKPOINT, map_location="cpu", weights_only=True)
+    model = build_model(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model = model.eval().to(memory_format=torch.channels_last)
+    pre, cal = ckpt["preprocess"], ckpt["calibration"]
+    items = list_items(unseen_images)[0]
+    x = normalize(load_images(items, tuple(pre["image_size"])), mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    bf16 = resolve_precision("auto", device_type="cpu", bf16_native=cpu_supports_bf16()) == "bf16"
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        probs = torch.softmax(logits.float() / cal["temperature"], dim=1)
+    conf, idx = probs.max(1)
+    answers = post_all(torchserve, [it.path.read_bytes() for it in items])
+    served = [r.json() for r in answers]
+    assert [s["label"] for s in served] == [ckpt["classes"][i] for i in idx.tolist()]
+    diffs = [abs(s["confidence"] - c) for s, c in zip(served, conf.tolist())]
+    assert max(diffs) < (1e-2 if bf16 else 1e-4), diffs
+    assert [s["needs_review"] for s in served] == [c < cal["review_threshold"] for c in conf.tolist()]
+
+
+def test_request_over_max_request_size_is_refused(torchserve):
+    limit = int(load_properties(REPO_ROOT / "config.properties")["max_request_size"])
+    r = requests.post(f"{torchserve.inference_url}/{PREDICT}", data=b"\xff" * (limit + 1), timeout=60)
+    assert r.status_code == 413
+
+
+def test_register_from_the_model_store_by_file_name(torchserve, trained_run, model_store):
+    """The rollout registers `refund_classifier-V.mar` by file name; allowed_urls refuses every URL."""
+    archive = export_mod.export(trained_run, "2", model_store=model_store, force=True)
+    try:
+        r = torchserve.client.management("POST", "models", params={"url": archive.name, "initial_workers": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert {m["modelVersion"] for m in torchserve.describe("refund_classifier")} == {"1", "2"}
+        for url in (f"file://{archive}", "http://127.0.0.1:9/refund_classifier-3.mar", "file:///etc/passwd"):
+            r = torchserve.client.management("POST", "models", params={"url": url}, timeout=30)
+            assert r.status_code == 404 and "does not match any allowed URL" in r.json()["message"], url
+    finally:
+        torchserve.client.management("DELETE", "models/refund_classifier/2", timeout=60)
+        archive.unlink(missing_ok=True)
+    assert [m["modelVersion"] for m in torchserve.describe("refund_classifier")] == ["1"]

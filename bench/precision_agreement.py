@@ -1,0 +1,172 @@
+"""Top-1 agreement of bf16 (autocast + channels_last, as the handler runs it) with fp32.
+
+    # a training run, on its validation split (split.json), the gate for `precision: auto`
+    python -m bench.precision_agreement --run runs/fashion
+    # an exported archive, on a catalogue's images
+    python -m bench.precision_agreement --archive model_store/refund_classifier-2.mar --data-dir DIR
+    # no trained model yet: a random-init network of the production shape
+    python -m bench.precision_agreement --arch resnet50 --random-init --data-dir DIR --limit 512
+
+Both passes see the same uint8 cache (training.train.load_images, the handler's decode) and the
+same normalize; only the arithmetic differs. Prints one JSON object; exits 1 when the agreement
+is below --min-agreement (the issue's bar: 99.5%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from handler.refund_inference import calibration
+from handler.refund_model import build_model, cpu_supports_bf16
+from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+from training.catalogue import Item, list_items
+from training.train import CHECKPOINT, load_images
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def load_run(run: Path) -> dict:
+    ckpt = torch.load(Path(run) / CHECKPOINT, map_location="cpu", weights_only=True)
+    split = json.loads((Path(run) / "split.json").read_text()) if (Path(run) / "split.json").exists() else {}
+    return {
+        "state": ckpt["model"], "arch": ckpt["model_config"]["arch"], "classes": ckpt["classes"],
+        "image_size": tuple(ckpt["preprocess"]["image_size"]), "mean": tuple(ckpt["preprocess"]["mean"]),
+        "std": tuple(ckpt["preprocess"]["std"]), "calibration": ckpt.get("calibration", {}), "split": split,
+    }
+
+
+def load_archive(mar: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(mar) as z:
+        z.extractall(tmp)
+        meta = json.loads((Path(tmp) / "model_meta.json").read_text())
+        names = json.loads((Path(tmp) / "index_to_name.json").read_text())
+        state = torch.load(Path(tmp) / "weights.pt", map_location="cpu", weights_only=True)
+    return {
+        "state": state, "arch": meta["arch"], "classes": [names[str(i)] for i in range(len(names))],
+        "image_size": tuple(meta["image_size"]), "mean": tuple(meta["mean"]), "std": tuple(meta["std"]),
+        "calibration": meta, "split": {},
+    }
+
+
+def select(items: list[Item], split: dict, which: str) -> list[Item]:
+    if which == "all":
+        return items
+    if which not in split:
+        raise BenchError(f"--split {which} needs the run's split.json; use --split all with --archive/--random-init")
+    wanted = set(map(str, split[which]))
+    return [it for it in items if str(it.id) in wanted]
+
+
+@torch.inference_mode()
+def logits_of(model, x: torch.Tensor, *, bf16: bool, batch_size: int) -> tuple[torch.Tensor, float]:
+    """(N, C) float32 logits and seconds per image, the way the handler computes them."""
+    out, started = [], time.perf_counter()
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size].contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+            out.append(model(xb).float())
+    return torch.cat(out), (time.perf_counter() - started) / max(len(x), 1)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    if args.run:
+        src = load_run(args.run)
+    elif args.archive:
+        src = load_archive(args.archive)
+    elif args.random_init:
+        src = {"state": None, "arch": args.arch, "classes": None, "image_size": tuple(args.image_size),
+               "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "calibration": {}, "split": {}}
+    else:
+        raise BenchError("give --run, --archive or --random-init")
+    data_dir = args.data_dir or (Path(src["split"]["data_dir"]) if src["split"].get("data_dir") else None)
+    if data_dir is None:
+        raise BenchError("--data-dir is required (the run's split.json names none)")
+    items, _ = list_items(data_dir)
+    if args.split == "auto":
+        args.split = "val" if args.run else "all"
+    items = select(items, src["split"], args.split)
+    if args.limit:
+        items = items[:args.limit]
+    if not items:
+        raise BenchError(f"no images selected from {data_dir} (split {args.split})")
+    classes = src["classes"] or sorted({it.label for it in items})
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    model = build_model(src["arch"], len(classes))
+    if src["state"] is not None:
+        model.load_state_dict(src["state"])
+    model = model.eval().to(memory_format=torch.channels_last)
+    temperature, _ = calibration(src["calibration"])
+
+    x = normalize(load_images(items, src["image_size"]), mean=src["mean"], std=src["std"])  # (N, 3, H, W)
+    fp32, t32 = logits_of(model, x, bf16=False, batch_size=args.batch_size)
+    bf16, t16 = logits_of(model, x, bf16=True, batch_size=args.batch_size)
+    p32, p16 = torch.softmax(fp32 / temperature, 1), torch.softmax(bf16 / temperature, 1)
+    top32, top16 = p32.argmax(1), p16.argmax(1)
+    to_index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([to_index.get(it.label, -1) for it in items])
+    known = labels >= 0
+    result = {
+        "source": str(args.run or args.archive or f"random-init {args.arch}"),
+        "split": args.split, "images": len(items), "arch": src["arch"], "image_size": list(src["image_size"]),
+        "cpu_bf16_native": cpu_supports_bf16(), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "top1_agreement": round((top32 == top16).float().mean().item(), 6),
+        "disagreements": int((top32 != top16).sum()),
+        "max_abs_dp": round((p32 - p16).abs().max().item(), 6),
+        "mean_abs_dconfidence": round((p32.max(1).values - p16.gather(1, top32[:, None])[:, 0]).abs().mean().item(), 6),
+        "fp32_ms_per_image": round(t32 * 1000, 3), "bf16_ms_per_image": round(t16 * 1000, 3),
+    }
+    if src["state"] is not None and bool(known.any()):
+        result["fp32_top1_acc"] = round((top32[known] == labels[known]).float().mean().item(), 6)
+        result["bf16_top1_acc"] = round((top16[known] == labels[known]).float().mean().item(), 6)
+    result["min_agreement"] = args.min_agreement
+    result["pass"] = result["top1_agreement"] >= args.min_agreement
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--run", type=Path, default=None, help="training run folder (checkpoint.pt, split.json)")
+    src.add_argument("--archive", type=Path, default=None, help="exported .mar")
+    src.add_argument("--random-init", action="store_true", help="an untrained --arch network (smoke measurement)")
+    parser.add_argument("--arch", type=str, default="resnet50", help="architecture for --random-init")
+    parser.add_argument("--image-size", type=int, nargs=2, default=[80, 64], metavar=("H", "W"), help="input size for --random-init")
+    parser.add_argument("--data-dir", type=Path, default=None, help="Kaggle-layout catalogue (default: the run's split.json data_dir)")
+    parser.add_argument("--split", type=str, default="auto", choices=["auto", "val", "train", "all"],
+                        help="which images: val/train need --run; auto = val for --run, else all")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (the archive's batchSize)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init weights")
+    parser.add_argument("--min-agreement", type=float, default=0.995, help="exit 1 below this top-1 agreement")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = measure(args)
+    except BenchError as exc:
+        print(f"precision_agreement: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
