@@ -107,7 +107,8 @@ def assert_exactly_once(url: str, inbox: Path, originals: dict[str, str], *, fin
             digest = originals[rel]
             assert per_sha[digest] == 1, f"{rel}: {per_sha[digest]} rows for its content"
             assert status[digest] == ("ok" if kind == "processed" else "rejected"), f"{rel} in {kind} with a {status[digest]} row"
-    moved = fetch(url, "SELECT dest_path, state FROM ingest_files WHERE state IN ('moved', 'pending')")
+    moved = fetch(url, "SELECT dest_path, state FROM ingest_files WHERE state IN ('moved', 'pending') AND dest_path LIKE %(root)s",
+                  {"root": f"{inbox.parent}/%"})
     pending = [r[0] for r in moved if r[1] == "pending"]
     if final:
         assert not pending, f"moves still pending after a clean run: {pending}"
@@ -202,8 +203,9 @@ def test_ingest_records_one_row_per_image(torchserve, database_url, tmp_path, un
 def test_same_content_twice_is_recorded_once_and_both_leave(torchserve, database_url, tmp_path, unseen_images):
     inbox = tmp_path / "inbox"
     fill_inbox(inbox, unseen_images, n=4)
-    photo = sorted((inbox / "batch-a").iterdir())[0]
-    (inbox / "copy of it.jpg").write_bytes(photo.read_bytes())  # same content, same run
+    first_name = sorted((inbox / "batch-a").iterdir())[0].name
+    photo = (inbox / "batch-a" / first_name).read_bytes()
+    (inbox / "copy of it.jpg").write_bytes(photo)  # same content, same run
     originals = snapshot(inbox)
     s = settings_for(inbox, database_url, torchserve.inference_url)
     first = Job(s).run()
@@ -211,13 +213,14 @@ def test_same_content_twice_is_recorded_once_and_both_leave(torchserve, database
     assert_exactly_once(database_url, inbox, originals)
 
     # Later: the same content again, under a third name -> noted as a duplicate, moved, no new row.
-    (inbox / "again.jpg").write_bytes(photo.read_bytes())
-    originals["again.jpg"] = sha(photo.read_bytes())
+    (inbox / "again.jpg").write_bytes(photo)
+    originals["again.jpg"] = sha(photo)
     second = Job(s).run()
     assert (second.processed, second.duplicates) == (0, 1)
     assert_exactly_once(database_url, inbox, originals)
     dups = fetch(database_url, "SELECT relative_path FROM ingest_files WHERE duplicate ORDER BY id")
-    assert [r[0] for r in dups] == ["copy of it.jpg", "again.jpg"]
+    # A folder's files come before its subfolders: "copy of it.jpg" was first, batch-a's copy the duplicate.
+    assert [r[0] for r in dups] == [f"batch-a/{first_name}", "again.jpg"]
     (n_rows,), = fetch(database_url, "SELECT count(*) FROM predictions")
     assert n_rows == 4
 
@@ -354,7 +357,7 @@ def test_two_runs_at_once(torchserve, database_url, tmp_path, unseen_images):
     assert_exactly_once(database_url, inbox, originals)
 
     # And really at once, on a fresh inbox: whichever order they get, nothing is done twice.
-    inbox2 = tmp_path / "inbox2"
+    inbox2 = tmp_path / "at-once" / "inbox"
     fill_inbox(inbox2, unseen_images)
     originals2 = snapshot(inbox2)
     procs = [start_cli(inbox2, env) for _ in range(2)]
