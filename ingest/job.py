@@ -34,7 +34,7 @@ from psycopg2.extras import Json, execute_values
 
 from ingest import db, files
 from ingest.settings import Settings
-from ingest.store import DatabaseDown, LockLost, Store
+from ingest.store import TRANSIENT, DatabaseDown, LockLost, Store
 from serving.client import AuthError, TorchServeClient, is_invalid_key
 
 logger = logging.getLogger("ingest")
@@ -461,8 +461,11 @@ class Job:
 
     # -- run -----------------------------------------------------------------------------
     def start(self) -> None:
-        db.migrate(self.s.database_url)
-        self.store.acquire()  # LockBusy: another run; raised before anything is touched
+        try:
+            db.migrate(self.s.database_url)
+            self.store.acquire()  # LockBusy: another run; raised before anything is touched
+        except TRANSIENT as exc:
+            raise DatabaseDown(f"PostgreSQL unavailable: {str(exc).strip()}") from exc
         stale = self.store.transaction(lambda cur: (cur.execute(db.load_query("interrupted_runs"), {"current": -1}), cur.fetchall())[1])
         if stale:
             logger.warning("marked run(s) %s as interrupted", ", ".join(str(r[0]) for r in stale))
@@ -547,9 +550,11 @@ class Job:
                 known = self._known(group)
                 for item in group:
                     if item.sha256 in known:
+                        item.data = None
                         self.buffer.append(Outcome(item, known=known[item.sha256]))
                         progress.update(1)
                     elif item.sha256 in in_flight:
+                        item.data = None  # never sent: it takes its leader's answer
                         waiting[item.sha256].append(item)
                     elif item.data is None:  # over --max-bytes: TorchServe would refuse it unread
                         self.buffer.append(Outcome(item, ok=False, body={

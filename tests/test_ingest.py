@@ -499,3 +499,27 @@ def test_schedule_runs_and_stops_on_sigterm(torchserve, database_url, tmp_path, 
     assert '"event": "schedule_stop"' in err
     assert_exactly_once(database_url, inbox, originals)
     assert all(r[0] in ("succeeded", "stopped") for r in fetch(database_url, "SELECT status FROM ingest_runs"))
+
+
+@pytest.mark.integration
+def test_file_appearing_during_the_run(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    photos = sorted((unseen_images / "images").glob("*.jpg"))
+    originals = fill_inbox(inbox, unseen_images, n=12)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = ingest_env(torchserve.inference_url, database_url)
+    proc = start_cli(inbox, {**env, "INGEST_TEST_HOOK": "pause@after_commit", "INGEST_TEST_HOOK_DIR": str(hooks)})
+    wait_for(hooks / "paused-after_commit", proc)
+    # One in a folder the walk has listed already, one in a folder it has not reached yet.
+    shutil.copy(photos[12], inbox / "batch-a" / "late.jpg")
+    (inbox / "zz-late").mkdir()
+    shutil.copy(photos[13], inbox / "zz-late" / "late.jpg")
+    originals.update({"batch-a/late.jpg": sha(photos[12].read_bytes()), "zz-late/late.jpg": sha(photos[13].read_bytes())})
+    (hooks / "resume-after_commit").touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    first = assert_exactly_once(database_url, inbox, originals)
+    assert "batch-a/late.jpg" in first["inbox"]  # its folder was listed before it came: next run
+    assert cli(inbox, env).returncode == 0
+    assert not assert_exactly_once(database_url, inbox, originals)["inbox"]
