@@ -164,7 +164,7 @@ def partial_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.ingest-partial")
 
 
-def move(src: Path, dest: Path) -> None:
+def move(src: Path, dest: Path, *, linked=None) -> None:
     """Move src to dest without overwriting anything and without a moment where neither holds
     the photo: rename when on one filesystem; else copy to a hidden partial name, fsync, rename
     into place, and only then unlink the source (a crash leaves both, which recovery resolves)."""
@@ -177,6 +177,8 @@ def move(src: Path, dest: Path) -> None:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         _copy_then_rename(src, dest)
+    if linked:
+        linked()  # tests: a kill here leaves the photo under both names
     os.unlink(src)  # the photo is at dest now: this is the second half of a move, not a delete
 
 

@@ -132,7 +132,7 @@ class Hooks:
     """INGEST_TEST_HOOK="crash@after_commit#2,pause@mid_move": SIGKILL ourselves, or wait for the test,
     at the n-th (default first) time the job reaches a named point. Only tests set it."""
 
-    POINTS = ("after_read", "before_commit", "after_commit", "mid_move", "after_moves", "recovery_mid_move", "before_finish")
+    POINTS = ("after_read", "before_commit", "after_commit", "mid_move", "mid_link", "after_moves", "recovery_mid_move", "before_finish")
 
     def __init__(self, spec: str | None, folder: str | None):
         self.actions: dict[str, tuple[str, int]] = {}
@@ -346,7 +346,7 @@ class Job:
         moved = []
         for n, (o, dest, destination, file_id) in enumerate(plan):
             try:
-                files.move(o.item.entry.path, dest)
+                files.move(o.item.entry.path, dest, linked=(lambda: self.hook("mid_link")) if n == 1 else None)
             except OSError as exc:
                 self.summary.move_failed += 1
                 logger.error("%s: recorded, but moving it to %s failed (%s); the next run retries the move",
