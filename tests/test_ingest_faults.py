@@ -149,3 +149,21 @@ def test_postgres_restart_mid_run(private_cluster, torchserve, tmp_path, unseen_
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     where = assert_exactly_once(url, inbox, originals)
     assert not where["inbox"]
+
+
+def test_sigkill_during_recovery_then_rerun(torchserve, database_url, tmp_path, unseen_images):
+    """Killed once after a commit, then killed again while the next run finishes those moves."""
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=10)
+    bad_and_duplicate(inbox)
+    originals = snapshot(inbox)
+    env = ingest_env(torchserve.inference_url, database_url)
+    assert cli(inbox, {**env, "INGEST_TEST_HOOK": "crash@after_commit#2"}).returncode == -signal.SIGKILL
+    assert cli(inbox, {**env, "INGEST_TEST_HOOK": "crash@recovery_mid_move"}).returncode == -signal.SIGKILL
+    assert_exactly_once(database_url, inbox, originals, final=False)
+    rerun = cli(inbox, env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert summary_of(rerun.stdout)["recovered"] > 0
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert not where["inbox"]
+    assert [r[0] for r in fetch(database_url, "SELECT status FROM ingest_runs ORDER BY id")] == ["interrupted", "interrupted", "succeeded"]
