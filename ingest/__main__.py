@@ -1,89 +1,207 @@
-"""python -m ingest run|report — the inbox -> TorchServe -> PostgreSQL job and its reports."""
+"""python -m ingest run|schedule|report — the inbox -> TorchServe -> PostgreSQL job, its schedule and its reports.
+
+Exit codes of `run`: 0 done (rejected photos were quarantined: that is not an error), 1 some photos
+could not be classified or moved and stay for the next run, 2 bad settings, 3 TorchServe unavailable
+or refusing, 4 PostgreSQL unavailable, 75 another run holds the ingest lock (nothing was done).
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ingest import db
-from ingest.job import Settings, run
+from ingest import db, logs
+from ingest import report as report_mod
+from ingest.job import Job
+from ingest.schedule import Cron, CronError, next_due
+from ingest.settings import Settings, SettingsError, add_arguments, parse_duration, resolve
+from ingest.store import DatabaseDown, LockBusy
+
+logger = logging.getLogger("ingest")
+EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
 
-def default_torchserve_url() -> str:
-    if os.environ.get("TORCHSERVE_URL"):
-        return os.environ["TORCHSERVE_URL"]
-    from serving.torchserve import TorchServe
+def build_settings(values: dict) -> Settings:
+    """Fill what the flags, environment and YAML left unset from the local TorchServe and PostgreSQL."""
+    if not values.get("inbox"):
+        raise SettingsError("no inbox: give --inbox DIR, INGEST_INBOX or `inbox:` in the settings file")
+    inbox = Path(values["inbox"])
+    if not inbox.is_dir():
+        raise SettingsError(f"inbox {inbox} is not a folder")
+    if not values.get("torchserve_url") or not values.get("management_url") or values.get("key_file") is None:
+        from serving.torchserve import TorchServe
 
-    return TorchServe().inference_url
+        local = TorchServe()
+        explicit_url = bool(values.get("torchserve_url"))
+        values["torchserve_url"] = values.get("torchserve_url") or local.inference_url
+        values["management_url"] = values.get("management_url") or local.management_url
+        # The local key file belongs to the local TorchServe; an explicit URL names another one.
+        if values.get("key_file") is None and local.token_auth and not explicit_url:
+            values["key_file"] = local.key_file
+    if not values.get("database_url"):
+        from serving.postgres import database_url
+
+        values["database_url"] = database_url(start=True)
+    return Settings(**values)
 
 
-def database_url() -> str:
-    from serving.postgres import database_url as resolve
+def print_summary(summary, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps({"run_id": summary.run_id, "status": summary.status, "error": summary.error, **summary.counts()}))
+    else:
+        print(f"ingest: {summary.line()}")
+        if summary.error:
+            print(f"ingest: {summary.error}")
 
-    return resolve(start=True)
+
+class Signals:
+    """SIGTERM/SIGINT ask for a graceful stop; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.job: Job | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        logger.warning("%s: stopping after the photos in flight are recorded", signal.Signals(signum).name)
+        self.event.set()
+        if self.job is not None:
+            self.job.request_stop()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def print_table(headers: list[str], rows: list[tuple]) -> None:
-    cells = [headers] + [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+def run_once(settings: Settings, signals: Signals) -> int:
+    job = Job(settings)
+    signals.job = job
+    if signals.event.is_set():
+        job.request_stop()
+    try:
+        summary = job.run()
+    except LockBusy as exc:
+        logger.warning("%s; exiting without doing anything", exc, extra={"event": "locked"})
+        return EXIT_LOCKED
+    except DatabaseDown as exc:
+        logger.error("%s", exc)
+        return 4
+    finally:
+        signals.job = None
+    print_summary(summary, settings.log_format)
+    sys.stdout.flush()
+    return summary.exit_code
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    values = resolve(args)
+    logs.setup(values["log_format"])
+    return build_settings(values)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if not args.inbox.is_dir():
-        print(f"ingest: inbox {args.inbox} is not a folder", file=sys.stderr)
-        return 2
-    settings = Settings(inbox=args.inbox.resolve(), database_url=database_url(), torchserve_url=args.torchserve_url,
-                        model=args.model, batch_size=args.batch_size, concurrency=args.concurrency)
-    summary = run(settings)
-    print(f"ingest: {summary.seen} images in {summary.elapsed_s:.1f}s ({summary.images_per_s:.1f}/s): "
-          f"{summary.recorded} recorded, {summary.duplicates} already recorded, {summary.rejected} rejected, {summary.failed} failed")
-    return 1 if summary.failed else 0
+    settings = _settings_from(args)
+    signals = Signals()
+    signals.install()
+    return run_once(settings, signals)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    if bool(args.every) == bool(args.cron):
+        raise SettingsError("give exactly one of --every DURATION (e.g. 15m) or --cron 'EXPR' (e.g. '*/15 * * * *')")
+    every = parse_duration(args.every) if args.every else None
+    if every is not None and every <= 0:
+        raise SettingsError(f"Invalid --every {args.every!r}; it must be positive")
+    cron = Cron.parse(args.cron) if args.cron else None
+    settings = _settings_from(args)
+    signals = Signals()
+    signals.install()
+    logger.info("scheduled: %s", f"every {args.every}" if every else f"cron '{args.cron}'", extra={"event": "schedule"})
+    if cron is not None:  # cron: wait for the first matching minute; --every: run at once
+        due = cron.next_after(datetime.now(timezone.utc))
+    else:
+        due = datetime.now(timezone.utc)
+    while not signals.event.is_set():
+        wait_s = (due - datetime.now(timezone.utc)).total_seconds()
+        if wait_s > 0:
+            logger.info("next run at %s", due.strftime("%Y-%m-%d %H:%M:%S %Z"), extra={"event": "next_run"})
+            if signals.event.wait(wait_s):
+                break
+        started = datetime.now(timezone.utc)
+        try:
+            code = run_once(settings, signals)
+            logger.info("run ended with exit code %d", code, extra={"event": "run_end", "exit_code": code})
+        except Exception:  # noqa: BLE001 - one failed run must not end the schedule
+            logger.exception("run crashed; the schedule goes on")
+        due = next_due(started, datetime.now(timezone.utc), every_s=every, cron=cron)
+    logger.info("schedule stopped", extra={"event": "schedule_stop"})
+    return 0
+
+
+def _since(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"Invalid --since {text!r}; use an ISO date such as 2026-11-01 or 2026-11-01T08:00") from exc
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    url = database_url()
+    logs.setup("human", logging.WARNING)
+    url = args.database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        from serving.postgres import database_url
+
+        url = database_url(start=True)
     db.migrate(url)
-    with db.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(db.load_query("summary"), {"since": args.since})
-        rows = cur.fetchall()
-        print_table([d.name for d in cur.description], rows)
-        if args.latest:
-            print()
+    sections = args.section or list(report_mod.SECTIONS)
+    data = report_mod.collect(url, since=args.since, limit=args.limit, sections=sections)
+    report_mod.WRITERS[args.format](data)
+    if args.latest and args.format == "table":
+        with db.connect(url) as conn, conn.cursor() as cur:
             cur.execute(db.load_query("latest"), {"limit": args.latest})
-            print_table([d.name for d in cur.description], cur.fetchall())
+            report_mod.write_table({"latest": {"columns": [d.name for d in cur.description], "rows": cur.fetchall()}})
     return 0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ingest", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ingest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="classify every image in the inbox and record the results")
-    p.add_argument("--inbox", type=Path, required=True, help="folder of images to classify (read recursively)")
-    p.add_argument("--torchserve-url", type=str, default=None, help="inference address (default: TORCHSERVE_URL or config.properties)")
-    p.add_argument("--model", type=str, default=os.environ.get("INGEST_MODEL", "refund_classifier"), help="NAME or NAME/VERSION")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per database transaction")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight to TorchServe")
+    p = sub.add_parser("run", help="classify every settled photo in the inbox once, record it, move it out")
+    add_arguments(p)
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("report", help="print what is recorded")
-    p.add_argument("--since", type=lambda s: datetime.fromisoformat(s).replace(tzinfo=timezone.utc), default=datetime(1970, 1, 1, tzinfo=timezone.utc), help="ISO date")
-    p.add_argument("--latest", type=int, default=0, help="also list the newest N rows")
+    p = sub.add_parser("schedule", help="run again and again: --every 15m or --cron '*/15 * * * *'; stops on SIGTERM")
+    p.add_argument("--every", type=str, default=None, help="interval between run starts, e.g. 15m")
+    p.add_argument("--cron", type=str, default=None, help="5-field cron expression, in UTC")
+    add_arguments(p)
+    p.set_defaults(fn=cmd_schedule)
+    p = sub.add_parser("report", help="what is recorded: per category and day, review queue, failures, runs")
+    p.add_argument("--since", type=_since, default=datetime(1970, 1, 1, tzinfo=timezone.utc), help="ISO date or datetime (UTC unless given)")
+    p.add_argument("--format", choices=sorted(report_mod.WRITERS), default="table", help="table, csv or json")
+    p.add_argument("--section", action="append", choices=list(report_mod.SECTIONS), default=None,
+                   help="only this section (repeatable); default: all")
+    p.add_argument("--limit", type=int, default=100, help="rows of the review queue, duplicates and runs")
+    p.add_argument("--latest", type=int, default=0, help="also list the newest N rows (table format)")
+    p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
     p.set_defaults(fn=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    if getattr(args, "torchserve_url", "x") is None:
-        args.torchserve_url = default_torchserve_url()
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (SettingsError, CronError) as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

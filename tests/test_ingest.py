@@ -1,62 +1,525 @@
-"""Ingestion into a real PostgreSQL from a real TorchServe."""
+"""Ingestion into a real PostgreSQL from a real TorchServe: results, bad inputs, settings, reports.
+
+The exactly-once invariant (`assert_exactly_once`) is shared with test_ingest_faults.py: every
+file that was in the inbox ends in processed/ with exactly one row, in quarantine/ with one
+error row, or still in the inbox -- never lost, never twice.
+"""
 from __future__ import annotations
 
+import argparse
+import hashlib
+import io
+import json
+import os
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
 
+import psycopg2
 import pytest
+from PIL import Image
 
 from ingest import db
-from ingest.job import Settings, run
+from ingest import report as report_mod
+from ingest.job import Job
+from ingest.schedule import Cron, CronError, next_due
+from ingest.settings import Settings, SettingsError, add_arguments, resolve
+from serving.paths import REPO_ROOT
 from training.catalogue import read_styles
 
-pytestmark = pytest.mark.integration
+MODEL = "refund_classifier"
 
 
-@pytest.fixture
-def inbox(tmp_path, unseen_images):
-    box = tmp_path / "inbox"
-    shutil.copytree(unseen_images / "images", box / "batch-a")
-    (box / "notes.txt").write_text("not an image: skipped by extension")
-    good = sorted((unseen_images / "images").glob("*.jpg"))[0].read_bytes()
-    (box / "broken.jpg").write_bytes(good[: len(good) // 2])  # a truncated JPEG
-    return box
+# -- helpers shared with test_ingest_faults.py ----------------------------------------------
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def fetch(url: str, sql: str) -> list[tuple]:
+def fill_inbox(inbox: Path, unseen_images: Path, n: int | None = None) -> dict[str, str]:
+    """Copy unseen photos into inbox/batch-a (n of them, sorted); returns {relative path: sha256}."""
+    (inbox / "batch-a").mkdir(parents=True, exist_ok=True)
+    for src in sorted((unseen_images / "images").glob("*.jpg"))[:n]:
+        shutil.copy(src, inbox / "batch-a" / src.name)
+    return snapshot(inbox)
+
+
+def snapshot(inbox: Path) -> dict[str, str]:
+    """{relative path: sha256} of the regular files under inbox (not following links)."""
+    out = {}
+    for root, _dirs, names in os.walk(inbox):
+        for name in names:
+            p = Path(root) / name
+            if p.is_file() and not p.is_symlink():
+                out[p.relative_to(inbox).as_posix()] = sha(p.read_bytes())
+    return out
+
+
+def fetch(url: str, sql: str, params: dict | None = None) -> list[tuple]:
     with db.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(sql)
+        cur.execute(sql, params or {})
         return cur.fetchall()
 
 
-def test_ingest_records_one_row_per_image(torchserve, database_url, inbox, unseen_images):
-    settings = Settings(inbox=inbox, database_url=database_url, torchserve_url=torchserve.inference_url, batch_size=5, concurrency=4)
-    summary = run(settings)
-    n_images = len(list((inbox / "batch-a").glob("*.jpg")))
-    assert (summary.seen, summary.recorded, summary.rejected, summary.failed) == (n_images + 1, n_images + 1, 1, 0)
+def dated_files(root: Path) -> dict[str, Path]:
+    """{relative path below the YYYY-MM-DD folder: path} of everything under processed/ or quarantine/."""
+    out = {}
+    if root.exists():
+        for day in sorted(root.iterdir()):
+            assert len(day.name) == 10 and day.name[4] == "-", f"not a dated folder: {day}"
+            for p in day.rglob("*"):
+                if p.is_file():
+                    rel = p.relative_to(day).as_posix()
+                    assert rel not in out, f"{rel} is in two dated folders"
+                    out[rel] = p
+    return out
+
+
+def assert_exactly_once(url: str, inbox: Path, originals: dict[str, str], *, final: bool = True) -> dict[str, set]:
+    """Every original file is in exactly one place, with exactly one row where it was moved.
+    final=False (after a crash): files may still be pending in the inbox, but nothing is lost or doubled,
+    and nothing sits in processed/ or quarantine/ without its committed row."""
+    processed = dated_files(inbox.parent / "processed")
+    quarantine = dated_files(inbox.parent / "quarantine")
+    left = snapshot(inbox)
+    where: dict[str, set] = {"inbox": set(), "processed": set(), "quarantine": set()}
+    for rel, digest in originals.items():
+        places = [name for name, found in (("inbox", rel in left), ("processed", rel in processed), ("quarantine", rel in quarantine)) if found]
+        assert len(places) == 1, f"{rel} is in {places or 'no place'}: lost or copied"
+        where[places[0]].add(rel)
+        if places[0] != "inbox":
+            path = (processed if places[0] == "processed" else quarantine)[rel]
+            assert sha(path.read_bytes()) == digest, f"{rel} changed on its way"
+    assert set(processed) <= set(originals) and set(quarantine) <= set(originals), "a file appeared from nowhere"
+
+    rows = fetch(url, "SELECT sha256, model_version, status, id FROM predictions WHERE model_name = %(m)s", {"m": MODEL})
+    per_sha = Counter(r[0] for r in rows)
+    status = {r[0]: r[2] for r in rows}
+    for kind in ("processed", "quarantine"):
+        for rel in where[kind]:
+            digest = originals[rel]
+            assert per_sha[digest] == 1, f"{rel}: {per_sha[digest]} rows for its content"
+            assert status[digest] == ("ok" if kind == "processed" else "rejected"), f"{rel} in {kind} with a {status[digest]} row"
+    moved = fetch(url, "SELECT dest_path, state FROM ingest_files WHERE state IN ('moved', 'pending') AND dest_path LIKE %(root)s",
+                  {"root": f"{inbox.parent}/%"})
+    pending = [r[0] for r in moved if r[1] == "pending"]
+    if final:
+        assert not pending, f"moves still pending after a clean run: {pending}"
+        on_disk = {str(p) for p in list(processed.values()) + list(quarantine.values())}
+        journal = [r[0] for r in moved]
+        assert sorted(journal) == sorted(on_disk), "ingest_files and the moved files disagree"
+    return where
+
+
+def ingest_env(torchserve_url: str, database_url: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "TORCHSERVE_"))}
+    env.update({"TORCHSERVE_URL": torchserve_url, "DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT),
+                "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+FAST = ["--min-age", "0", "--settle", "0", "--batch-size", "3", "--concurrency", "4", "--log-format", "json", "--no-progress"]
+
+
+def cli(inbox: Path, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ingest", "run", "--inbox", str(inbox), *FAST, *args],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(inbox: Path, env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ingest", "run", "--inbox", str(inbox), *FAST, *args],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def summary_of(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {path.name}: {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.05)
+
+
+def settings_for(inbox: Path, url: str, ts_url: str, **kw) -> Settings:
+    base = dict(inbox=inbox, database_url=url, torchserve_url=ts_url, min_age=0, settle=0, batch_size=5, concurrency=4, progress=False)
+    return Settings(**{**base, **kw})
+
+
+# -- images that the handler must reject ---------------------------------------------------
+
+def huge_png(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: rejected before it is decoded."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "white").save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17]))
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+# -- the happy path ---------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_ingest_records_one_row_per_image(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    originals = fill_inbox(inbox, unseen_images)
+    good = next(iter(sorted((unseen_images / "images").glob("*.jpg")))).read_bytes()
+    (inbox / "broken.jpg").write_bytes(good[: len(good) // 2])  # a truncated JPEG
+    originals = snapshot(inbox)
+
+    summary = Job(settings_for(inbox, database_url, torchserve.inference_url)).run()
+    n = len(originals) - 1
+    assert (summary.processed, summary.quarantined, summary.duplicates, summary.failed, summary.exit_code) == (n, 1, 0, 0, 0)
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert where["quarantine"] == {"broken.jpg"} and len(where["processed"]) == n
 
     truth = {f"{r['id']}.jpg": r["articleType"] for r in read_styles(unseen_images / "styles.csv")[0]}
-    rows = fetch(database_url, "SELECT filename, sha256, label, confidence, model_name, model_version, status, error, run_id FROM predictions ORDER BY filename")
+    rows = fetch(database_url, "SELECT filename, label, confidence, model_version, status, error_code, topk, original_path, size_bytes FROM predictions")
     by_name = {r[0]: r for r in rows}
-    assert set(by_name) == set(truth) | {"broken.jpg"}
     bad = by_name.pop("broken.jpg")
-    assert bad[6] == "rejected" and bad[2] is None and bad[7].startswith("corrupt")
-    assert all(r[6] == "ok" and r[4] == "refund_classifier" and r[5] == "1" and len(r[1]) == 64 for r in by_name.values())
-    assert sum(r[2] == truth[name] for name, r in by_name.items()) / len(by_name) >= 0.8
-
+    assert bad[4] == "rejected" and bad[1] is None and bad[5] == "corrupt"
+    assert all(r[4] == "ok" and r[3] == "1" and len(r[6]) == 5 and r[7] == f"batch-a/{name}" for name, r in by_name.items())
+    assert sum(r[1] == truth[name] for name, r in by_name.items()) / len(by_name) >= 0.8
     (status, counts), = fetch(database_url, "SELECT status, counts FROM ingest_runs")
-    assert status == "succeeded" and counts["recorded"] == n_images + 1
+    assert status == "succeeded" and counts["processed"] == n and counts["quarantined"] == 1
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    assert (tmp_path / "processed" / day / "batch-a").is_dir()
 
 
-def test_rerun_records_nothing_twice(torchserve, database_url, inbox):
-    settings = Settings(inbox=inbox, database_url=database_url, torchserve_url=torchserve.inference_url)
-    first = run(settings)
-    second = run(settings)
-    assert second.recorded == 0 and second.duplicates == first.recorded
-    (count,), = fetch(database_url, "SELECT count(*) FROM predictions")
-    assert count == first.recorded
+@pytest.mark.integration
+def test_same_content_twice_is_recorded_once_and_both_leave(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=4)
+    first_name = sorted((inbox / "batch-a").iterdir())[0].name
+    photo = (inbox / "batch-a" / first_name).read_bytes()
+    (inbox / "copy of it.jpg").write_bytes(photo)  # same content, same run
+    originals = snapshot(inbox)
+    s = settings_for(inbox, database_url, torchserve.inference_url)
+    first = Job(s).run()
+    assert (first.processed, first.duplicates) == (4, 1)
+    assert_exactly_once(database_url, inbox, originals)
+
+    # Later: the same content again, under a third name -> noted as a duplicate, moved, no new row.
+    (inbox / "again.jpg").write_bytes(photo)
+    originals["again.jpg"] = sha(photo)
+    second = Job(s).run()
+    assert (second.processed, second.duplicates) == (0, 1)
+    assert_exactly_once(database_url, inbox, originals)
+    dups = fetch(database_url, "SELECT relative_path FROM ingest_files WHERE duplicate ORDER BY id")
+    # A folder's files come before its subfolders: "copy of it.jpg" was first, batch-a's copy the duplicate.
+    assert [r[0] for r in dups] == [f"batch-a/{first_name}", "again.jpg"]
+    (n_rows,), = fetch(database_url, "SELECT count(*) FROM predictions")
+    assert n_rows == 4
 
 
-def test_migrations_are_recorded_once(database_url):
+@pytest.mark.integration
+def test_bad_inputs(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=3)
+    good = sorted((inbox / "batch-a").iterdir())[0].read_bytes()
+    (inbox / "zero.jpg").write_bytes(b"")
+    (inbox / "notes.jpg").write_text("a text file named like a photo\n")
+    (inbox / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (inbox / "huge.png").write_bytes(huge_png())
+    (inbox / "scan.pdf").write_bytes(b"%PDF-1.4 not a photo")  # unsupported extension: stays
+    (inbox / "ünïcode folder").mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(buf, "JPEG")
+    (inbox / "ünïcode folder" / "photo with spaces ✓.jpg").write_bytes(buf.getvalue())
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(good[::-1])
+    (inbox / "link.jpg").symlink_to(outside)  # never followed out of the inbox
+    (inbox / "linkdir").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(inbox / "pipe.jpg")  # not a regular file: must not hang the reader
+    limit = max(p.stat().st_size for p in (inbox / "batch-a").iterdir()) + 1000
+    (inbox / "big.jpg").write_bytes(good + b"\0" * (limit + 1 - len(good)))  # over --max-bytes
+    (inbox / ".hidden.jpg").write_bytes(good)
+    originals = snapshot(inbox)
+
+    s = settings_for(inbox, database_url, torchserve.inference_url, max_bytes=limit)
+    summary = Job(s).run()
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert where["quarantine"] == {"zero.jpg", "notes.jpg", "truncated.jpg", "huge.png", "big.jpg"}
+    assert where["processed"] == {r for r in originals if r.startswith("batch-a/")} | {"ünïcode folder/photo with spaces ✓.jpg"}
+    assert where["inbox"] == {"scan.pdf", ".hidden.jpg"}
+    assert (inbox / "link.jpg").is_symlink() and outside.read_bytes() == good[::-1]  # left alone, target untouched
+    assert (inbox / "pipe.jpg").exists()
+    codes = dict(fetch(database_url, "SELECT filename, error_code FROM predictions WHERE status = 'rejected'"))
+    assert codes == {"zero.jpg": "empty", "notes.jpg": "not_an_image", "truncated.jpg": "corrupt",
+                     "huge.png": "too_many_pixels", "big.jpg": "too_large"}
+    assert summary.skipped == Counter({"unsupported": 1, "symlink": 2, "not_a_file": 1, "hidden": 1})
+    assert summary.exit_code == 0
+    # Nothing was recorded for what was skipped: the secret behind the link never reached TorchServe.
+    assert not fetch(database_url, "SELECT 1 FROM predictions WHERE sha256 = %(s)s", {"s": sha(good[::-1])})
+
+
+@pytest.mark.integration
+def test_unreadable_file_stays_in_the_inbox(torchserve, database_url, tmp_path, unseen_images):
+    if os.geteuid() == 0:
+        pytest.skip("as root, chmod 000 does not stop reads; the FIFO in test_bad_inputs covers an unopenable file")
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=2)
+    locked = sorted((inbox / "batch-a").iterdir())[0]
+    locked.chmod(0)
+    try:
+        summary = Job(settings_for(inbox, database_url, torchserve.inference_url)).run()
+        assert summary.skipped["unreadable"] == 1 and locked.exists() and summary.processed == 1
+    finally:
+        locked.chmod(0o644)
+
+
+@pytest.mark.integration
+def test_file_still_being_written_waits_for_the_next_run(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=2)
+    for p in (inbox / "batch-a").iterdir():  # settled long ago
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    growing = inbox / "growing.jpg"
+    fresh = inbox / "fresh.jpg"
+    good = sorted((inbox / "batch-a").iterdir())[0].read_bytes()
+    fresh.write_bytes(good[::-1] + b"x")  # young but unchanged for --settle: taken (and rejected)
+    growing.write_bytes(good[:100])
+    import threading
+
+    done = threading.Event()
+
+    def writer():
+        for i in range(100, len(good), max(1, len(good) // 40)):
+            if done.is_set():
+                break
+            with open(growing, "ab") as f:
+                f.write(good[i: i + max(1, len(good) // 40)])
+            time.sleep(0.05)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        summary = Job(settings_for(inbox, database_url, torchserve.inference_url, min_age=60, settle=0.5)).run()
+    finally:
+        done.set()
+        t.join()
+    assert summary.skipped["not_settled"] == 1 and growing.exists()
+    assert summary.processed == 2 and summary.quarantined == 1
+
+
+@pytest.mark.integration
+def test_torchserve_down_stops_cleanly(database_url, tmp_path, unseen_images):
+    from conftest import free_port
+
+    inbox = tmp_path / "inbox"
+    originals = fill_inbox(inbox, unseen_images, n=3)
+    r = cli(inbox, ingest_env(f"http://127.0.0.1:{free_port()}", database_url), "--retries", "3", "--backoff", "0.05")
+    assert r.returncode == 3, r.stderr
+    assert "stays unavailable after 3 attempts" in r.stdout
+    assert snapshot(inbox) == originals  # everything waits for the next run
+    (status, error), = fetch(database_url, "SELECT status, error FROM ingest_runs")
+    assert status == "failed" and "unavailable" in error
+
+
+@pytest.mark.integration
+def test_unknown_model_stops_without_quarantining(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    originals = fill_inbox(inbox, unseen_images, n=3)
+    summary = Job(settings_for(inbox, database_url, torchserve.inference_url, model="no_such_model")).run()
+    assert summary.exit_code == 3 and "no model 'no_such_model'" in summary.error
+    assert snapshot(inbox) == originals and not (tmp_path / "quarantine").exists()
+
+
+@pytest.mark.integration
+def test_two_runs_at_once(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    originals = fill_inbox(inbox, unseen_images, n=8)
+    env = ingest_env(torchserve.inference_url, database_url)
+    # Deterministic: the first run holds the lock (paused); the second exits at once, touching nothing.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    first = start_cli(inbox, {**env, "INGEST_TEST_HOOK": "pause@after_read", "INGEST_TEST_HOOK_DIR": str(hooks)})
+    wait_for(hooks / "paused-after_read", first)
+    t0 = time.monotonic()
+    second = cli(inbox, env)
+    assert second.returncode == 75 and time.monotonic() - t0 < 15
+    assert "another ingest run holds the ingest lock: run 1" in second.stderr
+    (hooks / "resume-after_read").touch()
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert_exactly_once(database_url, inbox, originals)
+
+    # And really at once, on a fresh inbox: whichever order they get, nothing is done twice.
+    inbox2 = tmp_path / "at-once" / "inbox"
+    fill_inbox(inbox2, unseen_images)
+    originals2 = snapshot(inbox2)
+    procs = [start_cli(inbox2, env) for _ in range(2)]
+    codes = sorted(p.wait(timeout=60) for p in procs)
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert codes in ([0, 0], [0, 75])
+    where = assert_exactly_once(database_url, inbox2, originals2)
+    assert not where["inbox"]
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+SCHEMA_SQL = """
+SELECT 'column', table_name || '.' || column_name || ' ' || data_type || ' null=' || is_nullable || ' default=' || coalesce(column_default, '')
+FROM information_schema.columns WHERE table_schema = 'public' AND table_name <> 'schema_migrations'
+UNION ALL
+SELECT 'constraint', conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text <> 'schema_migrations'
+UNION ALL
+SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'schema_migrations'
+ORDER BY 1, 2
+"""
+
+
+@pytest.mark.integration
+def test_migrations_in_order_equal_the_current_schema(pg_cluster, database_url):
+    numbers = [n for n, _, _ in db.migrations()]
+    assert numbers == list(range(1, len(numbers) + 1)), "migrations must be numbered 001, 002, ... without gaps"
     assert db.migrate(database_url) == []  # the template already has them all
     names = [r[0] for r in fetch(database_url, "SELECT name FROM schema_migrations ORDER BY version")]
     assert names == [name for _, name, _ in db.migrations()]
+
+    fresh = "schema_" + os.urandom(6).hex()
+    conn = psycopg2.connect(pg_cluster.url("postgres"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{fresh}"')
+        with db.connect(pg_cluster.url(fresh)) as c, c.cursor() as cur:
+            cur.execute(db.load_query("schema"))
+        assert fetch(pg_cluster.url(fresh), SCHEMA_SQL) == fetch(database_url, SCHEMA_SQL)
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+        conn.close()
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_report_formats(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=5)
+    (inbox / "notes.jpg").write_text("not a photo")
+    Job(settings_for(inbox, database_url, torchserve.inference_url)).run()
+    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT)}
+
+    def report(*args):
+        r = subprocess.run([sys.executable, "-m", "ingest", "report", *args], env=env, cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    doc = json.loads(report("--format", "json"))
+    assert set(doc) == set(report_mod.SECTIONS)
+    assert sum(r["images"] for r in doc["by_day"]) == 6
+    assert [(r["reason"], r["images"]) for r in doc["failures"]] == [("not_an_image", 1)]
+    assert doc["runs"][0]["processed"] == 5 and doc["runs"][0]["status"] == "succeeded"
+    n_review = fetch(database_url, "SELECT count(*) FROM predictions WHERE needs_review")[0][0]
+    assert len(doc["review_queue"]) == n_review
+    table = report("--since", "2020-01-01")
+    assert "== Photos per day and category ==" in table and "rejected:not_an_image" in table
+    csv_text = report("--format", "csv", "--section", "failures")
+    assert csv_text.splitlines()[0].startswith("reason,model_version,images") and "not_an_image,1,1" in csv_text
+    assert json.loads(report("--format", "json", "--since", "2999-01-01"))["by_day"] == []
+
+
+# -- settings, schedule (no services) --------------------------------------------------------
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_settings_flags_beat_environment_beat_yaml(tmp_path):
+    cfg = tmp_path / "ingest.yaml"
+    cfg.write_text("inbox: /from/yaml\nbatch-size: 7\nconcurrency: 3\nmin_age: 1m\nmodel: refund_classifier/2\n")
+    env = {"INGEST_CONCURRENCY": "5", "INGEST_MIN_AGE": "90s"}
+    values = resolve(_parse(["--config", str(cfg), "--min-age", "5"]), env)
+    assert (values["inbox"], values["batch_size"], values["concurrency"], values["min_age"], values["model"]) == \
+        (Path("/from/yaml"), 7, 5, 5.0, "refund_classifier/2")
+    assert resolve(_parse([]), {"INGEST_CONFIG": str(cfg)})["batch_size"] == 7
+    assert resolve(_parse([]), {})["concurrency"] == 32
+    with pytest.raises(SettingsError, match="Invalid setting 'bach_size'.*choose from"):
+        cfg.write_text("bach_size: 3\n")
+        resolve(_parse(["--config", str(cfg)]), {})
+    with pytest.raises(SettingsError, match="INGEST_TIMEOUT: Invalid duration 'soon'"):
+        resolve(_parse([]), {"INGEST_TIMEOUT": "soon"})
+    with pytest.raises(SettingsError, match="same folder"):
+        Settings(inbox=tmp_path, database_url="x", processed=tmp_path / "a", quarantine=tmp_path / "a")
+
+
+def test_cron_expressions():
+    t = datetime(2026, 11, 26, 10, 7, 30, tzinfo=timezone.utc)  # a Thursday
+    assert Cron.parse("*/15 * * * *").next_after(t) == datetime(2026, 11, 26, 10, 15, tzinfo=timezone.utc)
+    assert Cron.parse("0 2 * * *").next_after(t) == datetime(2026, 11, 27, 2, 0, tzinfo=timezone.utc)
+    assert Cron.parse("30 8 * * mon-fri").next_after(datetime(2026, 11, 27, 9, 0, tzinfo=timezone.utc)) == \
+        datetime(2026, 11, 30, 8, 30, tzinfo=timezone.utc)
+    assert Cron.parse("0 0 1 jan *").next_after(t) == datetime(2027, 1, 1, tzinfo=timezone.utc)
+    for bad in ("* * * *", "61 * * * *", "*/0 * * * *", "0 0 * * funday"):
+        with pytest.raises(CronError):
+            Cron.parse(bad)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert next_due(start, start, every_s=900, cron=None) == datetime(2026, 1, 1, 0, 15, tzinfo=timezone.utc)
+
+
+@pytest.mark.integration
+def test_schedule_runs_and_stops_on_sigterm(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    originals = fill_inbox(inbox, unseen_images, n=3)
+    env = ingest_env(torchserve.inference_url, database_url)
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", "schedule", "--every", "1s", "--inbox", str(inbox), *FAST],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(fetch(database_url, "SELECT 1 FROM ingest_runs WHERE status = 'succeeded'")) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert '"event": "schedule_stop"' in err
+    assert_exactly_once(database_url, inbox, originals)
+    assert all(r[0] in ("succeeded", "stopped") for r in fetch(database_url, "SELECT status FROM ingest_runs"))
+
+
+@pytest.mark.integration
+def test_file_appearing_during_the_run(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    photos = sorted((unseen_images / "images").glob("*.jpg"))
+    originals = fill_inbox(inbox, unseen_images, n=12)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = ingest_env(torchserve.inference_url, database_url)
+    proc = start_cli(inbox, {**env, "INGEST_TEST_HOOK": "pause@after_commit", "INGEST_TEST_HOOK_DIR": str(hooks)})
+    wait_for(hooks / "paused-after_commit", proc)
+    # One in a folder the walk has listed already, one in a folder it has not reached yet.
+    shutil.copy(photos[12], inbox / "batch-a" / "late.jpg")
+    (inbox / "zz-late").mkdir()
+    shutil.copy(photos[13], inbox / "zz-late" / "late.jpg")
+    originals.update({"batch-a/late.jpg": sha(photos[12].read_bytes()), "zz-late/late.jpg": sha(photos[13].read_bytes())})
+    (hooks / "resume-after_commit").touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    first = assert_exactly_once(database_url, inbox, originals)
+    assert "batch-a/late.jpg" in first["inbox"]  # its folder was listed before it came: next run
+    assert cli(inbox, env).returncode == 0
+    assert not assert_exactly_once(database_url, inbox, originals)["inbox"]

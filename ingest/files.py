@@ -1,0 +1,192 @@
+"""The inbox on disk: walking it, reading a photo safely, and moving it out without ever deleting it.
+
+Walking streams one directory at a time (names sorted, for a stable order) and never follows a
+symlink: a link is reported and left where it is, whatever it points to. Reading opens with
+O_NOFOLLOW|O_NONBLOCK (a link swapped in, or a FIFO, cannot hang or escape) and checks that the
+file did not change between the walk and the end of the read.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Names writers use while a file is on its way; never images.
+PARTIAL_SUFFIXES = {".part", ".partial", ".tmp", ".crdownload", ".download"}
+
+
+@dataclass
+class Entry:
+    """A regular file found in the inbox, with the stat seen by the walk."""
+
+    path: Path
+    relative: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass
+class Skip:
+    """Something in the inbox the job leaves where it is, and why."""
+
+    path: Path
+    relative: str
+    reason: str  # unsupported | symlink | not_a_file | hidden | unreadable | not_settled | changed
+
+
+def walk(inbox: Path, *, exclude: tuple[Path, ...] = ()) -> Iterator[Entry | Skip]:
+    """Everything under `inbox`, depth first, names in sorted order; holds one directory's names at a time."""
+    stack = [inbox]
+    excluded = {p.resolve() for p in exclude}
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            yield Skip(folder, _rel(folder, inbox), f"unreadable ({exc.strerror})")
+            continue
+        subfolders = []
+        for e in entries:
+            path = Path(e.path)
+            rel = _rel(path, inbox)
+            try:
+                if e.is_symlink():
+                    yield Skip(path, rel, "symlink")
+                elif e.is_dir(follow_symlinks=False):
+                    if path.resolve() not in excluded and not e.name.startswith("."):
+                        subfolders.append(path)
+                elif not e.is_file(follow_symlinks=False):
+                    yield Skip(path, rel, "not_a_file")
+                elif e.name.startswith("."):
+                    yield Skip(path, rel, "hidden")
+                elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                    yield Skip(path, rel, "unsupported")
+                else:
+                    st = e.stat(follow_symlinks=False)
+                    yield Entry(path, rel, st.st_size, st.st_mtime_ns, st.st_ino)
+            except OSError as exc:
+                yield Skip(path, rel, f"unreadable ({exc.strerror})")
+        stack.extend(reversed(subfolders))  # pop() takes them in sorted order
+
+
+def _rel(path: Path, inbox: Path) -> str:
+    return path.relative_to(inbox).as_posix() if path != inbox else "."
+
+
+class NotReady(Exception):
+    """The file is not (yet) something to classify; `reason` says why. It stays in the inbox."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def settled(entry: Entry, min_age_s: float, now: float | None = None) -> bool:
+    """Not modified for min_age_s: a writer still appending to it would have touched it."""
+    now = time.time() if now is None else now
+    return now - entry.mtime_ns / 1e9 >= min_age_s
+
+
+def read(entry: Entry, *, max_bytes: int) -> tuple[bytes | None, str, int]:
+    """(data, sha256, size) of a settled regular file; data is None when it is over max_bytes
+    (then only hashed, in chunks). Raises NotReady when it changed, vanished or cannot be read."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(entry.path, flags)
+    except FileNotFoundError as exc:
+        raise NotReady("vanished") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotReady("symlink") from exc
+        raise NotReady(f"unreadable ({exc.strerror})") from exc
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise NotReady("not_a_file")
+        if (before.st_size, before.st_mtime_ns, before.st_ino) != (entry.size, entry.mtime_ns, entry.inode):
+            raise NotReady("changed")
+        digest = hashlib.sha256()
+        chunks = [] if before.st_size <= max_bytes else None
+        size = 0
+        try:
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                size += len(chunk)
+                digest.update(chunk)
+                if chunks is not None:
+                    chunks.append(chunk)
+        except OSError as exc:
+            raise NotReady(f"unreadable ({exc.strerror})") from exc
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != before.st_size:
+            raise NotReady("changed")
+    finally:
+        os.close(fd)
+    return (b"".join(chunks) if chunks is not None else None), digest.hexdigest(), size
+
+
+def sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def choose_dest(root: Path, day: str, relative: str, sha256: str, taken: set[Path]) -> Path:
+    """root/day/relative, or with ~<sha8>[-n] before the suffix if that name is already used."""
+    dest = root / day / relative
+    if not dest.exists() and dest not in taken:
+        return dest
+    stem, suffix = dest.stem, dest.suffix
+    for n in range(1, 10_000):
+        tag = f"~{sha256[:8]}" + (f"-{n}" if n > 1 else "")
+        candidate = dest.with_name(f"{stem}{tag}{suffix}")
+        if not candidate.exists() and candidate not in taken:
+            return candidate
+    raise FileExistsError(f"no free name for {dest}")
+
+
+def partial_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.ingest-partial")
+
+
+def move(src: Path, dest: Path, *, linked=None) -> None:
+    """Move src to dest without overwriting anything and without a moment where neither holds
+    the photo: rename when on one filesystem; else copy to a hidden partial name, fsync, rename
+    into place, and only then unlink the source (a crash leaves both, which recovery resolves)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists")
+    try:
+        os.link(src, dest, follow_symlinks=False)  # fails instead of overwriting
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        _copy_then_rename(src, dest)
+    if linked:
+        linked()  # tests: a kill here leaves the photo under both names
+    os.unlink(src)  # the photo is at dest now: this is the second half of a move, not a delete
+
+
+def _copy_then_rename(src: Path, dest: Path) -> None:
+    tmp = partial_name(dest)
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dest)

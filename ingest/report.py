@@ -1,0 +1,82 @@
+"""python -m ingest report: what PostgreSQL recorded, as a table, CSV or JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import date, datetime
+from decimal import Decimal
+from typing import TextIO
+
+from ingest import db
+
+# section -> (query file, title)
+SECTIONS = {
+    "by_day": ("report_by_day", "Photos per day and category"),
+    "review_queue": ("report_review_queue", "Needs-review queue (oldest first)"),
+    "failures": ("report_failures", "Rejected photos by reason"),
+    "duplicates": ("report_duplicates", "Duplicates (same content as a recorded photo)"),
+    "runs": ("report_runs", "Runs"),
+}
+
+
+def collect(url: str, *, since: datetime, limit: int, sections: list[str]) -> dict[str, dict]:
+    """{section: {"columns": [...], "rows": [[...], ...]}}"""
+    out = {}
+    with db.connect(url) as conn, conn.cursor() as cur:
+        for name in sections:
+            cur.execute(db.load_query(SECTIONS[name][0]), {"since": since, "limit": limit})
+            out[name] = {"columns": [d.name for d in cur.description], "rows": [list(r) for r in cur.fetchall()]}
+    return out
+
+
+def _plain(value):
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def write_table(data: dict, out: TextIO = sys.stdout) -> None:
+    for name, section in data.items():
+        print(f"== {SECTIONS[name][1]} ==", file=out)
+        cells = [section["columns"]] + [[_cell(v) for v in row] for row in section["rows"]]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(section["columns"]))]
+        for n, row in enumerate(cells):
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+            if n == 0:
+                print("  ".join("-" * w for w in widths), file=out)
+        if not section["rows"]:
+            print("(none)", file=out)
+        print(file=out)
+
+
+def write_csv(data: dict, out: TextIO = sys.stdout) -> None:
+    """One CSV block per section; with several sections each block starts with a `# section` line."""
+    w = csv.writer(out, lineterminator="\n")
+    for n, (name, section) in enumerate(data.items()):
+        if len(data) > 1:
+            if n:
+                out.write("\n")
+            out.write(f"# {name}\n")
+        w.writerow(section["columns"])
+        for row in section["rows"]:
+            w.writerow([_plain(v) if v is not None else "" for v in row])
+
+
+def write_json(data: dict, out: TextIO = sys.stdout) -> None:
+    doc = {name: [dict(zip(s["columns"], map(_plain, row))) for row in s["rows"]] for name, s in data.items()}
+    json.dump(doc, out, indent=2, ensure_ascii=False, default=str)
+    out.write("\n")
+
+
+WRITERS = {"table": write_table, "csv": write_csv, "json": write_json}

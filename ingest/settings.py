@@ -1,0 +1,216 @@
+"""Settings of the ingestion job, from (highest first) command-line flags, environment variables,
+an optional YAML file (--config / INGEST_CONFIG), and defaults.
+
+One table (`FIELDS`) defines each setting once: its flag, its variable, its YAML key, its type,
+default and help, so the three sources cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'90', '90s', '15m', '2h', '1d', '1h30m' -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", s)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != s.replace(" ", ""):
+        raise SettingsError(f"Invalid duration {text!r}; use a number of seconds or e.g. 30s, 15m, 2h, 1d, 1h30m")
+    unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    s = str(text).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"Invalid boolean {text!r}; use one of: true, false, 1, 0, yes, no")
+
+
+def _path(text: str | Path) -> Path:
+    return Path(text).expanduser()
+
+
+def _positive_int(text: str | int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"Invalid number {text!r}") from exc
+    if value < 1:
+        raise SettingsError(f"Invalid value {value}; it must be at least 1")
+    return value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("human", "json"):
+        raise SettingsError(f"Invalid log format {text!r}; choose one of: human, json")
+    return text
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    env: str | None = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+FIELDS: list[Field] = [
+    Field("inbox", _path, None, "folder of photos to classify, read recursively", "INGEST_INBOX", "DIR"),
+    Field("processed", _path, None, "where classified photos go, in YYYY-MM-DD/ subfolders (default: INBOX/../processed)", "INGEST_PROCESSED", "DIR"),
+    Field("quarantine", _path, None, "where rejected photos go, in YYYY-MM-DD/ subfolders (default: INBOX/../quarantine)", "INGEST_QUARANTINE", "DIR"),
+    Field("model", str, "refund_classifier", "NAME or NAME/VERSION to ask TorchServe for", "INGEST_MODEL", "NAME[/VERSION]"),
+    Field("batch_size", _positive_int, 64, "rows per database transaction", "INGEST_BATCH_SIZE", "N"),
+    Field("concurrency", _positive_int, 32, "requests in flight to TorchServe (about 2 x batchSize x workers fills its batches)", "INGEST_CONCURRENCY", "N"),
+    Field("torchserve_url", str, None, "TorchServe inference address (default: inference_address of config.properties)", "TORCHSERVE_URL", "URL"),
+    Field("management_url", str, None, "TorchServe management address, for renewing an expired key (default: config.properties)", "TORCHSERVE_MANAGEMENT_URL", "URL"),
+    Field("key_file", _path, None, "TorchServe's key_file.json when token authorization is on (default: the local TorchServe's, if config.properties turns tokens on)", "TORCHSERVE_KEY_FILE", "FILE"),
+    Field("database_url", str, None, "PostgreSQL libpq URL (default: the private cluster of `python -m serving up`)", "DATABASE_URL", "URL"),
+    Field("timeout", parse_duration, 60.0, "read timeout of one request (TorchServe's responseTimeout is 60s)", "INGEST_TIMEOUT", "DURATION"),
+    Field("connect_timeout", parse_duration, 5.0, "connect timeout of one request", "INGEST_CONNECT_TIMEOUT", "DURATION"),
+    Field("retries", _positive_int, 8, "attempts per photo on connection errors, timeouts, 5xx and 503 before giving up", "INGEST_RETRIES", "N"),
+    Field("backoff", parse_duration, 0.5, "first retry delay; doubles per attempt, with jitter", "INGEST_BACKOFF", "DURATION"),
+    Field("backoff_max", parse_duration, 15.0, "longest retry delay", "INGEST_BACKOFF_MAX", "DURATION"),
+    Field("db_retry_for", parse_duration, 60.0, "how long to keep reconnecting to PostgreSQL before stopping the run", "INGEST_DB_RETRY_FOR", "DURATION"),
+    Field("min_age", parse_duration, 10.0, "skip files modified less than this long ago (still being written)", "INGEST_MIN_AGE", "DURATION"),
+    Field("settle", parse_duration, 2.0, "a younger file is taken if its size and mtime stay the same this long (0: wait for --min-age)", "INGEST_SETTLE", "DURATION"),
+    Field("max_bytes", _positive_int, 20 * 1024 * 1024, "files larger than this are quarantined without being sent (TorchServe's max_request_size)", "INGEST_MAX_BYTES", "BYTES"),
+    Field("limit", _positive_int, None, "stop after taking this many files (the rest waits for the next run)", "INGEST_LIMIT", "N"),
+    Field("flush_every", parse_duration, 2.0, "commit at least this often even when a batch is not full", "INGEST_FLUSH_EVERY", "DURATION"),
+    Field("progress", parse_bool, None, "progress bar on stderr (default: when stderr is a terminal)", "INGEST_PROGRESS", "BOOL"),
+    Field("log_format", _log_format, "human", "human or json (one object per line)", "INGEST_LOG_FORMAT", "FORMAT"),
+]
+BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass
+class Settings:
+    inbox: Path
+    database_url: str
+    processed: Path | None = None
+    quarantine: Path | None = None
+    model: str = "refund_classifier"
+    batch_size: int = 64
+    concurrency: int = 32
+    torchserve_url: str = "http://127.0.0.1:8080"
+    management_url: str | None = None
+    key_file: Path | None = None
+    timeout: float = 60.0
+    connect_timeout: float = 5.0
+    retries: int = 8
+    backoff: float = 0.5
+    backoff_max: float = 15.0
+    db_retry_for: float = 60.0
+    min_age: float = 10.0
+    settle: float = 2.0
+    max_bytes: int = 20 * 1024 * 1024
+    limit: int | None = None
+    flush_every: float = 2.0
+    progress: bool | None = None
+    log_format: str = "human"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.inbox = Path(self.inbox).resolve()
+        self.processed = Path(self.processed).resolve() if self.processed else self.inbox.parent / "processed"
+        self.quarantine = Path(self.quarantine).resolve() if self.quarantine else self.inbox.parent / "quarantine"
+        if self.processed == self.quarantine:
+            raise SettingsError(f"--processed and --quarantine are the same folder ({self.processed}); give them different folders")
+        for name in ("processed", "quarantine"):
+            if getattr(self, name) == self.inbox:
+                raise SettingsError(f"--{name} is the inbox itself ({self.inbox}); give it another folder")
+
+    @property
+    def model_name(self) -> str:
+        return self.model.partition("/")[0]
+
+    @property
+    def model_version(self) -> str | None:
+        return self.model.partition("/")[2] or None
+
+    def public(self) -> dict:
+        """What a run records about its settings: no URLs (they may hold passwords)."""
+        keep = ("inbox", "processed", "quarantine", "model", "batch_size", "concurrency", "timeout", "retries", "min_age", "limit")
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in ((k, getattr(self, k)) for k in keep)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every setting as a flag; defaults are None so that unset flags fall through to env/YAML."""
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="YAML settings file (keys as the flags, with _ or -); default: INGEST_CONFIG")
+    for f in FIELDS:
+        env = f" [env {f.env}]" if f.env else ""
+        default = f"; default {f.default}" if f.default is not None and "default" not in f.help else ""
+        if f.parse is parse_bool:
+            parser.add_argument(f.flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"{f.help}{default}{env}")
+        else:
+            parser.add_argument(f.flag, dest=f.name, type=str, default=None, metavar=f.metavar, help=f"{f.help}{default}{env}")
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise SettingsError(f"settings file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"settings file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {path} must hold a mapping of setting: value")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in BY_NAME:
+            raise SettingsError(f"Invalid setting {key!r} in {path}; choose from: {', '.join(sorted(BY_NAME))}")
+        out[name] = value
+    return out
+
+
+def resolve(args: argparse.Namespace, environ: dict | None = None) -> dict:
+    """{name: parsed value} from flags > environment > YAML > defaults."""
+    environ = os.environ if environ is None else environ
+    config = args.config or (Path(environ["INGEST_CONFIG"]) if environ.get("INGEST_CONFIG") else None)
+    from_yaml = load_yaml(config) if config else {}
+    values = {}
+    for f in FIELDS:
+        raw, source = getattr(args, f.name, None), f.flag
+        if raw is None and f.env and environ.get(f.env) not in (None, ""):
+            raw, source = environ[f.env], f.env
+        if raw is None and f.name in from_yaml:
+            raw, source = from_yaml[f.name], f"{config}: {f.name}"
+        if raw is None:
+            values[f.name] = f.default
+            continue
+        try:
+            values[f.name] = f.parse(raw)
+        except SettingsError as exc:
+            raise SettingsError(f"{source}: {exc}") from exc
+    return values
+
+
+def settings_fields() -> set[str]:
+    return {f.name for f in fields(Settings)}

@@ -1,0 +1,169 @@
+"""Faults mid-run, each followed by a rerun that must leave the inbox exactly-once:
+SIGKILL of the job at named points, TorchServe stopped and restarted, PostgreSQL restarted.
+
+The job runs as a subprocess (`python -m ingest run`); INGEST_TEST_HOOK makes it SIGKILL itself,
+or pause until the test has done its damage, at a named point (see ingest.job.Hooks).
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, make_torchserve
+from serving.postgres import Cluster
+from test_ingest import assert_exactly_once, cli, fetch, fill_inbox, ingest_env, snapshot, start_cli, summary_of, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def bad_and_duplicate(inbox: Path) -> None:
+    photos = sorted((inbox / "batch-a").iterdir())
+    (inbox / "batch-a" / "zz copy.jpg").write_bytes(photos[0].read_bytes())  # same content, later in the walk
+    (inbox / "batch-a" / "zz broken.jpg").write_bytes(photos[1].read_bytes()[:300])
+
+
+@pytest.mark.parametrize("point", ["after_read", "before_commit", "after_commit#2", "mid_move#2", "mid_link#2", "after_moves", "before_finish"])
+def test_sigkill_then_rerun_is_exactly_once(point, torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=10)
+    bad_and_duplicate(inbox)
+    originals = snapshot(inbox)
+    env = ingest_env(torchserve.inference_url, database_url)
+
+    killed = cli(inbox, {**env, "INGEST_TEST_HOOK": f"crash@{point}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if point.startswith("mid_link"):  # one photo is under both names (a hard link) until the rerun
+        assert fetch(database_url, "SELECT count(*) FROM ingest_files WHERE state = 'pending'")[0][0] > 0
+        after_crash = {"inbox": set(snapshot(inbox))}
+    else:
+        after_crash = assert_exactly_once(database_url, inbox, originals, final=False)
+    if point.startswith(("after_commit", "mid_move", "after_moves")):
+        assert fetch(database_url, "SELECT count(*) FROM ingest_files WHERE state = 'pending'")[0][0] > 0
+
+    rerun = cli(inbox, env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert not where["inbox"] and where["quarantine"] == {"batch-a/zz broken.jpg"}
+    summary = summary_of(rerun.stdout)
+    if point.startswith(("after_commit", "mid_move", "mid_link", "after_moves")):
+        assert summary["recovered"] > 0
+    assert summary["processed"] + summary["duplicates"] + summary["quarantined"] + summary["recovered"] >= len(after_crash["inbox"])
+    statuses = [r[0] for r in fetch(database_url, "SELECT status FROM ingest_runs ORDER BY id")]
+    assert statuses == ["interrupted", "succeeded"]
+    (dups,), = fetch(database_url, "SELECT count(*) FROM ingest_files WHERE duplicate")
+    assert dups == 1  # "zz copy.jpg", whichever run moved it
+
+
+@pytest.fixture(scope="module")
+def secured_ts(model_store, tmp_path_factory):
+    """A private TorchServe with token authorization on: its restart also changes the keys."""
+    ts = make_torchserve(model_store, tmp_path_factory.mktemp("ts-ingest"), disable_token_authorization="false")
+    ts.start(["refund_classifier=refund_classifier-1.mar"])
+    yield ts
+    ts.stop()
+
+
+def test_torchserve_restart_mid_run(secured_ts, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    originals = fill_inbox(inbox, unseen_images)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = ingest_env(secured_ts.inference_url, database_url, TORCHSERVE_KEY_FILE=str(secured_ts.key_file),
+                     TORCHSERVE_MANAGEMENT_URL=secured_ts.management_url,
+                     INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
+    proc = start_cli(inbox, env, "--retries", "40", "--backoff", "0.2", "--backoff-max", "2")
+    try:
+        wait_for(hooks / "paused-after_commit", proc)
+        secured_ts.stop()
+        (hooks / "resume-after_commit").touch()
+        time.sleep(1.0)  # the job now meets a dead TorchServe
+        secured_ts.start(["refund_classifier=refund_classifier-1.mar"])  # new process, new keys
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    summary = summary_of(out)
+    assert summary["retried"] > 0 and summary["failed"] == 0
+    assert_exactly_once(database_url, inbox, originals)
+
+    env.pop("INGEST_TEST_HOOK")
+    rerun = cli(inbox, env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert not where["inbox"] and len(where["processed"]) == len(originals)
+
+
+def test_wrong_token_is_not_a_rejected_photo(secured_ts, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    originals = fill_inbox(inbox, unseen_images, n=3)
+    env = ingest_env(secured_ts.inference_url, database_url)
+    r = cli(inbox, env, "--retries", "2", "--backoff", "0.05")  # no key file given
+    assert r.returncode == 3 and "requires a token" in r.stdout
+    assert snapshot(inbox) == originals and not (tmp_path / "quarantine").exists()
+
+
+@pytest.fixture
+def private_cluster():
+    root = Path(tempfile.mkdtemp(prefix="rc-test-pg-restart-"))
+    cluster = Cluster(root=root, port=free_port())
+    cluster.start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_restart_mid_run(private_cluster, torchserve, tmp_path, unseen_images):
+    url = private_cluster.url()
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images)
+    bad_and_duplicate(inbox)
+    originals = snapshot(inbox)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = ingest_env(torchserve.inference_url, url, INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
+    proc = start_cli(inbox, env)
+    try:
+        wait_for(hooks / "paused-after_commit", proc)
+        private_cluster.stop()
+        (hooks / "resume-after_commit").touch()
+        time.sleep(1.0)  # the job now meets a dead PostgreSQL
+        private_cluster.start()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert "reconnected to PostgreSQL" in err
+    assert_exactly_once(url, inbox, originals)
+
+    env.pop("INGEST_TEST_HOOK")
+    rerun = cli(inbox, env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    where = assert_exactly_once(url, inbox, originals)
+    assert not where["inbox"]
+
+
+def test_sigkill_during_recovery_then_rerun(torchserve, database_url, tmp_path, unseen_images):
+    """Killed once after a commit, then killed again while the next run finishes those moves."""
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=10)
+    bad_and_duplicate(inbox)
+    originals = snapshot(inbox)
+    env = ingest_env(torchserve.inference_url, database_url)
+    assert cli(inbox, {**env, "INGEST_TEST_HOOK": "crash@after_commit#2"}).returncode == -signal.SIGKILL
+    assert cli(inbox, {**env, "INGEST_TEST_HOOK": "crash@recovery_mid_move"}).returncode == -signal.SIGKILL
+    assert_exactly_once(database_url, inbox, originals, final=False)
+    rerun = cli(inbox, env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert summary_of(rerun.stdout)["recovered"] > 0
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert not where["inbox"]
+    assert [r[0] for r in fetch(database_url, "SELECT status FROM ingest_runs ORDER BY id")] == ["interrupted", "interrupted", "succeeded"]
