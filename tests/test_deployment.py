@@ -289,8 +289,8 @@ def test_compose_commands_are_accepted_by_the_real_command_lines(compose):
     sub = next(a for a in ingest_cli.get_args_parser()._actions if a.dest == "command")
     if "schedule" not in sub.choices:
         pytest.skip("`python -m ingest schedule` and --processed/--quarantine are not on this branch yet (issue 5 adds them)")
-    assert parse(compose["services"]["ingest"]["command"]).inbox == Path("/data/inbox")
-    assert parse(k8s_ingest).inbox == Path("/data/inbox")
+    assert Path(parse(compose["services"]["ingest"]["command"]).inbox) == Path("/data/inbox")
+    assert Path(parse(k8s_ingest).inbox) == Path("/data/inbox")
 
 
 # -- deploy/config.properties ----------------------------------------------------------------
