@@ -5,6 +5,7 @@ refund_classifier it serves (see serving/rollout.py and docs/ROLLOUTS.md)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -99,15 +100,19 @@ def cmd_retire(args: argparse.Namespace) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="TorchServe config.properties (default: the repository's)")
+    # --config is also accepted after the command (`serving up --foreground --config X`, as compose writes it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TorchServe config.properties (default: the repository's)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("up", help="start PostgreSQL (embedded default) and TorchServe, wait until ready")
+    add = functools.partial(sub.add_parser, parents=[common])
+    p = add("up", help="start PostgreSQL (embedded default) and TorchServe, wait until ready")
     p.add_argument("--archive", type=str, default=None,
                    help="archive in the model store to serve as the default (default: the recorded default, else the newest version)")
     p.add_argument("--foreground", action="store_true", help="stay attached until TorchServe exits (for containers)")
     p.set_defaults(fn=cmd_up)
-    sub.add_parser("down", help="stop TorchServe and the private PostgreSQL").set_defaults(fn=cmd_down)
-    sub.add_parser("status", help="is it up, and what does it serve").set_defaults(fn=cmd_status)
-    p = sub.add_parser("rollout", help="register an archive as a new version, test it, promote it if it is not worse")
+    add("down", help="stop TorchServe and the private PostgreSQL").set_defaults(fn=cmd_down)
+    add("status", help="is it up, and what does it serve").set_defaults(fn=cmd_status)
+    p = add("rollout", help="register an archive as a new version, test it, promote it if it is not worse")
     p.add_argument("archive", type=str, help="model_store/refund_classifier-V.mar (or its file name in the model store)")
     p.add_argument("--sample", type=Path, default=None,
                    help="labelled Kaggle-layout folder (styles.csv + images/<id>.jpg) to compare on (default: the sample inside the archive)")
@@ -116,9 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="workers for the new version (default: minWorkers of its model-config.yaml)")
     p.add_argument("--limit", type=int, default=rollout.DEFAULT_LIMIT, help="at most this many sample images, spread evenly (0: all)")
     p.set_defaults(fn=cmd_rollout)
-    sub.add_parser("rollback", help="make the previous default version the default again").set_defaults(fn=cmd_rollback)
-    sub.add_parser("versions", help="every version, the default marked, with archive and registration time").set_defaults(fn=cmd_versions)
-    p = sub.add_parser("retire", help="unregister all versions but the latest N defaults (archives stay)")
+    add("rollback", help="make the previous default version the default again").set_defaults(fn=cmd_rollback)
+    add("versions", help="every version, the default marked, with archive and registration time").set_defaults(fn=cmd_versions)
+    p = add("retire", help="unregister all versions but the latest N defaults (archives stay)")
     p.add_argument("--keep", type=int, required=True, help="how many of the latest defaults to keep registered (>= 1, the current one included)")
     p.set_defaults(fn=cmd_retire)
     return parser

@@ -207,12 +207,21 @@ class State:
         self.versions[version]["promoted_at"] = now()
 
 
+class StoreNotWritable(RolloutError):
+    pass
+
+
 @contextmanager
 def locked(ts: TorchServe) -> Iterator[State]:
     """The state file, under an exclusive lock: two rollouts never interleave."""
-    ts.model_store.mkdir(parents=True, exist_ok=True)
     lock_path = ts.model_store / f"{MODEL_NAME}{STATE_SUFFIX}.lock"
-    with open(lock_path, "a") as lock:
+    try:
+        ts.model_store.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "a")
+    except OSError as exc:
+        raise StoreNotWritable(f"cannot write beside the archives in {ts.model_store} ({exc}): rollouts record "
+                               f"the default in {MODEL_NAME}{STATE_SUFFIX} there, so the model store must be writable") from exc
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield State.load(ts.model_store)
@@ -469,21 +478,31 @@ def retire(ts: TorchServe, keep: int, *, log=print) -> list[str]:
         raise RolloutError(f"Invalid --keep {keep}: keep at least 1 (the default)")
     with locked(ts) as state:
         live = current_default(ts)
-        kept = state.history[-keep:]
-        if live is not None and live not in kept:
-            kept = [*kept[1:], live] if len(kept) >= keep else [*kept, live]
+        order = [v for v in state.history if v != live] + ([live] if live else [])
+        kept = order[-keep:]
         retired = []
         for version in registered(ts):
             if version not in kept:
+                drain(ts, version)
                 unregister(ts, version)
                 retired.append(version)
                 log(f"retire: unregistered version {version} (its archive stays in {ts.model_store})")
-        state.history = [v for v in state.history if v in kept]
+        state.history = [v for v in order if v in kept]
         state.versions = {v: info for v, info in state.versions.items() if v in kept}
-        if live is not None:
-            state.default = live
+        state.default = live or state.default
         state.save()
         return retired
+
+
+def drain(ts: TorchServe, version: str, *, wait_s: float = 60.0) -> None:
+    """Wait until no request is queued for `version`: requests routed to it just before it stopped
+    being the default must finish before its workers go."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        r = ts.client.management("GET", f"models/{MODEL_NAME}/{version}", timeout=30)
+        if r.status_code != 200 or all(d.get("jobQueueStatus", {}).get("pendingRequests", 0) == 0 for d in r.json()):
+            return
+        time.sleep(0.2)
 
 
 @dataclass
@@ -518,40 +537,49 @@ def versions(ts: TorchServe) -> tuple[list[VersionRow], bool]:
 
 def serve(ts: TorchServe, archive_spec: str | Path | None = None, *, log=print) -> str:
     """Start TorchServe serving `archive_spec`, else the recorded default, else the newest archive;
-    register the other recorded versions again (so that a rollback still works) and record the default."""
-    with locked(ts) as state:
-        store = archives(ts.model_store)
-        if archive_spec is not None:
-            default = resolve_archive(ts, archive_spec)
-        elif state.default and state.default in store:
-            default = resolve_archive(ts, store[state.default])
-        else:
-            newest = latest_archive(ts.model_store)
-            if newest is None:
-                raise RolloutError(f"no {MODEL_NAME}-*.mar in {ts.model_store}: export one (python -m training.export ...)")
-            if state.default:
-                log(f"serving: the recorded default {state.default} has no archive in {ts.model_store}; serving the newest, {newest.name}")
-            default = resolve_archive(ts, newest)
-        ts.start([f"{MODEL_NAME}={default.name}"])  # registered first, so it is the default
-        live = registered(ts)
-        for version, info in state.versions.items():
-            if version in live or version == default.version:
-                continue
-            name = info.get("archive", f"{MODEL_NAME}-{version}.mar")
-            if not (ts.model_store / name).is_file():
-                log(f"serving: recorded version {version} has no archive {name} in {ts.model_store}; skipped")
-                continue
-            try:
-                register(ts, resolve_archive(ts, name))
-            except (RolloutError, TorchServeError) as exc:  # the default serves; a lost rollback target is no outage
-                log(f"serving: could not register recorded version {version} again: {exc}")
-        if current_default(ts) != default.version:  # TorchServe was already up with another default
-            if default.version not in registered(ts):
-                register(ts, default)
-            set_default(ts, default.version)
-        state.record(default)
-        if state.default != default.version:
-            state.promote(default.version)
-        state.save()
-        return default.version
+    register the other recorded versions again (so that a rollback still works) and record the default.
+    A read-only model store (a replica's mount) is served as it is, without recording anything."""
+    try:
+        with locked(ts) as state:
+            version = _serve(ts, state, archive_spec, log)
+            state.save()
+            return version
+    except StoreNotWritable as exc:
+        log(f"serving: {exc}; serving without recording the default")
+        return _serve(ts, State.load(ts.model_store), archive_spec, log)
 
+
+def _serve(ts: TorchServe, state: State, archive_spec, log) -> str:
+    store = archives(ts.model_store)
+    if archive_spec is not None:
+        default = resolve_archive(ts, archive_spec)
+    elif state.default and state.default in store:
+        default = resolve_archive(ts, store[state.default])
+    else:
+        newest = latest_archive(ts.model_store)
+        if newest is None:
+            raise RolloutError(f"no {MODEL_NAME}-*.mar in {ts.model_store}: export one (python -m training.export ...)")
+        if state.default:
+            log(f"serving: the recorded default {state.default} has no archive in {ts.model_store}; serving the newest, {newest.name}")
+        default = resolve_archive(ts, newest)
+    ts.start([f"{MODEL_NAME}={default.name}"])  # registered first, so it is the default
+    live = registered(ts)
+    for version, info in state.versions.items():
+        if version in live or version == default.version:
+            continue
+        name = info.get("archive", f"{MODEL_NAME}-{version}.mar")
+        if not (ts.model_store / name).is_file():
+            log(f"serving: recorded version {version} has no archive {name} in {ts.model_store}; skipped")
+            continue
+        try:
+            register(ts, resolve_archive(ts, name))
+        except (RolloutError, TorchServeError) as exc:  # the default serves; a lost rollback target is no outage
+            log(f"serving: could not register recorded version {version} again: {exc}")
+    if current_default(ts) != default.version:  # TorchServe was already up with another default
+        if default.version not in registered(ts):
+            register(ts, default)
+        set_default(ts, default.version)
+    state.record(default)
+    if state.default != default.version:
+        state.promote(default.version)
+    return default.version

@@ -51,7 +51,7 @@ def shifted_catalogue(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def archives_dir(trained_run, shifted_catalogue, unseen_images, tmp_path_factory) -> Path:
-    bad_run = train_tiny(shifted_catalogue, tmp_path_factory.mktemp("bad-run"), epochs=4)
+    bad_run = train_tiny(shifted_catalogue, tmp_path_factory.mktemp("bad-run"), epochs=3)
     out = tmp_path_factory.mktemp("archives")
     export_mod.export(bad_run, "1", model_store=out)
     export_mod.export(trained_run, "2", model_store=out)
@@ -166,6 +166,9 @@ def test_rollout_refusal_restart_rollback_retire(server, store, unseen_images, c
 
     # A restart serves the promoted default, and the earlier one is back for a rollback.
     server.stop()
+    assert serving_main(["--config", str(server.config), "versions"]) == 0  # while down: from the state file
+    listing = capsys.readouterr().out
+    assert "down" in listing and any(line.startswith("*") and f"{MODEL}-2.mar" in line for line in listing.splitlines()), listing
     assert rollout.serve(server) == "2"
     assert rollout.current_default(server) == "2" and list(rollout.registered(server)) == ["1", "2"]
     assert predict_version(server, image) == "2"
@@ -210,15 +213,15 @@ def test_rollout_and_rollback_with_token_authorization(store, tmp_path, monkeypa
 # -- ingestion while versions change ---------------------------------------------------------
 
 def write_chunk(folder: Path, unseen_images: Path, k: int) -> set[str]:
-    """The unseen images, each with one pixel changed, so every chunk is new content; their sha256."""
+    """The unseen images, each with one pixel set to the chunk's number, so every chunk is new content; their sha256."""
     folder.mkdir(parents=True)
     digests = set()
     for i, src in enumerate(sorted((unseen_images / "images").glob("*.jpg"))):
         img = Image.open(src).convert("RGB")
         img.putpixel((0, 0), (k % 256, (k // 256) % 256, i % 256))
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=95)
-        (folder / f"c{k}-{src.name}").write_bytes(buf.getvalue())
+        img.save(buf, format="PNG")  # lossless: the changed pixel survives, so the content is new
+        (folder / f"c{k}-{src.stem}.png").write_bytes(buf.getvalue())
         digests.add(hashlib.sha256(buf.getvalue()).hexdigest())
     return digests
 
