@@ -194,9 +194,12 @@ class State:
         partial.write_text(json.dumps(body, indent=1) + "\n")
         partial.replace(self.path)  # atomic: a reader sees the old file or the new one
 
-    def record(self, archive: Archive) -> None:
-        self.versions.setdefault(archive.version, {"archive": archive.name, "registered_at": now()})
-        self.versions[archive.version]["archive"] = archive.name
+    def record(self, archive: Archive, registered_at: str | None = None) -> None:
+        """Note that `archive` is registered; `registered_at` replaces an earlier registration's time."""
+        info = self.versions.setdefault(archive.version, {"registered_at": registered_at or now()})
+        info["archive"] = archive.name
+        if registered_at:
+            info["registered_at"] = registered_at
 
     def promote(self, version: str) -> None:
         if version in self.history:
@@ -367,7 +370,8 @@ class Outcome:
     def report(self) -> str:
         head = f"rollout: {MODEL_NAME} version {self.version} on {self.candidate.n} images ({self.sample_from})"
         verdict = (f"promoted: version {self.version} is now the default" if self.promoted
-                   else f"refused: version {self.version} unregistered; the default stays {self.previous}")
+                   else f"refused: version {self.version} unregistered; "
+                        + (f"the default stays {self.previous}" if self.previous else f"{MODEL_NAME} has no version now"))
         errors = "".join(f"\n  ! {e}" for e in self.candidate.errors[:5])
         return f"{head}\n{comparison_table(self.candidate, self.default)}{errors}\n{self.reason}\n{verdict}"
 
@@ -390,7 +394,7 @@ def rollout(ts: TorchServe, archive_spec: str | Path, *, sample_dir: Path | None
         previous = current_default(ts)
         log(f"rollout: registering {archive.name} (workers {workers or archive.config.get('minWorkers', 1)}, "
             f"batch {archive.config.get('batchSize', 1)}, delay {archive.config.get('maxBatchDelay', 100)} ms)")
-        started = time.monotonic()
+        started, registered_at = time.monotonic(), now()
         try:
             register(ts, archive, workers=workers)
         except (RolloutError, TorchServeError, requests.RequestException):
@@ -407,7 +411,7 @@ def rollout(ts: TorchServe, archive_spec: str | Path, *, sample_dir: Path | None
         promoted, reason = judge(candidate, baseline, tolerance)
         if promoted:
             set_default(ts, archive.version)
-            state.record(archive)
+            state.record(archive, registered_at)
             if previous and previous not in state.history:  # served before the state file knew it
                 state.history.append(previous)
             state.promote(archive.version)
@@ -460,7 +464,7 @@ def rollback(ts: TorchServe, *, log=print) -> tuple[str, str]:
             archive = resolve_archive(ts, state.versions.get(target, {}).get("archive", f"{MODEL_NAME}-{target}.mar"))
             log(f"rollback: version {target} is not registered; registering {archive.name}")
             register(ts, archive)
-            state.record(archive)
+            state.record(archive, now())
         else:
             ts.wait_ready(MODEL_NAME, target, wait_s=120)
         set_default(ts, target)
