@@ -48,6 +48,10 @@ class RolloutError(RuntimeError):
     pass
 
 
+class StoreNotWritable(RolloutError):
+    pass
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -191,8 +195,12 @@ class State:
     def save(self) -> None:
         body = {"model": MODEL_NAME, "default": self.default, "history": self.history, "versions": self.versions}
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(body, indent=1) + "\n")
-        partial.replace(self.path)  # atomic: a reader sees the old file or the new one
+        try:
+            partial.write_text(json.dumps(body, indent=1) + "\n")
+            partial.replace(self.path)  # atomic: a reader sees the old file or the new one
+        except OSError as exc:
+            raise StoreNotWritable(f"cannot write the state file {self.path} ({exc}): rollouts record the "
+                                   f"default there, so the model store must be writable") from exc
 
     def record(self, archive: Archive, registered_at: str | None = None) -> None:
         """Note that `archive` is registered; `registered_at` replaces an earlier registration's time."""
@@ -208,10 +216,6 @@ class State:
         self.default = version
         self.versions.setdefault(version, {"archive": f"{MODEL_NAME}-{version}.mar", "registered_at": now()})
         self.versions[version]["promoted_at"] = now()
-
-
-class StoreNotWritable(RolloutError):
-    pass
 
 
 @contextmanager
@@ -387,6 +391,7 @@ def rollout(ts: TorchServe, archive_spec: str | Path, *, sample_dir: Path | None
         raise RolloutError(f"TorchServe does not answer at {ts.inference_url}: start it first (python -m serving up)")
     with locked(ts) as state, _sample(archive, sample_dir) as (folder, sample_from):
         sample = read_sample(folder, limit=limit)
+        state.save()  # a read-only store fails here, before anything changes, not after the switch
         versions = registered(ts)
         if archive.version in versions:
             raise RolloutError(f"version {archive.version} is already registered "

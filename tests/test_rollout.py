@@ -134,13 +134,29 @@ def test_state_history_keeps_each_default_once(tmp_path):
 
 # -- real TorchServe -------------------------------------------------------------------------
 
+@pytest.fixture
+def secured(store, tmp_path, monkeypatch):
+    """Token authorization on, allowed_urls shut to everything but the model store; the CLI finds
+    TorchServe's key file through RC_STATE_DIR, and runs from the store's parent like from the repository."""
+    monkeypatch.setenv("RC_STATE_DIR", str(tmp_path))
+    monkeypatch.chdir(store.parent)
+    ts = make_torchserve(store, tmp_path / "torchserve", disable_token_authorization="false",
+                         allowed_urls=r"https://models\.example\.invalid/.*")
+    yield ts
+    ts.stop()
+
+
 @pytest.mark.integration
-def test_rollout_refusal_restart_rollback_retire(server, store, unseen_images, capsys):
+def test_rollout_refusal_restart_rollback_retire(secured, store, unseen_images, capsys):
+    """The whole life of three versions, with token authorization on (the ingestion test below runs with it off)."""
+    server = secured
+    cli = ["--config", str(server.config)]
     image = next((unseen_images / "images").glob("*.jpg")).read_bytes()
     assert rollout.serve(server, f"{MODEL}-1.mar") == "1"  # as `make demo` does: up --archive
+    assert server.key_file.is_file()
 
     # The better model is promoted, tested on the sample it carries.
-    outcome = rollout.rollout(server, store / f"{MODEL}-2.mar")
+    outcome = rollout.rollout(server, f"model_store/{MODEL}-2.mar")  # the issue's form, relative to the repository
     assert outcome.promoted, outcome.report()
     assert (outcome.previous, outcome.sample_from) == ("1", f"the sample inside {MODEL}-2.mar")
     assert outcome.candidate.accuracy >= 0.8 and outcome.default.accuracy <= 0.3, outcome.report()
@@ -150,7 +166,7 @@ def test_rollout_refusal_restart_rollback_retire(server, store, unseen_images, c
     assert (described["batchSize"], described["maxBatchDelay"]) == (archive_cfg["batchSize"], archive_cfg["maxBatchDelay"])
 
     # A worse model is refused, unregistered, and the CLI exits non-zero printing the comparison.
-    code = serving_main(["--config", str(server.config), "rollout", str(store / f"{MODEL}-3.mar"), "--sample", str(unseen_images)])
+    code = serving_main([*cli, "rollout", f"model_store/{MODEL}-3.mar", "--sample", str(unseen_images)])
     err = capsys.readouterr().err
     assert code == 4
     assert "refused" in err and "candidate" in err and "default" in err and "tolerance 0.020" in err, err
@@ -163,51 +179,30 @@ def test_rollout_refusal_restart_rollback_retire(server, store, unseen_images, c
     rows, live = rollout.versions(server)
     assert live and [(r.version, r.default, r.archive) for r in rows] == [("1", False, f"{MODEL}-1.mar"), ("2", True, f"{MODEL}-2.mar")]
     assert all(r.registered_at != "?" for r in rows)
+    assert serving_main([*cli, "versions"]) == 0
+    listing = capsys.readouterr().out
+    assert any(line.startswith("*") and f"{MODEL}-2.mar" in line for line in listing.splitlines()), listing
 
     # A restart serves the promoted default, and the earlier one is back for a rollback.
     server.stop()
-    assert serving_main(["--config", str(server.config), "versions"]) == 0  # while down: from the state file
+    assert serving_main([*cli, "versions"]) == 0  # while down: from the state file
     listing = capsys.readouterr().out
     assert "down" in listing and any(line.startswith("*") and f"{MODEL}-2.mar" in line for line in listing.splitlines()), listing
     assert rollout.serve(server) == "2"
     assert rollout.current_default(server) == "2" and list(rollout.registered(server)) == ["1", "2"]
     assert predict_version(server, image) == "2"
 
-    assert rollout.rollback(server) == ("2", "1")
+    assert serving_main([*cli, "rollback"]) == 0
+    assert "2 -> 1" in capsys.readouterr().out
     assert rollout.current_default(server) == "1" and predict_version(server, image) == "1"
     assert rollout.State.load(store).default == "1"
 
-    assert rollout.retire(server, keep=1) == ["2"]
+    assert serving_main([*cli, "retire", "--keep", "1"]) == 0
+    assert "unregistered: 2" in capsys.readouterr().out
     assert list(rollout.registered(server)) == ["1"] and set(rollout.State.load(store).versions) == {"1"}
     assert (store / f"{MODEL}-2.mar").is_file()  # archives are never deleted
     with pytest.raises(RolloutError, match="nothing to roll back to"):
         rollout.rollback(server)
-
-
-@pytest.mark.integration
-def test_rollout_and_rollback_with_token_authorization(store, tmp_path, monkeypatch, unseen_images, capsys):
-    """The CLI, with token authorization on and allowed_urls shut to everything but the model store."""
-    monkeypatch.setenv("RC_STATE_DIR", str(tmp_path))  # the CLI finds TorchServe's key file in RC_STATE_DIR/torchserve
-    ts = make_torchserve(store, tmp_path / "torchserve", disable_token_authorization="false",
-                         allowed_urls=r"https://models\.example\.invalid/.*")
-    try:
-        assert rollout.serve(ts, f"{MODEL}-1.mar") == "1"
-        assert ts.key_file.is_file()
-        cli = ["--config", str(ts.config)]
-        monkeypatch.chdir(store.parent)  # the issue's form: a path relative to the repository root
-        assert serving_main([*cli, "rollout", f"model_store/{MODEL}-2.mar"]) == 0
-        assert "promoted" in capsys.readouterr().out
-        assert rollout.current_default(ts) == "2"
-        assert serving_main([*cli, "versions"]) == 0
-        listing = capsys.readouterr().out
-        assert any(line.startswith("*") and f"{MODEL}-2.mar" in line for line in listing.splitlines()), listing
-        assert serving_main([*cli, "rollback"]) == 0
-        assert "2 -> 1" in capsys.readouterr().out
-        assert rollout.current_default(ts) == "1"
-        data = next((unseen_images / "images").glob("*.jpg")).read_bytes()
-        assert predict_version(ts, data) == "1"
-    finally:
-        ts.stop()
 
 
 # -- ingestion while versions change ---------------------------------------------------------
