@@ -1,0 +1,286 @@
+"""Rollouts against a real TorchServe: register, test, promote or refuse, roll back, restart, retire.
+
+Two tiny models that behave differently: `good` is trained on the sample catalogue, `bad` on
+the same images with every label shifted to the next class (it is confidently wrong). The store
+holds bad as version 1 (the first default), good as version 2, and bad again as version 3.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import threading
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import make_torchserve, train_tiny
+from serving import rollout
+from serving.__main__ import main as serving_main
+from serving.rollout import RolloutError
+from training import export as export_mod
+from training import make_sample_catalogue
+
+MODEL = "refund_classifier"
+
+
+# -- archives --------------------------------------------------------------------------------
+
+def add_sample(mar: Path, catalogue: Path) -> None:
+    """What training.export is asked to add: the run's test split as sample/styles.csv + sample/images/."""
+    with zipfile.ZipFile(mar, "a") as z:
+        z.write(catalogue / "styles.csv", "sample/styles.csv")
+        for image in sorted((catalogue / "images").glob("*.jpg")):
+            z.write(image, f"sample/images/{image.name}")
+
+
+@pytest.fixture(scope="module")
+def shifted_catalogue(tmp_path_factory) -> Path:
+    """The sample catalogue's images with every label replaced by the next class's."""
+    out = tmp_path_factory.mktemp("shifted")
+    rows = make_sample_catalogue.write_catalogue(out, per_class=30, seed=0)
+    classes = sorted({r["articleType"] for r in rows})
+    shift = {c: classes[(i + 1) % len(classes)] for i, c in enumerate(classes)}
+    (out / "styles.csv").write_text("id,articleType\n" + "".join(f"{r['id']},{shift[r['articleType']]}\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def archives_dir(trained_run, shifted_catalogue, unseen_images, tmp_path_factory) -> Path:
+    bad_run = train_tiny(shifted_catalogue, tmp_path_factory.mktemp("bad-run"), epochs=3)
+    out = tmp_path_factory.mktemp("archives")
+    export_mod.export(bad_run, "1", model_store=out)
+    export_mod.export(trained_run, "2", model_store=out)
+    export_mod.export(bad_run, "3", model_store=out)
+    for v in ("2", "3"):  # version 1 carries none: --sample is then required
+        add_sample(out / f"{MODEL}-{v}.mar", unseen_images)
+    return out
+
+
+@pytest.fixture
+def store(archives_dir, tmp_path) -> Path:
+    """A fresh model store per test (the state file lives in it)."""
+    out = tmp_path / "model_store"
+    shutil.copytree(archives_dir, out)
+    return out
+
+
+@pytest.fixture
+def server(store, tmp_path):
+    ts = make_torchserve(store, tmp_path / "torchserve")
+    yield ts
+    ts.stop()
+
+
+def predict_version(ts, data: bytes) -> str:
+    r = ts.client.inference("POST", f"predictions/{MODEL}", data=data)
+    assert r.status_code == 200, r.text
+    return r.json()["version"]
+
+
+# -- without a server ------------------------------------------------------------------------
+
+def test_archive_manifest_config_and_sample(archives_dir, unseen_images):
+    archive = rollout.read_archive(archives_dir / f"{MODEL}-2.mar")
+    assert (archive.model, archive.version) == (MODEL, "2")
+    assert archive.config["batchSize"] >= 1 and archive.config["minWorkers"] >= 1
+    with rollout.archive_sample(archive) as folder:
+        sample = rollout.read_sample(folder)
+    expected = rollout.read_sample(unseen_images)
+    assert [(e.name, e.label, e.data) for e in sample] == [(e.name, e.label, e.data) for e in expected]
+    assert len(sample) == 18 and len({e.label for e in sample}) == 6
+    with rollout.archive_sample(rollout.read_archive(archives_dir / f"{MODEL}-1.mar")) as folder:
+        assert folder is None
+    assert len(rollout.read_sample(unseen_images, limit=5)) == 5
+
+
+def test_labels_from_a_kaggle_styles_csv(tmp_path):
+    csv = tmp_path / "styles.csv"
+    csv.write_text("id,gender,articleType,productDisplayName\n"
+                   "1,Men,Tshirts,Red, round neck, cotton\n"
+                   "2,Women,NA,no label\n"
+                   "x3,Men,Watches,bad id\n"
+                   "4,Women,Watches,\n")
+    assert rollout.read_labels(csv) == {"1": "Tshirts", "4": "Watches"}
+    csv.write_text("id,label\n1,Tshirts\n")
+    with pytest.raises(RolloutError, match="articleType"):
+        rollout.read_labels(csv)
+
+
+def test_archives_are_taken_from_the_model_store_by_their_version(server, store, tmp_path):
+    outside = tmp_path / f"{MODEL}-2.mar"
+    shutil.copy(store / f"{MODEL}-2.mar", outside)
+    with pytest.raises(RolloutError, match="not in the model store"):
+        rollout.resolve_archive(server, outside)
+    (store / f"{MODEL}-2.mar").rename(store / f"{MODEL}-7.mar")
+    with pytest.raises(RolloutError, match="expected refund_classifier-2.mar"):
+        rollout.resolve_archive(server, f"{MODEL}-7.mar")
+    assert rollout.resolve_archive(server, store / f"{MODEL}-1.mar").version == "1"
+
+
+def test_state_history_keeps_each_default_once(tmp_path):
+    state = rollout.State.load(tmp_path)
+    for v in ("1", "2", "1", "3"):
+        state.promote(v)
+    state.save()
+    again = rollout.State.load(tmp_path)
+    assert (again.default, again.history) == ("3", ["2", "1", "3"])
+    assert set(again.versions) == {"1", "2", "3"} and all("promoted_at" in i for i in again.versions.values())
+
+
+# -- real TorchServe -------------------------------------------------------------------------
+
+@pytest.fixture
+def secured(store, tmp_path, monkeypatch):
+    """Token authorization on, allowed_urls shut to everything but the model store; the CLI finds
+    TorchServe's key file through RC_STATE_DIR, and runs from the store's parent like from the repository."""
+    monkeypatch.setenv("RC_STATE_DIR", str(tmp_path))
+    monkeypatch.chdir(store.parent)
+    ts = make_torchserve(store, tmp_path / "torchserve", disable_token_authorization="false",
+                         allowed_urls=r"https://models\.example\.invalid/.*")
+    yield ts
+    ts.stop()
+
+
+@pytest.mark.integration
+def test_rollout_refusal_restart_rollback_retire(secured, store, unseen_images, capsys):
+    """The whole life of three versions, with token authorization on (the ingestion test below runs with it off)."""
+    server = secured
+    cli = ["--config", str(server.config)]
+    image = next((unseen_images / "images").glob("*.jpg")).read_bytes()
+    assert rollout.serve(server, f"{MODEL}-1.mar") == "1"  # as `make demo` does: up --archive
+    assert server.key_file.is_file()
+
+    # The better model is promoted, tested on the sample it carries.
+    outcome = rollout.rollout(server, f"model_store/{MODEL}-2.mar")  # the issue's form, relative to the repository
+    assert outcome.promoted, outcome.report()
+    assert (outcome.previous, outcome.sample_from) == ("1", f"the sample inside {MODEL}-2.mar")
+    assert outcome.candidate.accuracy >= 0.8 and outcome.default.accuracy <= 0.3, outcome.report()
+    assert rollout.current_default(server) == "2" and predict_version(server, image) == "2"
+    described = server.describe(MODEL, "2")[0]
+    archive_cfg = rollout.read_archive(store / f"{MODEL}-2.mar").config
+    assert (described["batchSize"], described["maxBatchDelay"]) == (archive_cfg["batchSize"], archive_cfg["maxBatchDelay"])
+
+    # A worse model is refused, unregistered, and the CLI exits non-zero printing the comparison.
+    code = serving_main([*cli, "rollout", f"model_store/{MODEL}-3.mar", "--sample", str(unseen_images)])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert "refused" in err and "candidate" in err and "default" in err and "tolerance 0.020" in err, err
+    assert list(rollout.registered(server)) == ["1", "2"] and rollout.current_default(server) == "2"
+
+    # A registered version is not rolled out twice.
+    with pytest.raises(RolloutError, match="already registered"):
+        rollout.rollout(server, f"{MODEL}-2.mar")
+
+    rows, live = rollout.versions(server)
+    assert live and [(r.version, r.default, r.archive) for r in rows] == [("1", False, f"{MODEL}-1.mar"), ("2", True, f"{MODEL}-2.mar")]
+    assert all(r.registered_at != "?" for r in rows)
+    assert serving_main([*cli, "versions"]) == 0
+    listing = capsys.readouterr().out
+    assert any(line.startswith("*") and f"{MODEL}-2.mar" in line for line in listing.splitlines()), listing
+
+    # A restart serves the promoted default, and the earlier one is back for a rollback.
+    server.stop()
+    assert serving_main([*cli, "versions"]) == 0  # while down: from the state file
+    listing = capsys.readouterr().out
+    assert "down" in listing and any(line.startswith("*") and f"{MODEL}-2.mar" in line for line in listing.splitlines()), listing
+    assert rollout.serve(server) == "2"
+    assert rollout.current_default(server) == "2" and list(rollout.registered(server)) == ["1", "2"]
+    assert predict_version(server, image) == "2"
+
+    assert serving_main([*cli, "rollback"]) == 0
+    assert "2 -> 1" in capsys.readouterr().out
+    assert rollout.current_default(server) == "1" and predict_version(server, image) == "1"
+    assert rollout.State.load(store).default == "1"
+
+    assert serving_main([*cli, "retire", "--keep", "1"]) == 0
+    assert "unregistered: 2" in capsys.readouterr().out
+    assert list(rollout.registered(server)) == ["1"] and set(rollout.State.load(store).versions) == {"1"}
+    assert (store / f"{MODEL}-2.mar").is_file()  # archives are never deleted
+    with pytest.raises(RolloutError, match="nothing to roll back to"):
+        rollout.rollback(server)
+
+
+# -- ingestion while versions change ---------------------------------------------------------
+
+def write_chunk(folder: Path, unseen_images: Path, k: int) -> set[str]:
+    """The unseen images, each with one pixel set to the chunk's number, so every chunk is new content; their sha256."""
+    folder.mkdir(parents=True)
+    digests = set()
+    for i, src in enumerate(sorted((unseen_images / "images").glob("*.jpg"))):
+        img = Image.open(src).convert("RGB")
+        img.putpixel((0, 0), (k % 256, (k // 256) % 256, i % 256))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")  # lossless: the changed pixel survives, so the content is new
+        (folder / f"c{k}-{src.stem}.png").write_bytes(buf.getvalue())
+        digests.add(hashlib.sha256(buf.getvalue()).hexdigest())
+    return digests
+
+
+@pytest.mark.integration
+def test_ingestion_during_rollout_and_rollback_loses_nothing(server, store, database_url, unseen_images, tmp_path):
+    from ingest import db
+    from ingest.job import Settings, run
+
+    rollout.serve(server, f"{MODEL}-1.mar")
+    sent: set[str] = set()
+    summaries = []
+    chunks_done = []  # (started, finished) per chunk
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def ingest_loop():
+        k = 0
+        try:
+            while not stop.is_set():
+                inbox = tmp_path / "inboxes" / f"chunk-{k}"
+                sent.update(write_chunk(inbox, unseen_images, k))
+                started = datetime.now(timezone.utc)
+                summaries.append(run(Settings(inbox=inbox, database_url=database_url, torchserve_url=server.inference_url,
+                                              batch_size=8, concurrency=4)))
+                chunks_done.append((started, datetime.now(timezone.utc)))
+                k += 1
+        except BaseException as exc:  # surfaced by the main thread
+            errors.append(exc)
+
+    def wait_for_a_chunk_started_after(t: datetime) -> None:
+        deadline = time.monotonic() + 120
+        while not any(s > t for s, _ in chunks_done):
+            assert not errors and time.monotonic() < deadline, errors
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=ingest_loop, daemon=True)
+    thread.start()
+    try:
+        wait_for_a_chunk_started_after(datetime.now(timezone.utc))
+        t_rollout = datetime.now(timezone.utc)
+        assert rollout.rollout(server, f"{MODEL}-2.mar", log=lambda *_: None).promoted
+        t_promoted = datetime.now(timezone.utc)
+        wait_for_a_chunk_started_after(t_promoted)
+        t_rollback = datetime.now(timezone.utc)
+        assert rollout.rollback(server, log=lambda *_: None) == ("2", "1")
+        t_rolled_back = datetime.now(timezone.utc)
+        wait_for_a_chunk_started_after(t_rolled_back)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert not errors, errors
+
+    assert all(s.failed == 0 and s.rejected == 0 for s in summaries), summaries
+    with db.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT sha256, model_version, received_at, status FROM predictions")
+        rows = cur.fetchall()
+    assert {r[0] for r in rows} == sent and len(rows) == len(sent)  # every image, once
+    assert all(r[3] == "ok" for r in rows)
+    by_time = [(received, version) for _, version, received, _ in rows]
+    assert {v for _, v in by_time} == {"1", "2"}
+    # The version recorded is the one that served: 1 before the rollout, 2 between the
+    # promotion and the rollback, 1 again after it (requests sent during a switch may get either).
+    assert all(v == "1" for t, v in by_time if t < t_rollout)
+    assert all(v == "2" for t, v in by_time if t_promoted < t < t_rollback)
+    assert all(v == "1" for t, v in by_time if t > t_rolled_back)
+    assert sum(t > t_rolled_back for t, _ in by_time) > 0 and sum(t_promoted < t < t_rollback for t, _ in by_time) > 0
