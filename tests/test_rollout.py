@@ -270,7 +270,7 @@ def test_ingestion_during_rollout_and_rollback_loses_nothing(server, store, data
         thread.join(timeout=120)
     assert not errors, errors
 
-    assert all(s.failed == 0 and s.rejected == 0 for s in summaries), summaries
+    assert all(s.failed == 0 and s.quarantined == 0 for s in summaries), summaries
     with db.connect(database_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT sha256, model_version, received_at, status FROM predictions")
         rows = cur.fetchall()
