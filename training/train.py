@@ -221,9 +221,51 @@ class Clock:
         return min(p, 1.0)
 
 
+class ThreadTuner:
+    """Pick the torch thread count by measured step time, and re-check it now and then.
+
+    On a shared 2-core machine two OpenMP threads stall at every barrier when another process
+    holds one core, and one thread can then be several times faster; when the machine is free,
+    two are. So: run windows of `window` steps, exploit the faster setting, and every
+    `explore_every` steps time the other one again.
+    """
+
+    def __init__(self, candidates: list[int], *, window: int = 6, explore_every: int = 60):
+        self.candidates = sorted(set(candidates))
+        self.window, self.explore_every = window, explore_every
+        self.speed: dict[int, float] = {}  # threads -> seconds per step (latest window)
+        self.current = self.candidates[-1]
+        self.steps, self.window_start, self.window_steps = 0, None, 0
+        torch.set_num_threads(self.current)
+
+    def step_started(self) -> None:
+        if self.window_start is None:
+            self.window_start, self.window_steps = time.monotonic(), 0
+
+    def step_done(self) -> None:
+        self.steps += 1
+        self.window_steps += 1
+        if self.window_steps < self.window or len(self.candidates) == 1:
+            return
+        self.speed[self.current] = (time.monotonic() - self.window_start) / self.window_steps
+        self.window_start = None
+        untried = [c for c in self.candidates if c not in self.speed]
+        if untried:
+            choice = untried[0]
+        elif self.steps % self.explore_every < self.window:
+            choice = next(c for c in self.candidates if c != min(self.speed, key=self.speed.get))
+        else:
+            choice = min(self.speed, key=self.speed.get)
+        if choice != self.current:
+            self.current = choice
+            torch.set_num_threads(choice)
+
+
 def train_one_epoch(model, optimizer, criterion, images, labels, *, clock: Clock, args, device, amp, mean, std,
-                    epoch: int, generator: torch.Generator, scaler=None) -> dict:
+                    epoch: int, generator: torch.Generator, scaler=None, tuner: ThreadTuner | None = None) -> dict:
     model.train()
+    if tuner is not None:
+        tuner.window_start = None  # a window never spans the validation pass
     order = torch.randperm(len(labels), generator=generator)
     total_loss, correct, seen = 0.0, 0, 0
     interactive = sys.stderr.isatty()
@@ -235,6 +277,8 @@ def train_one_epoch(model, optimizer, criterion, images, labels, *, clock: Clock
         idx = order[start:start + args.batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a batch of one
             continue
+        if tuner is not None:
+            tuner.step_started()
         lr = lr_at(clock.progress, peak=args.lr, warmup=args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -253,15 +297,18 @@ def train_one_epoch(model, optimizer, criterion, images, labels, *, clock: Clock
             loss.backward()
             optimizer.step()
         clock.step += 1
+        if tuner is not None:
+            tuner.step_done()
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(idx)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}",
+                        threads=torch.get_num_threads(), refresh=False)
     bar.close()
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "train_images": seen}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: evaluate fits a temperature on these logits with autograd
 def predict(model, images: torch.Tensor, *, batch_size: int, device, amp: bool, mean, std) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 logits (N, C)."""
     model.eval()
@@ -343,7 +390,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-per-class", type=int, default=5, help="prepare: drop categories with fewer images (raw --data-dir only)")
     parser.add_argument("--val-frac", type=float, default=0.15, help="prepare: validation share per category (raw --data-dir only)")
     parser.add_argument("--test-frac", type=float, default=0.15, help="prepare: test share per category (raw --data-dir only)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores this process may use")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = choose 1 or all cores by measured step time")
     return parser
 
 
@@ -359,7 +406,8 @@ def run(args: argparse.Namespace) -> Path:
     wall_start = time.monotonic()
     if args.arch not in available_archs():
         raise TrainError(f"Invalid --arch {args.arch!r}; choose one of: {', '.join(available_archs())}")
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(args.threads or cores)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
@@ -400,6 +448,7 @@ def run(args: argparse.Namespace) -> Path:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and amp else None
     generator = torch.Generator().manual_seed(args.seed)
+    tuner = ThreadTuner([1, cores]) if not args.threads and device.type == "cpu" and cores > 1 else None
     steps_per_epoch = -(-len(train_y) // args.batch_size)
     budget_s = args.time_budget * 60 if args.time_budget else None
     # Keep room after the schedule ends for the last validation pass and the saves.
@@ -432,12 +481,15 @@ def run(args: argparse.Namespace) -> Path:
         t_epoch = time.monotonic()
         row = {"epoch": epoch}
         row |= train_one_epoch(model, optimizer, criterion, train_x, train_y, clock=clock, args=args, device=device,
-                               amp=amp, mean=mean, std=std, epoch=epoch, generator=generator, scaler=scaler)
+                               amp=amp, mean=mean, std=std, epoch=epoch, generator=generator, scaler=scaler, tuner=tuner)
         train_s = time.monotonic() - t_epoch
         row["train_s"] = round(train_s, 1)
         row["images_per_s"] = round(row["train_images"] / max(train_s, 1e-9), 1)
         row |= evaluate(model, criterion, val_x, val_y, batch_size=256, device=device, amp=amp, mean=mean, std=std)
         row["lr"] = optimizer.param_groups[0]["lr"]
+        if tuner is not None:
+            row["threads"] = tuner.current
+            row |= {f"s_per_step_{k}_threads": round(v, 3) for k, v in sorted(tuner.speed.items())}
         row["progress"] = round(clock.progress, 4)
         row["elapsed_s"] = round(clock.used_s, 1)
         history.append(row)
