@@ -55,7 +55,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    t = float(log_t.exp())
+    t = float(log_t.detach().exp())
     return t if math.isfinite(t) and 0.05 < t < 20 else 1.0
 
 

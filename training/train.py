@@ -224,48 +224,63 @@ class Clock:
 class ThreadTuner:
     """Pick the torch thread count by measured step time, and re-check it now and then.
 
-    On a shared 2-core machine two OpenMP threads stall at every barrier when another process
-    holds one core, and one thread can then be several times faster; when the machine is free,
-    two are. So: run windows of `window` steps, exploit the faster setting, and every
-    `explore_every` steps time the other one again.
+    On a shared 2-core machine two OpenMP threads stall at every barrier while another process
+    holds a core (measured here: 25 s per ResNet-50 step instead of 1.3 s), and one thread is
+    then many times faster; on a free machine two are. Probing the other setting costs up to
+    that factor, so a probe that loses doubles the wait before the next one.
     """
 
-    def __init__(self, candidates: list[int], *, window: int = 6, explore_every: int = 60):
+    def __init__(self, candidates: list[int], *, probe_steps: int = 2, first_wait: int = 40, max_wait: int = 640):
         self.candidates = sorted(set(candidates))
-        self.window, self.explore_every = window, explore_every
-        self.speed: dict[int, float] = {}  # threads -> seconds per step (latest window)
+        self.probe_steps, self.first_wait, self.max_wait = probe_steps, first_wait, max_wait
+        self.speed: dict[int, float] = {}  # threads -> seconds per step (moving average)
         self.current = self.candidates[-1]
-        self.steps, self.window_start, self.window_steps = 0, None, 0
+        self.plan: list[int] = [c for c in self.candidates[::-1] for _ in range(probe_steps)]  # try each first
+        self.home: int | None = None
+        self.wait = first_wait
+        self.next_probe = 0
+        self.steps, self.t0 = 0, None
+        self.probe_times: list[float] = []
         torch.set_num_threads(self.current)
 
+    def _set(self, n: int) -> None:
+        if n != self.current:
+            self.current = n
+            torch.set_num_threads(n)
+
     def step_started(self) -> None:
-        if self.window_start is None:
-            self.window_start, self.window_steps = time.monotonic(), 0
+        want = self.plan[0] if self.plan else self.home
+        self._set(want)
+        self.t0 = time.monotonic()
 
     def step_done(self) -> None:
+        dt = time.monotonic() - self.t0
         self.steps += 1
-        self.window_steps += 1
-        if self.window_steps < self.window or len(self.candidates) == 1:
+        if self.plan:  # probing
+            self.plan.pop(0)
+            self.probe_times.append(dt)
+            if not self.plan or self.plan[0] != self.current:
+                self.speed[self.current] = min(self.probe_times)
+                self.probe_times = []
+            if not self.plan:
+                best = min(self.speed, key=self.speed.get)
+                if self.home is not None and best == self.home:
+                    self.wait = min(self.wait * 2, self.max_wait)  # the probe lost: look less often
+                else:
+                    self.wait = self.first_wait
+                self.home = best
+                self.next_probe = self.steps + self.wait
             return
-        self.speed[self.current] = (time.monotonic() - self.window_start) / self.window_steps
-        self.window_start = None
-        untried = [c for c in self.candidates if c not in self.speed]
-        if untried:
-            choice = untried[0]
-        elif self.steps % self.explore_every < self.window:
-            choice = next(c for c in self.candidates if c != min(self.speed, key=self.speed.get))
-        else:
-            choice = min(self.speed, key=self.speed.get)
-        if choice != self.current:
-            self.current = choice
-            torch.set_num_threads(choice)
+        old = self.speed.get(self.current, dt)
+        self.speed[self.current] = 0.8 * old + 0.2 * dt
+        if self.steps >= self.next_probe and len(self.candidates) > 1:
+            other = next(c for c in self.candidates if c != self.home)
+            self.plan = [other] * self.probe_steps
 
 
 def train_one_epoch(model, optimizer, criterion, images, labels, *, clock: Clock, args, device, amp, mean, std,
                     epoch: int, generator: torch.Generator, scaler=None, tuner: ThreadTuner | None = None) -> dict:
     model.train()
-    if tuner is not None:
-        tuner.window_start = None  # a window never spans the validation pass
     order = torch.randperm(len(labels), generator=generator)
     total_loss, correct, seen = 0.0, 0, 0
     interactive = sys.stderr.isatty()
@@ -488,7 +503,7 @@ def run(args: argparse.Namespace) -> Path:
         row |= evaluate(model, criterion, val_x, val_y, batch_size=256, device=device, amp=amp, mean=mean, std=std)
         row["lr"] = optimizer.param_groups[0]["lr"]
         if tuner is not None:
-            row["threads"] = tuner.current
+            row["threads"] = tuner.home
             row |= {f"s_per_step_{k}_threads": round(v, 3) for k, v in sorted(tuner.speed.items())}
         row["progress"] = round(clock.progress, 4)
         row["elapsed_s"] = round(clock.used_s, 1)
