@@ -179,9 +179,9 @@ def prepare(
     too_small = {c: n for c, n in counts.items() if n < min_per_class}
     for c, n in sorted(too_small.items()):
         logger.warning("dropping category %r: %d images < --min-per-class %d", c, n, min_per_class)
-    if wanted is not None:
-        for c in sorted(wanted - set(counts)):
-            logger.warning("category %r has no images in %s", c, data_dir)
+    absent = sorted(wanted - set(counts)) if wanted is not None else []
+    if absent:
+        logger.warning("%d of the categories have no images in %s: %s", len(absent), data_dir, ", ".join(absent))
     kept = [r for r in inside if r.label not in too_small]
     if too_small:
         _count(dropped, "category_below_min", sum(too_small.values()))
@@ -204,7 +204,7 @@ def prepare(
         "dropped": dict(sorted(dropped.items())),
         "outside_categories": len(outside),
         "categories_below_min": too_small,
-        "missing_categories": sorted(wanted - set(counts)) if wanted is not None else [],
+        "missing_categories": absent,
         "classes": len(classes),
         "split_sizes": {s: len(splits[s]) for s in SPLITS},
         "per_class": {c: {s: sum(r.label == c for r in splits[s]) for s in SPLITS} for c in classes},
