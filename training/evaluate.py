@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,11 +118,19 @@ def records_to_evaluate(ckpt: dict, data_dir: Path | None) -> tuple[str, list, l
 
 # -- figures ---------------------------------------------------------------------------------
 
-def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend; its import trips pyparsing's deprecation warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
+    plt = _pyplot()
 
     norm = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
     n = len(classes)
@@ -146,10 +155,7 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
