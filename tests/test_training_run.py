@@ -62,6 +62,14 @@ def test_train_on_a_prepared_folder_then_resume(prepared, tmp_path):
     assert last["epoch"] == 4 and last["step"] == 4 * 9 and "optimizer" in last  # 132 images / 16 a step
 
 
+def test_thread_tuner_in_a_run_shorter_than_its_probes(prepared, tmp_path):
+    """The demo trains 2 steps an epoch: fewer than the tuner's first probes (found by `make demo`)."""
+    run_train("--data-dir", str(prepared), "--out", str(tmp_path / "r"), "--epochs", "2", "--patience", "99",
+              *TINY[:-4], "--batch-size", "128", "--lr", "0.01")
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert len(history) == 2 and all(h.get("threads", 1) >= 1 for h in history)
+
+
 def test_resume_refuses_other_data(prepared, sample_catalogue, tmp_path):
     run = tmp_path / "run"
     run_train("--data-dir", str(prepared), "--out", str(run), "--epochs", "1", *TINY)

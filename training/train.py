@@ -503,7 +503,7 @@ def run(args: argparse.Namespace) -> Path:
         row |= evaluate(model, criterion, val_x, val_y, batch_size=256, device=device, amp=amp, mean=mean, std=std)
         row["lr"] = optimizer.param_groups[0]["lr"]
         if tuner is not None:
-            row["threads"] = tuner.home
+            row["threads"] = tuner.home or tuner.current  # home is unset until the first probes end
             row |= {f"s_per_step_{k}_threads": round(v, 3) for k, v in sorted(tuner.speed.items())}
         row["progress"] = round(clock.progress, 4)
         row["elapsed_s"] = round(clock.used_s, 1)
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> Path:
                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
         save_atomic(last, out / LAST)
         write_history(out, history)
-        logger.info("epoch %d: %s%s", epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"},
+        logger.info("epoch %d: %s%s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "epoch"},
                     " *best*" if improved else "")
         if stale >= args.patience:
             logger.info("early stop: val macro-F1 has not improved for %d epochs", stale)
