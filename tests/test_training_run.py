@@ -65,7 +65,7 @@ def test_train_on_a_prepared_folder_then_resume(prepared, tmp_path):
 def test_thread_tuner_in_a_run_shorter_than_its_probes(prepared, tmp_path):
     """The demo trains 2 steps an epoch: fewer than the tuner's first probes (found by `make demo`)."""
     run_train("--data-dir", str(prepared), "--out", str(tmp_path / "r"), "--epochs", "2", "--patience", "99",
-              *TINY[:-4], "--batch-size", "128", "--lr", "0.01")
+              *TINY[:-4], "--batch-size", "128", "--lr", "0.01", "--class-weights", "sqrt")
     history = json.loads((tmp_path / "r" / "history.json").read_text())
     assert len(history) == 2 and all(h.get("threads", 1) >= 1 for h in history)
 
@@ -93,6 +93,14 @@ def test_clock_and_schedule():
     assert lrs[10] == pytest.approx(1.0) and lrs[5] == pytest.approx(0.5)
     assert all(a <= b for a, b in zip(lrs[:11], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.01)
+
+
+def test_class_weights():
+    labels = torch.tensor([0] * 16 + [1] * 4)
+    assert train_mod.class_weights(labels, 2, "none") is None
+    w = train_mod.class_weights(labels, 2, "sqrt")
+    assert w[1] / w[0] == pytest.approx(2.0)  # sqrt(16 / 4)
+    assert float((w[labels]).mean()) == pytest.approx(1.0)
 
 
 def test_augment_keeps_shape_dtype_and_is_seeded():

@@ -181,6 +181,17 @@ def lr_at(progress: float, *, peak: float, warmup: float, floor: float = 0.01) -
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def class_weights(labels: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor | None:
+    """Loss weights against class imbalance: `sqrt` weighs class c by 1/sqrt(n_c), scaled so the
+    average training image keeps weight 1 (a milder form of inverse-frequency weighting)."""
+    if mode == "none":
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).double().clamp(min=1)
+    w = counts.rsqrt()
+    w = w * len(labels) / (w * counts).sum()
+    return w.float()
+
+
 def autocast_for(device: torch.device, enabled: bool):
     if not enabled:
         return nullcontext()
@@ -394,6 +405,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=0.05, help="share of the schedule spent warming the LR up")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    parser.add_argument("--class-weights", type=str, default="none", choices=["none", "sqrt"],
+                        help="loss weights against class imbalance (sqrt: 1/sqrt(class size)); untested on the real data")
     parser.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better val macro-F1")
     parser.add_argument("--weights", type=str, default="none", help="initial weights: none, imagenet or the path of a local state_dict")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a last.pt (or a run folder holding one)")
@@ -460,7 +473,9 @@ def run(args: argparse.Namespace) -> Path:
     init = load_initial_weights(model, args.arch, args.weights) if resume is None else "resume"
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    weights = class_weights(train_y, len(classes), args.class_weights)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and amp else None
     generator = torch.Generator().manual_seed(args.seed)
     tuner = ThreadTuner([1, cores]) if not args.threads and device.type == "cpu" and cores > 1 else None
@@ -500,7 +515,7 @@ def run(args: argparse.Namespace) -> Path:
         train_s = time.monotonic() - t_epoch
         row["train_s"] = round(train_s, 1)
         row["images_per_s"] = round(row["train_images"] / max(train_s, 1e-9), 1)
-        row |= evaluate(model, criterion, val_x, val_y, batch_size=256, device=device, amp=amp, mean=mean, std=std)
+        row |= evaluate(model, val_criterion, val_x, val_y, batch_size=256, device=device, amp=amp, mean=mean, std=std)
         row["lr"] = optimizer.param_groups[0]["lr"]
         if tuner is not None:
             row["threads"] = tuner.home or tuner.current  # home is unset until the first probes end
