@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> Path:
             raise TrainError(f"--resume {args.resume}: no {LAST} there")
         resume = torch.load(path, map_location="cpu", weights_only=True)
 
-    data = resolve_data(args.data_dir, out, args)
+    data = resolve_data(args.data_dir, out, args).resolve()  # evaluate may run from another folder
     classes = json.loads((data / "classes.json").read_text())
     m_hash = prepare_mod.manifest_hash(data)
     if resume is not None and resume["manifest_hash"] != m_hash:
