@@ -3,13 +3,15 @@
     python -m training.export --run runs/demo --version 1
 
 -> model_store/refund_classifier-1.mar holding the handler files from handler/, the
-state_dict (weights.pt), index_to_name.json, model_meta.json (arch, preprocessing,
-calibration) and model-config.yaml (batching, workers, handler settings).
+state_dict (weights.pt), index_to_name.json, model_meta.json (arch, preprocessing, and the
+temperature and review threshold that `training.evaluate` fitted into RUN/calibration.json)
+and model-config.yaml (batching, workers, handler settings).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -19,7 +21,10 @@ from pathlib import Path
 
 import torch
 
+from training.evaluate import CALIBRATION
 from training.train import CHECKPOINT
+
+logger = logging.getLogger("training.export")
 
 MODEL_NAME = "refund_classifier"
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
@@ -49,10 +54,23 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
     if target.exists() and not force:
         raise ExportError(f"{target} exists; versions are immutable: export a new --version (or pass --force)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    calibration = dict(ckpt.get("calibration", {}))
+    calib_path = Path(run) / CALIBRATION
+    if calib_path.is_file():  # written by training.evaluate: fitted on the run's validation split
+        fitted = json.loads(calib_path.read_text())
+        if fitted.get("manifest_hash") not in (None, ckpt.get("manifest_hash")):
+            raise ExportError(f"{calib_path} was fitted for other data than {ckpt_path}: rerun training.evaluate --run {run}")
+        calibration = {"temperature": fitted["temperature"], "review_threshold": fitted["review_threshold"],
+                       "calibration": {k: v for k, v in fitted.items() if k not in ("temperature", "review_threshold")}}
+    else:
+        logger.warning("%s has no %s: exporting the default temperature and review threshold; run "
+                       "python -m training.evaluate --run %s first to fit them", run, CALIBRATION, run)
     meta = {
         **ckpt["model_config"],
         **ckpt["preprocess"],
-        **ckpt.get("calibration", {}),
+        **calibration,
+        "manifest_hash": ckpt.get("manifest_hash"),
+        "trained_epoch": ckpt.get("epoch"),
         "version": version,
     }
     Path(model_store).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,233 @@
+"""training.train / evaluate / export on the sample catalogue with the tiny arch: seconds, not minutes."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+
+from handler.refund_inference import prepare_batch
+from handler.refund_model import build_model
+from handler.refund_preprocess import normalize
+from training import evaluate as evaluate_mod
+from training import export as export_mod
+from training import prepare as prepare_mod
+from training import train as train_mod
+from training.metrics import confusion, macro_f1
+
+TINY = ["--arch", "tinynet", "--image-size", "32", "32", "--batch-size", "16", "--lr", "0.01"]
+
+
+def run_train(*argv: str):
+    return train_mod.main(train_mod.get_args_parser().parse_args(list(argv)))
+
+
+@pytest.fixture(scope="module")
+def prepared(sample_catalogue, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_mod.prepare(sample_catalogue, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(trained_run, tmp_path_factory):
+    """A copy of the session's tiny run, evaluated (so the shared run keeps no calibration file)."""
+    run = tmp_path_factory.mktemp("evaluated") / "run"
+    shutil.copytree(trained_run, run)
+    metrics = evaluate_mod.evaluate_run(run)
+    return run, metrics
+
+
+def test_train_on_a_prepared_folder_then_resume(prepared, tmp_path):
+    run = tmp_path / "run"
+    run_train("--data-dir", str(prepared), "--out", str(run), "--epochs", "2", "--patience", "99", *TINY)
+    first = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in first] == [1, 2] and not (run / "data").exists()  # used as is, not re-prepared
+    ckpt = torch.load(run / train_mod.CHECKPOINT, map_location="cpu", weights_only=True)
+    assert ckpt["manifest_hash"] == prepare_mod.manifest_hash(prepared)
+    assert ckpt["preprocess"] == {"image_size": [32, 32], "mean": list(ckpt["preprocess"]["mean"]),
+                                  "std": list(ckpt["preprocess"]["std"])}
+    assert set(ckpt) >= {"model", "model_config", "classes", "preprocess", "manifest_hash", "history", "epoch"}
+    run_train("--data-dir", str(prepared), "--out", str(run), "--epochs", "4", "--patience", "99",
+              "--resume", str(run), *TINY)
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[:2] == first  # resumed, not restarted
+    assert (run / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss,train_acc")
+    last = torch.load(run / train_mod.LAST, map_location="cpu", weights_only=True)
+    assert last["epoch"] == 4 and last["step"] == 4 * 9 and "optimizer" in last  # 132 images / 16 a step
+
+
+def test_thread_tuner_in_a_run_shorter_than_its_probes(prepared, tmp_path):
+    """The demo trains 2 steps an epoch: fewer than the tuner's first probes (found by `make demo`)."""
+    run_train("--data-dir", str(prepared), "--out", str(tmp_path / "r"), "--epochs", "2", "--patience", "99",
+              *TINY[:-4], "--batch-size", "128", "--lr", "0.01", "--class-weights", "sqrt")
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert len(history) == 2 and all(h.get("threads", 1) >= 1 for h in history)
+
+
+def test_resume_refuses_other_data(prepared, sample_catalogue, tmp_path):
+    run = tmp_path / "run"
+    run_train("--data-dir", str(prepared), "--out", str(run), "--epochs", "1", *TINY)
+    other = tmp_path / "other"
+    prepare_mod.prepare(sample_catalogue, other, seed=5)
+    with pytest.raises(SystemExit, match="other manifests"):
+        run_train("--data-dir", str(other), "--out", str(run), "--epochs", "2", "--resume", str(run), *TINY)
+
+
+def test_time_budget_too_small_fails_clearly(prepared, tmp_path):
+    with pytest.raises(SystemExit, match="no time to train"):
+        run_train("--data-dir", str(prepared), "--out", str(tmp_path / "r"), "--time-budget", "0.1", *TINY)
+
+
+def test_clock_and_schedule():
+    clock = train_mod.Clock(total_steps=100, budget_s=100.0, used_s=50.0, step=10)
+    assert 0.5 <= clock.progress < 0.52  # the budget, not the steps, sets progress here
+    clock.step = 90
+    assert clock.progress == pytest.approx(0.9)
+    lrs = [train_mod.lr_at(p / 100, peak=1.0, warmup=0.1) for p in range(101)]
+    assert lrs[10] == pytest.approx(1.0) and lrs[5] == pytest.approx(0.5)
+    assert all(a <= b for a, b in zip(lrs[:11], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.01)
+
+
+def test_class_weights():
+    labels = torch.tensor([0] * 16 + [1] * 4)
+    assert train_mod.class_weights(labels, 2, "none") is None
+    w = train_mod.class_weights(labels, 2, "sqrt")
+    assert w[1] / w[0] == pytest.approx(2.0)  # sqrt(16 / 4)
+    assert float((w[labels]).mean()) == pytest.approx(1.0)
+
+
+def test_augment_keeps_shape_dtype_and_is_seeded():
+    batch = torch.randint(0, 256, (8, 3, 20, 16), dtype=torch.uint8)
+    a = train_mod.augment(batch, generator=torch.Generator().manual_seed(1))
+    b = train_mod.augment(batch, generator=torch.Generator().manual_seed(1))
+    assert a.dtype == torch.uint8 and a.shape == batch.shape and torch.equal(a, b) and not torch.equal(a, batch)
+
+
+def test_weights_options(prepared, tmp_path, trained_run, monkeypatch):
+    model = build_model("tinynet", 6)
+    with pytest.raises(train_mod.TrainError, match="no pretrained weights"):
+        train_mod.load_initial_weights(model, "tinynet", "imagenet")
+    with pytest.raises(train_mod.TrainError, match="Invalid --weights"):
+        train_mod.load_initial_weights(model, "tinynet", str(tmp_path / "nope.pt"))
+    # a local file: one of our checkpoints (its "model") or a bare state_dict
+    assert train_mod.load_initial_weights(model, "tinynet", str(trained_run / train_mod.CHECKPOINT)).endswith("checkpoint.pt")
+    ckpt = torch.load(trained_run / train_mod.CHECKPOINT, map_location="cpu", weights_only=True)
+    assert torch.equal(model.fc.weight, ckpt["model"]["fc.weight"])
+    # imagenet weights that cannot be fetched: a clear message, not a traceback from urllib
+    import torchvision
+
+    def offline(self, *a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(train_mod.TrainError, match="cannot fetch .*--weights PATH"):
+        train_mod.load_initial_weights(build_model("resnet18", 6), "resnet18", "imagenet")
+
+
+def test_review_threshold_reaches_the_precision():
+    conf = torch.tensor([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    correct = torch.tensor([True, True, True, True, False, True, False, False])
+    r = evaluate_mod.review_threshold(conf, correct, target=0.98)
+    assert r["threshold"] == pytest.approx(0.8) and r["coverage"] == 0.5 and r["precision"] == 1.0
+    r = evaluate_mod.review_threshold(conf, correct, target=0.8)
+    assert r["threshold"] == pytest.approx(0.6) and r["precision"] == pytest.approx(5 / 6)
+    assert evaluate_mod.review_threshold(conf, torch.zeros(8, dtype=torch.bool))["coverage"] == 0.0
+
+
+def test_temperature_undoes_a_scaling():
+    torch.manual_seed(0)
+    y = torch.randint(0, 5, (400,))
+    logits = torch.randn(400, 5)
+    logits[torch.arange(400), y] += 2
+    t = evaluate_mod.fit_temperature(logits, y)
+    assert evaluate_mod.fit_temperature(logits * 3, y) == pytest.approx(3 * t, rel=1e-2)
+
+
+def test_macro_f1():
+    cm = confusion(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 2]), 4)
+    assert cm.tolist()[1] == [1, 2, 0, 0]
+    # class 0: P=1/2 R=1 F1=2/3; class 1: P=1 R=2/3 F1=4/5; class 2: 1; class 3 has no support
+    assert macro_f1(cm) == pytest.approx((2 / 3 + 4 / 5 + 1) / 3)
+
+
+def test_evaluate_writes_metrics_figures_and_calibration(evaluated_run):
+    run, metrics = evaluated_run
+    out = run / "eval-test"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["split"] == "test" and saved["images"] == 6 * 4 and saved["outside_category"] == 0
+    for key in ("top1", "top5", "macro_f1"):
+        assert 0 <= saved[key] <= 1
+    assert saved["top5"] >= saved["top1"] >= 0.5
+    assert set(saved["per_class"]) == {"Casual Shoes", "Handbags", "Jeans", "Socks", "Tshirts", "Watches"}
+    assert all(set(v) == {"precision", "recall", "f1", "support"} for v in saved["per_class"].values())
+    assert sum(v["support"] for v in saved["per_class"].values()) == 24
+    for png in ("confusion_matrix.png", "curves.png"):
+        with Image.open(out / png) as img:
+            assert img.format == "PNG" and img.width > 400
+    calib = json.loads((run / evaluate_mod.CALIBRATION).read_text())
+    assert calib["temperature"] > 0 and 0 <= calib["review_threshold"] <= 1
+    assert calib["val_coverage"] == 0 or calib["val_precision_accepted"] >= 0.98
+    assert saved["review"]["threshold"] == calib["review_threshold"]
+
+
+def test_evaluate_counts_out_of_category_images_as_errors(evaluated_run, sample_catalogue, tmp_path):
+    run, _ = evaluated_run
+    folder = tmp_path / "labelled"
+    (folder / "images").mkdir(parents=True)
+    rows = (sample_catalogue / "styles.csv").read_text().splitlines()[1:9]
+    with open(folder / "styles.csv", "w") as f:  # only the two needed columns
+        f.write("id,articleType\n")
+        for i, line in enumerate(rows):
+            fields = line.split(",")
+            label = "Sunglasses" if i < 3 else fields[4]
+            f.write(f"{fields[0]},{label}\n")
+            shutil.copy(sample_catalogue / "images" / f"{fields[0]}.jpg", folder / "images")
+    (folder / "images" / "999.jpg").write_bytes(b"broken")
+    with open(folder / "styles.csv", "a") as f:
+        f.write("999,Jeans\n")
+    m = evaluate_mod.evaluate_run(run, data_dir=folder)
+    assert m["images"] == 8 and m["in_category"] == 5 and m["outside_category"] == 3
+    assert m["dropped"] == {"unreadable_image": 1}
+    assert m["top1"] <= 5 / 8 and m["top1"] == pytest.approx(m["top1_in_category"] * 5 / 8)
+    assert m["outside"]["count"] == 3 and 0 <= m["outside"]["routed_to_review_share"] <= 1
+    assert (run / "eval-labelled" / "metrics.json").is_file()
+
+
+def test_export_carries_the_fitted_calibration(evaluated_run, tmp_path):
+    run, _ = evaluated_run
+    calib = json.loads((run / evaluate_mod.CALIBRATION).read_text())
+    mar = export_mod.export(run, "7", model_store=tmp_path)
+    with zipfile.ZipFile(mar) as z:
+        meta = json.loads(z.read("model_meta.json"))
+        index = json.loads(z.read("index_to_name.json"))
+        names = set(z.namelist())
+    assert meta["temperature"] == calib["temperature"] and meta["review_threshold"] == calib["review_threshold"]
+    assert {"arch", "num_classes", "image_size", "mean", "std", "temperature", "review_threshold"} <= set(meta)
+    assert meta["num_classes"] == len(index) == 6 and meta["version"] == "7"
+    assert {"weights.pt", "model-config.yaml", "refund_preprocess.py"} <= names
+
+
+def test_one_preprocessing_definition(prepared, tmp_path):
+    """Training's cache, evaluation and the handler give identical tensors, odd sizes and modes included."""
+    recs = prepare_mod.read_manifest(prepared / "val.csv")[:4]
+    extra = []
+    for name, img in [("big.png", Image.new("RGBA", (224, 224), (10, 200, 30, 128))),
+                      ("small.jpg", Image.new("RGB", (53, 75), (200, 10, 10))),
+                      ("grey.png", Image.new("L", (120, 160), 90))]:
+        buf = io.BytesIO()
+        img.save(buf, format=name.split(".")[1].replace("jpg", "jpeg"))
+        (tmp_path / name).write_bytes(buf.getvalue())
+        extra.append(prepare_mod.Record(id=name, label="x", path=tmp_path / name, sha256=""))
+    recs += extra
+    size, mean, std = (80, 60), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    cached = normalize(train_mod.load_images(recs, size), mean=mean, std=std)
+    served = prepare_batch([{"body": r.path.read_bytes()} for r in recs], size, max_pixels=10**8, max_bytes=10**8)
+    assert served.good == list(range(len(recs)))
+    assert torch.equal(cached, normalize(served.batch, mean=mean, std=std))
