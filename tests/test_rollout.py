@@ -31,7 +31,7 @@ MODEL = "refund_classifier"
 # -- archives --------------------------------------------------------------------------------
 
 def add_sample(mar: Path, catalogue: Path) -> None:
-    """What training.export is asked to add: the run's test split as sample/styles.csv + sample/images/."""
+    """The layout training.export writes (from the run's test split): sample/styles.csv + sample/images/."""
     with zipfile.ZipFile(mar, "a") as z:
         z.write(catalogue / "styles.csv", "sample/styles.csv")
         for image in sorted((catalogue / "images").glob("*.jpg")):
@@ -53,9 +53,10 @@ def shifted_catalogue(tmp_path_factory) -> Path:
 def archives_dir(trained_run, shifted_catalogue, unseen_images, tmp_path_factory) -> Path:
     bad_run = train_tiny(shifted_catalogue, tmp_path_factory.mktemp("bad-run"), epochs=3)
     out = tmp_path_factory.mktemp("archives")
-    export_mod.export(bad_run, "1", model_store=out)
-    export_mod.export(trained_run, "2", model_store=out)
-    export_mod.export(bad_run, "3", model_store=out)
+    # the unseen images as the sample (not each run's test split), so both versions meet the same one
+    export_mod.export(bad_run, "1", model_store=out, sample_per_class=0)
+    export_mod.export(trained_run, "2", model_store=out, sample_per_class=0)
+    export_mod.export(bad_run, "3", model_store=out, sample_per_class=0)
     for v in ("2", "3"):  # version 1 carries none: --sample is then required
         add_sample(out / f"{MODEL}-{v}.mar", unseen_images)
     return out

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,6 +213,13 @@ def test_export_carries_the_fitted_calibration(evaluated_run, tmp_path):
     assert {"arch", "num_classes", "image_size", "mean", "std", "temperature", "review_threshold"} <= set(meta)
     assert meta["num_classes"] == len(index) == 6 and meta["version"] == "7"
     assert {"weights.pt", "model-config.yaml", "refund_preprocess.py"} <= names
+    # the rollout sample: the run's test split, up to 10 per class, in the Kaggle layout
+    sample = [n for n in names if n.startswith("sample/images/")]
+    test_ids = {line.split(",")[0] for line in (run / "data" / "test.csv").read_text().splitlines()[1:]}
+    assert sample and {Path(n).stem for n in sample} <= test_ids
+    with zipfile.ZipFile(mar) as z:
+        labels = z.read("sample/styles.csv").decode().splitlines()
+    assert labels[0] == "id,articleType" and len(labels) == len(sample) + 1
 
 
 def test_one_preprocessing_definition(prepared, tmp_path):

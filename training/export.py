@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from training import prepare as prepare_mod
 from training.evaluate import CALIBRATION
 from training.train import CHECKPOINT
 
@@ -44,7 +45,32 @@ def archive_path(model_store: Path, version: str, model_name: str = MODEL_NAME) 
     return Path(model_store) / f"{model_name}-{version}.mar"
 
 
-def export(run: Path, version: str, *, model_store: Path, model_name: str = MODEL_NAME, force: bool = False) -> Path:
+def write_sample(ckpt: dict, out: Path, *, per_class: int) -> int:
+    """Up to `per_class` test-split images per class as a Kaggle-layout folder out/sample/, for rollouts.
+
+    `serving rollout` smoke-tests a new version on the sample its archive carries. The images
+    are the run's own test split (never trained or tuned on), copied as they are.
+    """
+    data_dir = Path(ckpt.get("data_dir") or "")
+    if per_class <= 0 or not (data_dir / "test.csv").is_file():
+        if per_class > 0:
+            logger.warning("no test split at %s: the archive carries no rollout sample (rollout will need --sample)", data_dir)
+        return 0
+    taken: dict[str, int] = {}
+    rows = []
+    (out / "sample" / "images").mkdir(parents=True)
+    for record in prepare_mod.read_manifest(data_dir / "test.csv"):
+        if taken.get(record.label, 0) >= per_class or not Path(record.path).is_file():
+            continue
+        taken[record.label] = taken.get(record.label, 0) + 1
+        shutil.copy(record.path, out / "sample" / "images" / f"{record.id}.jpg")
+        rows.append(f"{record.id},{record.label}\n")
+    (out / "sample" / "styles.csv").write_text("id,articleType\n" + "".join(rows))
+    return len(rows)
+
+
+def export(run: Path, version: str, *, model_store: Path, model_name: str = MODEL_NAME, force: bool = False,
+           sample_per_class: int = 10) -> Path:
     if not VERSION_RE.match(version):
         raise ExportError(f"Invalid --version {version!r}: use letters, digits, '.', '_' or '-' (e.g. 1, 1.2, 2026-11-26)")
     ckpt_path = Path(run) / CHECKPOINT
@@ -83,6 +109,9 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
         for name in [HANDLER_FILE, *HANDLER_EXTRA]:
             shutil.copy(HANDLER_DIR / name, staging / name)
         extra = [staging / n for n in ["model_meta.json", "index_to_name.json", *HANDLER_EXTRA]]
+        # --extra-files copies a folder's contents to the archive's top level: pass the folder holding sample/.
+        if write_sample(ckpt, staging / "samplepack", per_class=sample_per_class):
+            extra.append(staging / "samplepack")
         cmd = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", model_name, "--version", version,
@@ -108,6 +137,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", type=Path, required=True, help="run folder written by training.train")
     parser.add_argument("--version", type=str, required=True, help="model version, e.g. 1 or 2026-11-26")
     parser.add_argument("--model-store", type=Path, default=Path("model_store"), help="where to write the .mar")
+    parser.add_argument("--sample-per-class", type=int, default=10,
+                        help="test-split images per class the archive carries for `serving rollout` (0: none)")
     parser.add_argument("--model-name", type=str, default=MODEL_NAME, help="TorchServe model name")
     parser.add_argument("--force", action="store_true", help="overwrite an existing archive of this version")
     return parser
@@ -115,7 +146,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     try:
-        path = export(args.run, args.version, model_store=args.model_store, model_name=args.model_name, force=args.force)
+        path = export(args.run, args.version, model_store=args.model_store, model_name=args.model_name, force=args.force,
+                      sample_per_class=args.sample_per_class)
     except ExportError as exc:
         raise SystemExit(f"export: {exc}") from exc
     print(f"wrote {path}")
