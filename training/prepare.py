@@ -220,12 +220,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="Kaggle-layout catalogue (styles.csv + images/)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the manifests and classes.json into")
-    parser.add_argument("--categories", type=Path, default=DEFAULT_CATEGORIES, help="file of categories to keep, one per line")
-    parser.add_argument("--min-per-class", type=int, default=5, help="drop categories with fewer usable images (with a warning)")
-    parser.add_argument("--val-frac", type=float, default=0.15, help="share of each category for validation")
-    parser.add_argument("--test-frac", type=float, default=0.15, help="share of each category for test")
+    add_split_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     return parser
+
+
+def add_split_args(parser: argparse.ArgumentParser, *, note: str = "") -> None:
+    """The cleaning and split flags, shared with training.train (which prepares a raw --data-dir)."""
+    parser.add_argument("--categories", type=Path, default=DEFAULT_CATEGORIES, help=f"file of categories to keep, one per line{note}")
+    parser.add_argument("--min-per-class", type=int, default=5, help=f"drop categories with fewer usable images, with a warning{note}")
+    parser.add_argument("--val-frac", type=float, default=0.15, help=f"share of each category for validation{note}")
+    parser.add_argument("--test-frac", type=float, default=0.15, help=f"share of each category for test{note}")
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -414,10 +414,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", type=str, default="auto", choices=["auto", "on", "off"],
                         help="bf16 autocast on CPU (auto: where the CPU has native bf16) / fp16 on CUDA")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the split, init, order and augmentation")
-    parser.add_argument("--categories", type=Path, default=prepare_mod.DEFAULT_CATEGORIES, help="prepare: categories to keep (raw --data-dir only)")
-    parser.add_argument("--min-per-class", type=int, default=5, help="prepare: drop categories with fewer images (raw --data-dir only)")
-    parser.add_argument("--val-frac", type=float, default=0.15, help="prepare: validation share per category (raw --data-dir only)")
-    parser.add_argument("--test-frac", type=float, default=0.15, help="prepare: test share per category (raw --data-dir only)")
+    prepare_mod.add_split_args(parser, note=" (prepare: raw --data-dir only)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = choose 1 or all cores by measured step time")
     return parser
 
