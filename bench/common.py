@@ -65,7 +65,7 @@ def machine_info() -> dict:
 
 def other_load() -> dict:
     """What else is running: the load average and any training run (ours never is: benches train in-process)."""
-    found = subprocess.run(["pgrep", "-f", "training.train"], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-f", r"training\.train"], capture_output=True, text=True).stdout.split()
     return {"loadavg": [round(x, 2) for x in os.getloadavg()], "training_running": bool([p for p in found if int(p) != os.getpid()])}
 
 

@@ -80,46 +80,65 @@ class Connection:
 
 
 async def closed_loop(url: str, payloads: list[bytes], *, concurrency: int, warmup_s: float, seconds: float) -> dict:
-    """`concurrency` clients each send the next image as soon as their previous answer arrives."""
+    """`concurrency` clients each send the next image as soon as their previous answer arrives.
+
+    Timed window: from `warmup_s` after the start until `seconds` have passed and at least
+    2 x concurrency answers arrived in it (so a slow, loaded machine still yields a figure), at
+    most 6 x `seconds`. Throughput counts answers inside the window; latency, requests sent and
+    answered inside it.
+    """
     u = urlparse(url)
     latencies: list[float] = []
     errors: dict[int, int] = {}
     counter = 0
     loop = asyncio.get_running_loop()
-    start = loop.time()
-    measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+    measure_from = loop.time() + warmup_s
+    stop_at = float("inf")
     done_in_window = 0
 
-    async def client(i: int) -> None:
+    def check_stop(now: float) -> None:
+        nonlocal stop_at
+        if stop_at == float("inf") and now >= measure_from + seconds and (
+                done_in_window >= 2 * concurrency or now >= measure_from + 6 * seconds):
+            stop_at = now
+
+    async def client() -> None:
         nonlocal counter, done_in_window
         conn = Connection(u.hostname, u.port)
         try:
-            while True:
+            while loop.time() < stop_at:
                 t0 = loop.time()
-                if t0 >= stop_at:
-                    return
                 body = payloads[counter % len(payloads)]
                 counter += 1
                 status, _ = await conn.post(u.path, body)
                 t1 = loop.time()
-                if t0 >= measure_from and t1 <= stop_at:
-                    latencies.append(t1 - t0)
+                if t1 > stop_at:
+                    return
+                if t1 >= measure_from:
+                    done_in_window += 1
+                    if t0 >= measure_from:
+                        latencies.append(t1 - t0)
                     if status != 200:
                         errors[status] = errors.get(status, 0) + 1
-                if measure_from <= t1 <= stop_at:
-                    done_in_window += 1
+                check_stop(t1)
         finally:
             conn.close()
 
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    async def ticker() -> None:  # ends the window even when no answer arrives for a while
+        while stop_at == float("inf"):
+            check_stop(loop.time())
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(ticker(), *(client() for _ in range(concurrency)))
+    window = stop_at - measure_from
     lat_ms = sorted(1000 * x for x in latencies)
 
     def pct(p: float) -> float:
         return round(lat_ms[min(len(lat_ms) - 1, int(round(p / 100 * (len(lat_ms) - 1))))], 1) if lat_ms else float("nan")
 
     return {
-        "concurrency": concurrency, "requests": done_in_window, "seconds": seconds,
-        "images_per_s": round(done_in_window / seconds, 2),
+        "concurrency": concurrency, "requests": done_in_window, "seconds": round(window, 2),
+        "images_per_s": round(done_in_window / window, 2),
         "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
         "mean_ms": round(statistics.fmean(lat_ms), 1) if lat_ms else float("nan"),
         "errors": errors,
