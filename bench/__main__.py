@@ -59,12 +59,17 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
                   "| run | images | images/s | rows (distinct contents) | moved | left in inbox | exit |", "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| ingest | {r['images']} | {r['images_per_s']:.1f} | {r['rows']} ({r['distinct_contents']}) | {r['moved']} | {r['left_in_inbox']} | {r['exit_code']} |"
                   for r in ingestion["results"]]
+        t = ingestion.get("tuned")
+        if t:
+            lines.append(f"| ingest `{' '.join(t['extra_args'])}` | {t['images']} | {t['images_per_s']:.1f} | {t['rows']} ({t['distinct_contents']}) | {t['moved']} | {t['left_in_inbox']} | {t['exit_code']} |")
         n = ingestion.get("naive")
         if n:
             lines.append(f"| naive baseline (224 px fp32, 1 image/request, INSERT+commit per row) | {n['images']} | {n['images_per_s']:.2f} | {n['rows']} | {n['images']} | {n['left_in_inbox']} | |")
         lines.append("")
         if "ratio_to_serving" in ingestion:
             lines.append(f"- ratio to serving's best ({ingestion['serving_best']['images_per_s']:.1f}/s): **{ingestion['ratio_to_serving']:.2f}** (target >= 0.9)")
+        if "tuned_ratio_to_serving" in ingestion:
+            lines.append(f"- with `{' '.join(ingestion['tuned']['extra_args'])}`: {ingestion['tuned_ratio_to_serving']:.2f} of serving's best")
         if "speedup_vs_naive" in ingestion:
             lines.append(f"- speed-up over the naive baseline: **x{ingestion['speedup_vs_naive']}** (target >= 10)")
         lines.append("")
@@ -113,7 +118,13 @@ def main(args: argparse.Namespace) -> int:
                 argv += ["--archive", str(archive)]
             print(f"\n### bench.{name}", flush=True)
             t0 = time.monotonic()
-            code = subprocess.run(argv, cwd=common.REPO_ROOT).returncode
+            child = subprocess.Popen(argv, cwd=common.REPO_ROOT)
+            try:
+                code = child.wait()
+            except BaseException:  # SIGTERM/Ctrl-C: let the child stop its services first
+                child.terminate()
+                child.wait(timeout=60)
+                raise
             print(f"### bench.{name}: exit {code} in {time.monotonic() - t0:.0f}s", flush=True)
             if code:
                 failed.append(name)
@@ -128,4 +139,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    common.exit_on_sigterm()
     sys.exit(main(get_args_parser().parse_args()))

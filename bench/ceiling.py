@@ -91,4 +91,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    common.exit_on_sigterm()
     main(get_args_parser().parse_args())

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,11 @@ def other_load() -> dict:
     """What else is running: the load average and any training run (ours never is: benches train in-process)."""
     found = subprocess.run(["pgrep", "-f", r"training\.train"], capture_output=True, text=True).stdout.split()
     return {"loadavg": [round(x, 2) for x in os.getloadavg()], "training_running": bool([p for p in found if int(p) != os.getpid()])}
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM -> SystemExit, so `finally` blocks stop the TorchServe and PostgreSQL a bench started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def now_iso() -> str:
@@ -138,13 +144,21 @@ def export_archive(run: Path, model_store: Path, version: str = "bench") -> Path
     """The project's exporter, through its CLI (its stable interface)."""
     cmd = [sys.executable, "-m", "training.export", "--run", str(run), "--version", version,
            "--model-store", str(model_store), "--force"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=private_tmp_env(model_store))
     if result.returncode != 0:
         raise SystemExit(f"bench: export failed ({result.returncode}):\n{result.stderr or result.stdout}")
     found = sorted(Path(model_store).glob(f"{MODEL_NAME}-{version}.mar"))
     if not found:
         raise SystemExit(f"bench: export wrote no {MODEL_NAME}-{version}.mar in {model_store}:\n{result.stdout}")
     return found[0]
+
+
+def private_tmp_env(near: Path) -> dict:
+    """torch-model-archiver stages files in $TMPDIR/<model name>: two exports of one model name at once
+    (another bench, a test run) overwrite each other there. A private TMPDIR keeps ours apart."""
+    tmp = Path(near).parent / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
 
 
 def make_bench_archive(work: Path, *, image_size: tuple[int, int] | None = None, arch: str = "resnet50") -> Path:

@@ -78,7 +78,12 @@ def run_ingest(inbox: Path, work: Path, *, database_url: str, torchserve_url: st
     with open(log, "wb") as f:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
         wall = time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak = common.read_json(rss_file) or {}
@@ -106,21 +111,22 @@ def db_counts(database_url: str) -> dict:
     return {"rows": sum(by_status.values()), "by_status": by_status, "distinct_sha256": distinct}
 
 
-def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.PostgresForBench, torchserve_url: str, extra: list[str]) -> dict:
-    case = work / f"ingest-{n}"
+def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.PostgresForBench, torchserve_url: str, extra: list[str],
+                 tag: str = "") -> dict:
+    case = work / f"ingest-{n}{tag}"
     inbox = fill_inbox(case / "inbox", sources[:n])
-    url = pg.create_database(f"bench_ingest_{n}")
+    url = pg.create_database(f"bench_ingest_{n}{tag}")
     r = run_ingest(inbox, case, database_url=url, torchserve_url=torchserve_url, extra=extra)
     counts = db_counts(url)
     distinct = len({hashlib.sha256(p.read_bytes()).hexdigest() for p in sources[:n]})
     left = count_files(inbox)
     moved = count_files(case / "processed") + count_files(case / "quarantine")
     res = {
-        "images": n, "distinct_contents": distinct, **r, **counts, "left_in_inbox": left, "moved": moved,
+        "images": n, "extra_args": extra, "distinct_contents": distinct, **r, **counts, "left_in_inbox": left, "moved": moved,
         "images_per_s": round(n / r["wall_s"], 2),
         "all_recorded": counts["distinct_sha256"] == distinct, "all_moved": moved == n and left == 0,
     }
-    print(f"  ingest N={n}: {res['images_per_s']:.1f} images/s, {counts['rows']} rows for {distinct} distinct contents, {moved} moved, {left} left, "
+    print(f"  ingest N={n} {' '.join(extra)}: {res['images_per_s']:.1f} images/s, {counts['rows']} rows for {distinct} distinct contents, {moved} moved, {left} left, "
           f"peak RSS {r['peak_rss_mib']} MiB, exit {r['exit_code']}", flush=True)
     return res
 
@@ -148,7 +154,7 @@ def make_naive_archive(archive: Path, out: Path) -> Path:
            "--serialized-file", str(staging / "weights.pt"), "--handler", str(staging / "naive_handler.py"),
            "--extra-files", str(staging / "naive_meta.json"), "--config-file", str(staging / "model-config.yaml"),
            "--export-path", str(store), "--archive-format", "default", "--force"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=common.private_tmp_env(store))
     if result.returncode != 0:
         raise SystemExit(f"bench: torch-model-archiver failed for the naive archive: {result.stderr or result.stdout}")
     return store / f"{NAIVE_MODEL}.mar"
@@ -209,10 +215,11 @@ def bench_naive(archive: Path, sources: list[Path], work: Path, *, pg: common.Po
 
 # -- all of it ---------------------------------------------------------------------------------------
 
-def run(archive: Path, work: Path, *, sizes: list[int], baseline_images: int, extra: list[str]) -> dict:
+def run(archive: Path, work: Path, *, sizes: list[int], baseline_images: int, extra: list[str],
+        tuned: tuple[int, int] | None) -> dict:
     info = common.archive_info(archive)
-    sources = common.image_paths(max([*sizes, baseline_images]), work)
-    results = []
+    sources = common.image_paths(max([*sizes, baseline_images, tuned[0] if tuned else 0]), work)
+    results, tuned_result = [], None
     with common.PostgresForBench() as pg:
         ts = common.make_torchserve(archive.parent, work / "torchserve")
         ts.start([f"{common.MODEL_NAME}={archive.name}"])
@@ -221,6 +228,10 @@ def run(archive: Path, work: Path, *, sizes: list[int], baseline_images: int, ex
                 for n in sizes:
                     results.append(bench_ingest(n, sources, work, pg=pg, torchserve_url=ts.inference_url, extra=extra))
             ts_memory = rss.report()
+            if tuned and "--concurrency" in cli_options():
+                # What more requests in flight would give: the job's own knob, not a code change.
+                tuned_result = bench_ingest(tuned[0], sources, work, pg=pg, torchserve_url=ts.inference_url,
+                                            extra=[*extra, "--concurrency", str(tuned[1])], tag="_tuned")
         finally:
             ts.stop()
         naive = bench_naive(archive, sources, work, pg=pg, n=baseline_images) if baseline_images else None
@@ -228,8 +239,8 @@ def run(archive: Path, work: Path, *, sizes: list[int], baseline_images: int, ex
     smallest = min(results, key=lambda r: r["images"])
     res = {
         "bench": "ingestion", "archive": str(archive), "image_size": info["meta"].get("image_size"),
-        "source": str(common.DATASET / "images") if str(sources[0]).startswith(str(common.DATASET)) else "generated",
-        "results": results, "best": largest, "naive": naive, "torchserve_memory": ts_memory,
+        "source": "../shared/datasets/fashion-small/images" if str(sources[0]).startswith(str(common.DATASET)) else "generated (training.make_sample_catalogue)",
+        "results": results, "best": largest, "tuned": tuned_result, "naive": naive, "torchserve_memory": ts_memory,
         "memory_growth_mib": round(largest["peak_rss_mib"] - smallest["peak_rss_mib"], 1),
         "memory_growth_ratio": round(largest["peak_rss_mib"] / smallest["peak_rss_mib"], 3),
     }
@@ -242,12 +253,17 @@ def add_ratios(res: dict, serving: dict | None) -> dict:
     if serving:
         res["serving_best"] = serving["best"]
         res["ratio_to_serving"] = round(res["best"]["images_per_s"] / serving["best"]["images_per_s"], 3)
+        if res.get("tuned"):
+            res["tuned_ratio_to_serving"] = round(res["tuned"]["images_per_s"] / serving["best"]["images_per_s"], 3)
     return res
 
 
 def print_results(res: dict) -> None:
     rows = [[f"ingest N={r['images']}", r["images_per_s"], r["rows"], r["moved"], r["left_in_inbox"], r["peak_rss_mib"], r["exit_code"]]
             for r in res["results"]]
+    if res.get("tuned"):
+        r = res["tuned"]
+        rows.append([f"ingest N={r['images']} {' '.join(r['extra_args'])}", r["images_per_s"], r["rows"], r["moved"], r["left_in_inbox"], r["peak_rss_mib"], r["exit_code"]])
     if res.get("naive"):
         n = res["naive"]
         rows.append([f"naive N={n['images']}", n["images_per_s"], n["rows"], n["images"], n["left_in_inbox"], None, None])
@@ -266,6 +282,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 10000], help="inbox sizes; the largest gives the throughput")
     parser.add_argument("--baseline-images", type=int, default=300, help="images for the naive baseline (0: skip it)")
+    parser.add_argument("--tuned", type=int, nargs=2, default=[5000, 32], metavar=("N", "CONCURRENCY"),
+                        help="one more run of N images with --concurrency CONCURRENCY (N=0: skip)")
     parser.add_argument("--ingest-arg", action="append", default=[], help="extra argument for `python -m ingest run` (repeatable)")
     parser.add_argument("--serving", type=Path, default=None, help="serving.json of the same run, for the ratio")
     parser.add_argument("--out", type=Path, default=None, help="folder for ingestion.json (default: runs/bench/<time>)")
@@ -275,10 +293,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     out = args.out or common.default_out()
-    sizes, baseline = ([100, 1000], 20) if args.quick else (args.sizes, args.baseline_images)
+    sizes, baseline, tuned = ([100, 1000], 20, (300, 32)) if args.quick else (args.sizes, args.baseline_images, tuple(args.tuned))
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         archive = args.archive or common.make_bench_archive(Path(tmp))
-        res = run(archive, Path(tmp), sizes=sizes, baseline_images=baseline, extra=args.ingest_arg)
+        res = run(archive, Path(tmp), sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
+                  tuned=tuned if tuned[0] else None)
     res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))
     res |= {"machine": common.machine_info(), "load": common.other_load(), "date": common.now_iso(), "quick": args.quick}
     print_results(res)
@@ -287,4 +306,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    common.exit_on_sigterm()
     main(get_args_parser().parse_args())
