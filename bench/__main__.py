@@ -38,14 +38,15 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
     if ceiling:
         h, w = ceiling["image_size"]
         lines += [f"### 1. Model ceiling: {ceiling['arch']} at {h}x{w}, in-process, {ceiling['torch_threads']} threads", "",
-                  "| precision | batch | images/s | ms/batch |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['batch_ms']:.1f} |" for r in ceiling["results"]]
+                  "| precision | batch | images/s | ms/batch | images per CPU-second |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['batch_ms']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} |"
+                  for r in ceiling["results"]]
         lines.append("")
     if serving:
         lines += [f"### 2. Serving: TorchServe, batchSize {serving['served_batch_size']}, maxBatchDelay {serving['served_max_batch_delay']} ms, "
                   f"{serving['workers']} worker(s)", "",
-                  "| concurrency | images/s | p50 ms | p95 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |"
+                  "| concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | images per CPU-second |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} | {r.get('images_per_cpu_s', float('nan')):.1f} |"
                   for r in serving["results"]]
         if "ratio_to_ceiling" in serving:
             c = serving["ceiling"]["best"]
@@ -53,25 +54,36 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
             lines += ["", f"Best {serving['best']['images_per_s']:.1f} images/s at concurrency {serving['best']['concurrency']}: "
                           f"**{serving['ratio_to_ceiling']:.2f}** of the ceiling ({c['precision']} batch {c['batch_size']}, {c['images_per_s']:.1f}/s); "
                           f"{by.get('fp32', float('nan')):.2f} of the best fp32 ceiling. Target >= 0.8."]
+            if "cpu_ratio_to_ceiling" in serving:
+                cc = serving["ceiling"]["best_per_cpu"]
+                lines += ["", f"Per CPU-second (TorchServe's processes + the load generator vs the in-process model; holds on a shared machine): "
+                              f"best {serving['best_per_cpu']['images_per_cpu_s']:.1f} at concurrency {serving['best_per_cpu']['concurrency']} vs "
+                              f"{cc['images_per_cpu_s']:.1f} ({cc['precision']} batch {cc['batch_size']}): **{serving['cpu_ratio_to_ceiling']:.2f}**."]
         lines.append("")
     if ingestion:
         lines += [f"### 3. Ingestion end to end (`python -m ingest run`, images from {ingestion['source']})", "",
-                  "| run | images | images/s | rows (distinct contents) | moved | left in inbox | exit |", "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| ingest | {r['images']} | {r['images_per_s']:.1f} | {r['rows']} ({r['distinct_contents']}) | {r['moved']} | {r['left_in_inbox']} | {r['exit_code']} |"
-                  for r in ingestion["results"]]
-        t = ingestion.get("tuned")
-        if t:
-            lines.append(f"| ingest `{' '.join(t['extra_args'])}` | {t['images']} | {t['images_per_s']:.1f} | {t['rows']} ({t['distinct_contents']}) | {t['moved']} | {t['left_in_inbox']} | {t['exit_code']} |")
+                  "| run | images | images/s | images per CPU-second | rows (distinct contents) | moved | left in inbox | exit |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        def row(label, r):
+            return (f"| {label} | {r['images']} | {r['images_per_s']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} | "
+                    f"{r['rows']} ({r['distinct_contents']}) | {r['moved']} | {r['left_in_inbox']} | {r['exit_code']} |")
+        lines += [row(f"ingest, {common.MODEL_NAME} ResNet-50 (defaults)", r) for r in ingestion["results"]]
+        if ingestion.get("tuned"):
+            lines.append(row(f"ingest `{' '.join(ingestion['tuned']['extra_args'])}`", ingestion["tuned"]))
+        lines += [row(f"ingest, {ingestion.get('memory_archive_arch')} archive (memory run)", r) for r in ingestion.get("memory_runs", [])]
         n = ingestion.get("naive")
         if n:
-            lines.append(f"| naive baseline (224 px fp32, 1 image/request, INSERT+commit per row) | {n['images']} | {n['images_per_s']:.2f} | {n['rows']} | {n['images']} | {n['left_in_inbox']} | |")
+            lines.append(f"| naive baseline (224 px fp32, 1 image/request, INSERT+commit per row) | {n['images']} | {n['images_per_s']:.2f} | "
+                         f"{n.get('images_per_cpu_s', float('nan')):.2f} | {n['rows']} | {n['images']} | {n['left_in_inbox']} | |")
         lines.append("")
         if "ratio_to_serving" in ingestion:
-            lines.append(f"- ratio to serving's best ({ingestion['serving_best']['images_per_s']:.1f}/s): **{ingestion['ratio_to_serving']:.2f}** (target >= 0.9)")
+            lines.append(f"- ratio to serving's best ({ingestion['serving_best']['images_per_s']:.1f}/s): **{ingestion['ratio_to_serving']:.2f}** "
+                         f"(target >= 0.9); per CPU-second {ingestion.get('cpu_ratio_to_serving', float('nan')):.2f}")
         if "tuned_ratio_to_serving" in ingestion:
             lines.append(f"- with `{' '.join(ingestion['tuned']['extra_args'])}`: {ingestion['tuned_ratio_to_serving']:.2f} of serving's best")
         if "speedup_vs_naive" in ingestion:
-            lines.append(f"- speed-up over the naive baseline: **x{ingestion['speedup_vs_naive']}** (target >= 10)")
+            lines.append(f"- speed-up over the naive baseline: **x{ingestion['speedup_vs_naive']}** (target >= 10); "
+                         f"per CPU-second x{ingestion.get('cpu_speedup_vs_naive')}")
         lines.append("")
     lines += ["### 4. Memory (peak RSS)", "", "| what | peak RSS MiB |", "|---|---:|"]
     if serving:
@@ -82,7 +94,9 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
         mem = ingestion["torchserve_memory"]
         lines.append(f"| TorchServe during ingestion, sum of its processes | {mem['peak_sum_rss_mib']:.0f} |")
         for r in ingestion["results"]:
-            lines.append(f"| ingestion process, inbox of {r['images']} files | {r['peak_rss_mib']:.0f} |")
+            lines.append(f"| ingestion process, throughput run, inbox of {r['images']} files | {r['peak_rss_mib']:.0f} |")
+        for r in ingestion.get("memory_runs", []):
+            lines.append(f"| ingestion process, memory run, inbox of {r['images']} files | {r['peak_rss_mib']:.0f} |")
     lines.append("")
     if training:
         h, w = training["image_size"]

@@ -164,8 +164,8 @@ def private_tmp_env(near: Path) -> dict:
 def make_bench_archive(work: Path, *, image_size: tuple[int, int] | None = None, arch: str = "resnet50") -> Path:
     image_size = tuple(image_size or default_image_size())
     t0 = time.monotonic()
-    run = build_random_run(work / "run", arch=arch, image_size=image_size)
-    mar = export_archive(run, work / "model_store")
+    run = build_random_run(work / f"run-{arch}", arch=arch, image_size=image_size)
+    mar = export_archive(run, work / f"model_store-{arch}")
     print(f"bench archive: {mar} ({arch}, random init, {image_size[0]}x{image_size[1]}) in {time.monotonic() - t0:.0f}s", flush=True)
     return mar
 
@@ -361,6 +361,27 @@ class TreeRSS:
             "sum_of_process_hwm_mib": {k: mib(v) for k, v in hwm_by_kind.items()},
             "processes": len(self.hwm),
         }
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its live descendants (TorchServe: launcher, frontend, workers)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def _vm_hwm(pid: int) -> int:

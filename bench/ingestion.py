@@ -111,19 +111,22 @@ def db_counts(database_url: str) -> dict:
     return {"rows": sum(by_status.values()), "by_status": by_status, "distinct_sha256": distinct}
 
 
-def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.PostgresForBench, torchserve_url: str, extra: list[str],
+def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.PostgresForBench, ts, extra: list[str],
                  tag: str = "") -> dict:
     case = work / f"ingest-{n}{tag}"
     inbox = fill_inbox(case / "inbox", sources[:n])
     url = pg.create_database(f"bench_ingest_{n}{tag}")
-    r = run_ingest(inbox, case, database_url=url, torchserve_url=torchserve_url, extra=extra)
+    ts_cpu0 = common.tree_cpu_s(ts.pid())
+    r = run_ingest(inbox, case, database_url=url, torchserve_url=ts.inference_url, extra=extra)
+    cpu = r["cpu_s"] + common.tree_cpu_s(ts.pid()) - ts_cpu0
     counts = db_counts(url)
     distinct = len({hashlib.sha256(p.read_bytes()).hexdigest() for p in sources[:n]})
     left = count_files(inbox)
     moved = count_files(case / "processed") + count_files(case / "quarantine")
     res = {
         "images": n, "extra_args": extra, "distinct_contents": distinct, **r, **counts, "left_in_inbox": left, "moved": moved,
-        "images_per_s": round(n / r["wall_s"], 2),
+        "images_per_s": round(n / r["wall_s"], 2), "cpu_s_with_torchserve": round(cpu, 1),
+        "images_per_cpu_s": round(n / cpu, 2),
         "all_recorded": counts["distinct_sha256"] == distinct, "all_moved": moved == n and left == 0,
     }
     print(f"  ingest N={n} {' '.join(extra)}: {res['images_per_s']:.1f} images/s, {counts['rows']} rows for {distinct} distinct contents, {moved} moved, {left} left, "
@@ -204,8 +207,11 @@ def bench_naive(archive: Path, sources: list[Path], work: Path, *, pg: common.Po
     ts.start([f"{NAIVE_MODEL}={mar.name}"])
     try:
         inbox = fill_inbox(case / "inbox", sources[:n])
+        cpu0 = common.tree_cpu_s(ts.pid()) + time.process_time()
         res = naive_loop(inbox, case / "processed", url=f"{ts.inference_url}/predictions/{NAIVE_MODEL}",
                          database_url=pg.create_database("bench_naive"))
+        cpu = common.tree_cpu_s(ts.pid()) + time.process_time() - cpu0
+        res |= {"cpu_s_with_torchserve": round(cpu, 1), "images_per_cpu_s": round(res["images"] / cpu, 2)}
     finally:
         ts.stop()
     res |= {"image_size": list(NAIVE_SIZE), "precision": "fp32", "batch_size": 1, "left_in_inbox": count_files(case / "inbox")}
@@ -215,37 +221,49 @@ def bench_naive(archive: Path, sources: list[Path], work: Path, *, pg: common.Po
 
 # -- all of it ---------------------------------------------------------------------------------------
 
-def run(archive: Path, work: Path, *, sizes: list[int], baseline_images: int, extra: list[str],
-        tuned: tuple[int, int] | None) -> dict:
+def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_images: int, extra: list[str],
+        tuned_concurrency: int, memory_archive: Path | None) -> dict:
+    """Throughput on `archive`; the inbox-size memory runs on `memory_archive` (the job's memory does not
+    depend on the model, and a small model keeps the 10,000-file run short); then the naive baseline."""
     info = common.archive_info(archive)
-    sources = common.image_paths(max([*sizes, baseline_images, tuned[0] if tuned else 0]), work)
-    results, tuned_result = [], None
+    sources = common.image_paths(max([images, *sizes, baseline_images]), work)
+    throughput, tuned, memory_runs = [], None, []
     with common.PostgresForBench() as pg:
         ts = common.make_torchserve(archive.parent, work / "torchserve")
         ts.start([f"{common.MODEL_NAME}={archive.name}"])
         try:
             with common.TreeRSS(ts.pid()) as rss:
-                for n in sizes:
-                    results.append(bench_ingest(n, sources, work, pg=pg, torchserve_url=ts.inference_url, extra=extra))
+                throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, extra=extra))
+                if tuned_concurrency and "--concurrency" in cli_options():
+                    # What more requests in flight give: the job's own knob, not a code change.
+                    tuned = bench_ingest(images, sources, work, pg=pg, ts=ts, extra=[*extra, "--concurrency", str(tuned_concurrency)], tag="_tuned")
             ts_memory = rss.report()
-            if tuned and "--concurrency" in cli_options():
-                # What more requests in flight would give: the job's own knob, not a code change.
-                tuned_result = bench_ingest(tuned[0], sources, work, pg=pg, torchserve_url=ts.inference_url,
-                                            extra=[*extra, "--concurrency", str(tuned[1])], tag="_tuned")
         finally:
             ts.stop()
+        if sizes:
+            mem_archive = memory_archive or archive
+            mts = common.make_torchserve(mem_archive.parent, work / "torchserve-memory")
+            mts.start([f"{common.MODEL_NAME}={mem_archive.name}"])
+            try:
+                for n in sizes:
+                    memory_runs.append(bench_ingest(n, sources, work, pg=pg, ts=mts, extra=extra, tag="_mem"))
+            finally:
+                mts.stop()
         naive = bench_naive(archive, sources, work, pg=pg, n=baseline_images) if baseline_images else None
-    largest = max(results, key=lambda r: r["images"])
-    smallest = min(results, key=lambda r: r["images"])
+    best = throughput[0]
     res = {
         "bench": "ingestion", "archive": str(archive), "image_size": info["meta"].get("image_size"),
         "source": "../shared/datasets/fashion-small/images" if str(sources[0]).startswith(str(common.DATASET)) else "generated (training.make_sample_catalogue)",
-        "results": results, "best": largest, "tuned": tuned_result, "naive": naive, "torchserve_memory": ts_memory,
-        "memory_growth_mib": round(largest["peak_rss_mib"] - smallest["peak_rss_mib"], 1),
-        "memory_growth_ratio": round(largest["peak_rss_mib"] / smallest["peak_rss_mib"], 3),
+        "results": throughput, "best": best, "tuned": tuned, "naive": naive, "torchserve_memory": ts_memory,
+        "memory_runs": memory_runs, "memory_archive_arch": common.archive_info(memory_archive or archive)["meta"].get("arch"),
     }
+    if len(memory_runs) >= 2:
+        small, large = memory_runs[0], memory_runs[-1]
+        res["memory_growth_mib"] = round(large["peak_rss_mib"] - small["peak_rss_mib"], 1)
+        res["memory_growth_ratio"] = round(large["peak_rss_mib"] / small["peak_rss_mib"], 3)
     if naive:
-        res["speedup_vs_naive"] = round(largest["images_per_s"] / naive["images_per_s"], 1)
+        res["speedup_vs_naive"] = round(best["images_per_s"] / naive["images_per_s"], 1)
+        res["cpu_speedup_vs_naive"] = round(best["images_per_cpu_s"] / naive["images_per_cpu_s"], 1)
     return res
 
 
@@ -253,51 +271,60 @@ def add_ratios(res: dict, serving: dict | None) -> dict:
     if serving:
         res["serving_best"] = serving["best"]
         res["ratio_to_serving"] = round(res["best"]["images_per_s"] / serving["best"]["images_per_s"], 3)
+        if serving.get("best_per_cpu"):
+            res["cpu_ratio_to_serving"] = round(res["best"]["images_per_cpu_s"] / serving["best_per_cpu"]["images_per_cpu_s"], 3)
         if res.get("tuned"):
             res["tuned_ratio_to_serving"] = round(res["tuned"]["images_per_s"] / serving["best"]["images_per_s"], 3)
     return res
 
 
 def print_results(res: dict) -> None:
-    rows = [[f"ingest N={r['images']}", r["images_per_s"], r["rows"], r["moved"], r["left_in_inbox"], r["peak_rss_mib"], r["exit_code"]]
-            for r in res["results"]]
+    def row(label, r):
+        return [label, r["images_per_s"], r.get("images_per_cpu_s"), r["rows"], r.get("moved"), r["left_in_inbox"], r.get("peak_rss_mib"), r.get("exit_code")]
+    rows = [row(f"ingest N={r['images']}", r) for r in res["results"]]
     if res.get("tuned"):
-        r = res["tuned"]
-        rows.append([f"ingest N={r['images']} {' '.join(r['extra_args'])}", r["images_per_s"], r["rows"], r["moved"], r["left_in_inbox"], r["peak_rss_mib"], r["exit_code"]])
+        rows.append(row(f"ingest N={res['tuned']['images']} {' '.join(res['tuned']['extra_args'])}", res["tuned"]))
+    rows += [row(f"ingest N={r['images']} ({res['memory_archive_arch']})", r) for r in res["memory_runs"]]
     if res.get("naive"):
         n = res["naive"]
-        rows.append([f"naive N={n['images']}", n["images_per_s"], n["rows"], n["images"], n["left_in_inbox"], None, None])
-    common.print_table(f"ingestion end to end ({res['source']})", ["run", "images/s", "rows", "moved", "left", "peak RSS MiB", "exit"], rows)
-    print(f"ingestion memory: {res['results'][0]['peak_rss_mib']} MiB at N={res['results'][0]['images']} -> "
-          f"{res['best']['peak_rss_mib']} MiB at N={res['best']['images']} (x{res['memory_growth_ratio']})")
+        rows.append([f"naive N={n['images']}", n["images_per_s"], n.get("images_per_cpu_s"), n["rows"], n["images"], n["left_in_inbox"], None, None])
+    common.print_table(f"ingestion end to end ({res['source']})", ["run", "images/s", "images/CPU-s", "rows", "moved", "left", "peak RSS MiB", "exit"], rows)
+    if res["memory_runs"]:
+        a, b = res["memory_runs"][0], res["memory_runs"][-1]
+        print(f"ingestion memory: {a['peak_rss_mib']} MiB at N={a['images']} -> {b['peak_rss_mib']} MiB at N={b['images']}")
     if "ratio_to_serving" in res:
         print(f"ratio to serving's best ({res['serving_best']['images_per_s']:.1f}/s at c={res['serving_best']['concurrency']}): "
-              f"{res['ratio_to_serving']:.2f} (target >= 0.9)")
+              f"{res['ratio_to_serving']:.2f} (target >= 0.9); per CPU-second {res.get('cpu_ratio_to_serving')}")
     if "speedup_vs_naive" in res:
-        print(f"speed-up over the naive baseline: x{res['speedup_vs_naive']} (target >= 10)")
+        print(f"speed-up over the naive baseline: x{res['speedup_vs_naive']} (target >= 10); per CPU-second x{res.get('cpu_speedup_vs_naive')}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 10000], help="inbox sizes; the largest gives the throughput")
-    parser.add_argument("--baseline-images", type=int, default=300, help="images for the naive baseline (0: skip it)")
-    parser.add_argument("--tuned", type=int, nargs=2, default=[5000, 32], metavar=("N", "CONCURRENCY"),
-                        help="one more run of N images with --concurrency CONCURRENCY (N=0: skip)")
+    parser.add_argument("--images", type=int, default=2000, help="inbox size of the throughput run (ResNet-50)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[500, 10000], help="inbox sizes of the memory runs")
+    parser.add_argument("--memory-arch", type=str, default="tinynet", help="model of the memory runs' archive ('same': the bench archive)")
+    parser.add_argument("--baseline-images", type=int, default=200, help="images for the naive baseline (0: skip it)")
+    parser.add_argument("--tuned-concurrency", type=int, default=32, help="one more throughput run with this --concurrency (0: skip)")
     parser.add_argument("--ingest-arg", action="append", default=[], help="extra argument for `python -m ingest run` (repeatable)")
     parser.add_argument("--serving", type=Path, default=None, help="serving.json of the same run, for the ratio")
     parser.add_argument("--out", type=Path, default=None, help="folder for ingestion.json (default: runs/bench/<time>)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: inboxes of 100 and 1000, 20 baseline images")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 300 images, memory runs of 100 and 1000, 20 baseline images")
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
     out = args.out or common.default_out()
-    sizes, baseline, tuned = ([100, 1000], 20, (300, 32)) if args.quick else (args.sizes, args.baseline_images, tuple(args.tuned))
+    images, sizes, baseline = (300, [100, 1000], 20) if args.quick else (args.images, args.sizes, args.baseline_images)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         archive = args.archive or common.make_bench_archive(Path(tmp))
-        res = run(archive, Path(tmp), sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
-                  tuned=tuned if tuned[0] else None)
+        memory_archive = None
+        if sizes and args.memory_arch != "same":
+            memory_archive = common.make_bench_archive(Path(tmp) / "memory", arch=args.memory_arch,
+                                                       image_size=tuple(common.archive_info(archive)["meta"]["image_size"]))
+        res = run(archive, Path(tmp), images=images, sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
+                  tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive)
     res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))
     res |= {"machine": common.machine_info(), "load": common.other_load(), "date": common.now_iso(), "quick": args.quick}
     print_results(res)
