@@ -48,7 +48,7 @@ status: $(STAMP)
 	$(PY) -m serving status
 
 bench: $(STAMP)
-	@echo "benchmarks: see issue 'Benchmarks' (bench/)"
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean: down
 	rm -rf runs .run

@@ -1,0 +1,157 @@
+"""Run every benchmark in one go, on one bench archive, and summarise (what `make bench` runs).
+
+    python -m bench [--quick] [--archive MAR] [--out DIR] [--only ceiling serving ingestion training]
+
+Each benchmark runs in its own process (so one's memory and threads never colour another's) and
+writes its JSON into OUT (default runs/bench/<time>/); this writes OUT/summary.json and
+OUT/summary.md (the tables BENCHMARKS.md quotes). Ratios are always between figures of the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import common
+
+BENCHES = ["ceiling", "serving", "ingestion", "training"]
+
+
+def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
+    load = lambda name: common.read_json(out / f"{name}.json")  # noqa: E731
+    ceiling, serving, ingestion, training = (load(b) for b in BENCHES)
+    first = next(r for r in (ceiling, serving, ingestion, training) if r)
+    m = first["machine"]
+    lines = [
+        f"- command: `{cmd}` ({wall_s / 60:.1f} min); JSON in `{out.relative_to(common.REPO_ROOT) if out.is_relative_to(common.REPO_ROOT) else out}`",
+        f"- machine: {m['cpu']} (family {m['cpu_family']} model {m['cpu_model']}), {m['cores']} cores, {m['memory_gib']} GiB, "
+        f"avx512_bf16={'yes' if m['avx512_bf16'] else 'no'}, AMX={'yes' if m['amx_bf16'] else 'no'}; torch {m['torch']}",
+        f"- date: {first['date']}",
+        "- load: " + ", ".join(f"{r['bench']} {r['load']['loadavg'][0]:.1f}{' (training.train running)' if r['load']['training_running'] else ''}"
+                               for r in (ceiling, serving, ingestion, training) if r) + " (1-min load average at the end of each)",
+        "",
+    ]
+    if ceiling:
+        h, w = ceiling["image_size"]
+        lines += [f"### 1. Model ceiling: {ceiling['arch']} at {h}x{w}, in-process, {ceiling['torch_threads']} threads", "",
+                  "| precision | batch | images/s | ms/batch | images per CPU-second |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['batch_ms']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} |"
+                  for r in ceiling["results"]]
+        lines.append("")
+    if serving:
+        lines += [f"### 2. Serving: TorchServe, batchSize {serving['served_batch_size']}, maxBatchDelay {serving['served_max_batch_delay']} ms, "
+                  f"{serving['workers']} worker(s)", "",
+                  "| concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | images per CPU-second |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} | {r.get('images_per_cpu_s', float('nan')):.1f} |"
+                  for r in serving["results"]]
+        if "ratio_to_ceiling" in serving:
+            c = serving["ceiling"]["best"]
+            by = serving["ratio_to_ceiling_by_precision"]
+            lines += ["", f"Best {serving['best']['images_per_s']:.1f} images/s at concurrency {serving['best']['concurrency']}: "
+                          f"**{serving['ratio_to_ceiling']:.2f}** of the ceiling ({c['precision']} batch {c['batch_size']}, {c['images_per_s']:.1f}/s); "
+                          f"{by.get('fp32', float('nan')):.2f} of the best fp32 ceiling. Target >= 0.8."]
+            if "cpu_ratio_to_ceiling" in serving:
+                cc = serving["ceiling"]["best_per_cpu"]
+                lines += ["", f"Per CPU-second (TorchServe's processes + the load generator vs the in-process model; holds on a shared machine): "
+                              f"best {serving['best_per_cpu']['images_per_cpu_s']:.1f} at concurrency {serving['best_per_cpu']['concurrency']} vs "
+                              f"{cc['images_per_cpu_s']:.1f} ({cc['precision']} batch {cc['batch_size']}): **{serving['cpu_ratio_to_ceiling']:.2f}**."]
+        lines.append("")
+    if ingestion:
+        lines += [f"### 3. Ingestion end to end (`python -m ingest run`, images from {ingestion['source']})", "",
+                  "| run | images | images/s | images per CPU-second | rows (distinct contents) | moved | left in inbox | exit |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        def row(label, r):
+            return (f"| {label} | {r['images']} | {r['images_per_s']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} | "
+                    f"{r['rows']} ({r['distinct_contents']}) | {r['moved']} | {r['left_in_inbox']} | {r['exit_code']} |")
+        lines += [row(f"ingest, {common.MODEL_NAME} ResNet-50 (defaults)", r) for r in ingestion["results"]]
+        if ingestion.get("tuned"):
+            lines.append(row(f"ingest `{' '.join(ingestion['tuned']['extra_args'])}`", ingestion["tuned"]))
+        lines += [row(f"ingest, {ingestion.get('memory_archive_arch')} archive (memory run)", r) for r in ingestion.get("memory_runs", [])]
+        n = ingestion.get("naive")
+        if n:
+            lines.append(f"| naive baseline (224 px fp32, 1 image/request, INSERT+commit per row) | {n['images']} | {n['images_per_s']:.2f} | "
+                         f"{n.get('images_per_cpu_s', float('nan')):.2f} | {n['rows']} | {n['images']} | {n['left_in_inbox']} | |")
+        lines.append("")
+        if "ratio_to_serving" in ingestion:
+            lines.append(f"- ratio to serving's best ({ingestion['serving_best']['images_per_s']:.1f}/s): **{ingestion['ratio_to_serving']:.2f}** "
+                         f"(target >= 0.9); per CPU-second {ingestion.get('cpu_ratio_to_serving', float('nan')):.2f}")
+        if "tuned_ratio_to_serving" in ingestion:
+            lines.append(f"- with `{' '.join(ingestion['tuned']['extra_args'])}`: {ingestion['tuned_ratio_to_serving']:.2f} of serving's best")
+        if "speedup_vs_naive" in ingestion:
+            lines.append(f"- speed-up over the naive baseline: **x{ingestion['speedup_vs_naive']}** (target >= 10); "
+                         f"per CPU-second x{ingestion.get('cpu_speedup_vs_naive')}")
+        lines.append("")
+    lines += ["### 4. Memory (peak RSS)", "", "| what | peak RSS MiB |", "|---|---:|"]
+    if serving:
+        mem = serving["memory"]
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(mem["at_peak_by_kind_mib"].items()))
+        lines.append(f"| TorchServe under the serving load, sum of its processes ({parts}) | {mem['peak_sum_rss_mib']:.0f} |")
+    if ingestion:
+        mem = ingestion["torchserve_memory"]
+        lines.append(f"| TorchServe during ingestion, sum of its processes | {mem['peak_sum_rss_mib']:.0f} |")
+        for r in ingestion["results"]:
+            lines.append(f"| ingestion process, throughput run, inbox of {r['images']} files | {r['peak_rss_mib']:.0f} |")
+        for r in ingestion.get("memory_runs", []):
+            lines.append(f"| ingestion process, memory run, inbox of {r['images']} files | {r['peak_rss_mib']:.0f} |")
+    lines.append("")
+    if training:
+        h, w = training["image_size"]
+        lines += [f"### 5. Training: {training['arch']} at {h}x{w}, batch {training['batch_size']}, forward + backward + AdamW step", "",
+                  "| precision | images/s | s/step |", "|---|---:|---:|"]
+        lines += [f"| {r['precision']} | {r['images_per_s']:.1f} | {r['step_s']:.2f} |" for r in training["results"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark (about 2 minutes)")
+    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and summary (default: runs/bench/<time>)")
+    parser.add_argument("--only", nargs="+", choices=BENCHES, default=BENCHES, help="run only these")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    out = (args.out or common.default_out()).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python -m bench" + (" --quick" if args.quick else "") + ("" if args.only == BENCHES else " --only " + " ".join(args.only))
+    started = time.monotonic()
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        archive = args.archive or common.make_bench_archive(Path(tmp))
+        for name in BENCHES:
+            if name not in args.only:
+                continue
+            argv = [sys.executable, "-m", f"bench.{name}", "--out", str(out)] + (["--quick"] if args.quick else [])
+            if name != "training":
+                argv += ["--archive", str(archive)]
+            print(f"\n### bench.{name}", flush=True)
+            t0 = time.monotonic()
+            child = subprocess.Popen(argv, cwd=common.REPO_ROOT)
+            try:
+                code = child.wait()
+            except BaseException:  # SIGTERM/Ctrl-C: let the child stop its services first
+                child.terminate()
+                child.wait(timeout=60)
+                raise
+            print(f"### bench.{name}: exit {code} in {time.monotonic() - t0:.0f}s", flush=True)
+            if code:
+                failed.append(name)
+    wall = time.monotonic() - started
+    md = summary_markdown(out, cmd, wall)
+    (out / "summary.md").write_text(md + "\n")
+    summary = {name: common.read_json(out / f"{name}.json") for name in BENCHES}
+    common.write_json(out / "summary.json", {"command": cmd, "wall_s": round(wall, 1), "failed": failed, **summary})
+    print("\n" + md)
+    print(f"\nall benchmarks: {wall / 60:.1f} min; failed: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    common.exit_on_sigterm()
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,391 @@
+"""Shared pieces of the benchmarks: the machine, the bench archive, services on free ports, tables, JSON.
+
+Benchmarks drive the project only through its public entry points (training.export's CLI,
+serving.torchserve.TorchServe, serving.postgres.Cluster, `python -m ingest run`), so they keep
+working as those modules improve behind them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from serving.paths import REPO_ROOT
+from serving.torchserve import TorchServe, load_properties, write_properties
+
+DATASET = REPO_ROOT.parent / "shared" / "datasets" / "fashion-small"
+BENCH_ROOT = REPO_ROOT / "runs" / "bench"  # git-ignored (runs/)
+MODEL_NAME = "refund_classifier"
+# The refund department's 30 categories (../shared/datasets/fashion-small/README.md): the head size.
+REFUND_CATEGORIES = [
+    "Belts", "Capris", "Caps", "Casual Shoes", "Dresses", "Dupatta", "Flats", "Flip Flops", "Formal Shoes",
+    "Handbags", "Heels", "Jackets", "Jeans", "Kurtas", "Kurtis", "Leggings", "Sandals", "Shirts",
+    "Shoe Accessories", "Shorts", "Socks", "Sports Shoes", "Sweaters", "Sweatshirts", "Ties", "Tops",
+    "Track Pants", "Trousers", "Tshirts", "Watches",
+]
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    flags, model, family, cpu_model = set(), platform.processor() or "unknown", "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                model = value
+            elif key == "cpu family":
+                family = value
+            elif key == "model" and not cpu_model:
+                cpu_model = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu": model, "cpu_family": family, "cpu_model": cpu_model, "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def other_load() -> dict:
+    """What else is running: the load average and any training run (ours never is: benches train in-process)."""
+    found = subprocess.run(["pgrep", "-f", r"training\.train"], capture_output=True, text=True).stdout.split()
+    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "training_running": bool([p for p in found if int(p) != os.getpid()])}
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM -> SystemExit, so `finally` blocks stop the TorchServe and PostgreSQL a bench started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+# -- output ----------------------------------------------------------------------------------
+
+def print_table(title: str, headers: list[str], rows: list[list]) -> None:
+    cells = [headers] + [["" if v is None else (f"{v:,.1f}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n== {title}")
+    for n, row in enumerate(cells):
+        print("  ".join(v.rjust(w) if n else v.ljust(w) for v, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    sys.stdout.flush()
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def read_json(path: Path | None) -> dict | None:
+    if path and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return None
+
+
+def default_out() -> Path:
+    return BENCH_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# -- the bench archive: a randomly initialised ResNet-50, exported by the project's exporter -----
+
+def default_image_size() -> tuple[int, int]:
+    """training.train's default --image-size: what a real run serves."""
+    from training import train
+
+    return tuple(train.get_args_parser().get_default("image_size"))
+
+
+def build_random_run(run: Path, *, arch: str = "resnet50", image_size: tuple[int, int], seed: int = 0) -> Path:
+    """A training-run folder holding a checkpoint in training.train's format, with random weights."""
+    from handler.refund_model import build_model  # the one model definition
+    from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from training.train import CHECKPOINT
+
+    torch.manual_seed(seed)
+    model_config = {"arch": arch, "num_classes": len(REFUND_CATEGORIES)}
+    model = build_model(**model_config).eval()
+    run.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+        "model_config": model_config,
+        "classes": list(REFUND_CATEGORIES),
+        "preprocess": {"image_size": list(image_size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "calibration": {"temperature": 1.0, "review_threshold": 0.5},
+        "history": [],
+        "args": {"arch": arch, "image_size": list(image_size), "note": "bench: random init, not trained"},
+    }, run / CHECKPOINT)
+    return run
+
+
+def export_archive(run: Path, model_store: Path, version: str = "bench") -> Path:
+    """The project's exporter, through its CLI (its stable interface)."""
+    cmd = [sys.executable, "-m", "training.export", "--run", str(run), "--version", version,
+           "--model-store", str(model_store), "--force"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=private_tmp_env(model_store))
+    if result.returncode != 0:
+        raise SystemExit(f"bench: export failed ({result.returncode}):\n{result.stderr or result.stdout}")
+    found = sorted(Path(model_store).glob(f"{MODEL_NAME}-{version}.mar"))
+    if not found:
+        raise SystemExit(f"bench: export wrote no {MODEL_NAME}-{version}.mar in {model_store}:\n{result.stdout}")
+    return found[0]
+
+
+def private_tmp_env(near: Path) -> dict:
+    """torch-model-archiver stages files in $TMPDIR/<model name>: two exports of one model name at once
+    (another bench, a test run) overwrite each other there. A private TMPDIR keeps ours apart."""
+    tmp = Path(near).parent / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
+def make_bench_archive(work: Path, *, image_size: tuple[int, int] | None = None, arch: str = "resnet50") -> Path:
+    image_size = tuple(image_size or default_image_size())
+    t0 = time.monotonic()
+    run = build_random_run(work / f"run-{arch}", arch=arch, image_size=image_size)
+    mar = export_archive(run, work / f"model_store-{arch}")
+    print(f"bench archive: {mar} ({arch}, random init, {image_size[0]}x{image_size[1]}) in {time.monotonic() - t0:.0f}s", flush=True)
+    return mar
+
+
+def archive_info(mar: Path) -> dict:
+    """What the archive says about itself: meta (arch, image_size, ...) and model-config.yaml."""
+    import yaml
+
+    with zipfile.ZipFile(mar) as z:
+        names = set(z.namelist())
+        meta = json.loads(z.read("model_meta.json")) if "model_meta.json" in names else {}
+        config = yaml.safe_load(z.read("model-config.yaml")) if "model-config.yaml" in names else {}
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+    return {"path": str(mar), "meta": meta, "model_config": config or {}, "manifest": manifest}
+
+
+def load_archive_model(mar: Path) -> tuple[torch.nn.Module, dict]:
+    """The archive's model in fp32 eval mode, rebuilt from its meta + weights, as the handler does."""
+    from handler.refund_model import build_model
+
+    info = archive_info(mar)
+    with tempfile.TemporaryDirectory(prefix="bench-mar-") as tmp, zipfile.ZipFile(mar) as z:
+        z.extractall(tmp)
+        classes = json.loads((Path(tmp) / "index_to_name.json").read_text())
+        state = torch.load(Path(tmp) / info["manifest"]["model"]["serializedFile"], map_location="cpu", weights_only=True)
+    meta = info["meta"]
+    model = build_model(meta["arch"], int(meta.get("num_classes") or len(classes)))
+    model.load_state_dict(state)
+    return model.eval(), info
+
+
+# -- sample images ------------------------------------------------------------------------------
+
+def image_paths(n: int, work: Path) -> list[Path]:
+    """n distinct JPEGs: the real catalogue's when present, else the project's sample generator's."""
+    images = DATASET / "images"
+    if images.is_dir():
+        found = []
+        for entry in sorted(os.scandir(images), key=lambda e: e.name):
+            if entry.name.endswith(".jpg"):
+                found.append(Path(entry.path))
+                if len(found) >= n:
+                    return found
+        if len(found) >= n:
+            return found
+    return generate_images(n, work / f"generated-{n}")
+
+
+def generate_images(n: int, out: Path) -> list[Path]:
+    from training import make_sample_catalogue
+
+    images = out / "images"
+    have = sorted(images.glob("*.jpg")) if images.is_dir() else []
+    if len(have) >= n:
+        return have[:n]
+    classes = len(getattr(make_sample_catalogue, "DRAWERS", None) or [0] * 6)
+    per_class = -(-n // classes)
+    make_sample_catalogue.write_catalogue(out, per_class=per_class, seed=7, first_id=100000)
+    have = sorted(images.glob("*.jpg"))
+    if len(have) < n:
+        raise SystemExit(f"bench: the sample generator wrote {len(have)} images, {n} needed")
+    return have[:n]
+
+
+# -- services on free ports -----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_torchserve(model_store: Path, state: Path, **overrides: str) -> TorchServe:
+    """A TorchServe from the repository's config.properties (the production settings), on free ports."""
+    props = load_properties(REPO_ROOT / "config.properties")
+    props.update({
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
+        "model_store": str(model_store),
+        **overrides,
+    })
+    state.mkdir(parents=True, exist_ok=True)
+    config = write_properties(state / "config.properties", props)
+    return TorchServe(config=config, model_store=model_store, state=state)
+
+
+class PostgresForBench:
+    """A private PostgreSQL cluster in a temp folder on a free port; databases made on demand."""
+
+    def __init__(self):
+        from serving.postgres import Cluster
+
+        # Under /tmp: as root the server runs as `postgres`, which must reach the folder.
+        self.root = Path(tempfile.mkdtemp(prefix="rc-bench-pg-"))
+        self.cluster = Cluster(root=self.root, port=free_port())
+
+    def __enter__(self) -> "PostgresForBench":
+        self.cluster.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cluster.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def create_database(self, name: str) -> str:
+        import psycopg2
+
+        conn = psycopg2.connect(self.cluster.url("postgres"))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}"')  # bench-made identifiers, never user input
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return self.cluster.url(name)
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+class TreeRSS:
+    """Samples the summed RSS of a process tree in a thread; `peak` is the highest sum seen.
+
+    Also keeps each process's own high-water mark (VmHWM), which catches peaks between samples.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.2):
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_bytes = 0
+        self.peak_by_kind: dict[str, int] = {}
+        self.hwm: dict[int, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def kind(proc) -> str:
+        name = proc.name()
+        cmd = " ".join(proc.cmdline())
+        if name == "java" or "org.pytorch.serve" in cmd:
+            return "frontend"
+        if "model_service_worker" in cmd:
+            return "backend"
+        return "launcher"
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        total, by_kind = 0, {}
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+                kind = self.kind(p)
+                hwm = _vm_hwm(p.pid)
+            except (psutil.Error, OSError):
+                continue
+            total += rss
+            by_kind[kind] = by_kind.get(kind, 0) + rss
+            if hwm:
+                self.hwm[p.pid] = (kind, max(hwm, self.hwm.get(p.pid, ("", 0))[1]))
+        if total > self.peak_bytes:
+            self.peak_bytes, self.peak_by_kind = total, by_kind
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> "TreeRSS":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def report(self) -> dict:
+        hwm_by_kind: dict[str, int] = {}
+        for kind, hwm in self.hwm.values():
+            hwm_by_kind[kind] = hwm_by_kind.get(kind, 0) + hwm
+        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+        return {
+            "peak_sum_rss_mib": mib(self.peak_bytes),
+            "at_peak_by_kind_mib": {k: mib(v) for k, v in self.peak_by_kind.items()},
+            "sum_of_process_hwm_mib": {k: mib(v) for k, v in hwm_by_kind.items()},
+            "processes": len(self.hwm),
+        }
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its live descendants (TorchServe: launcher, frontend, workers)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,337 @@
+"""Ingestion end to end, the naive baseline, and the ingestion job's memory as the inbox grows.
+
+    python -m bench.ingestion [--archive MAR] [--sizes 500 10000] [--baseline-images 300] [--serving serving.json]
+
+For each size N: N JPEGs are copied into a fresh inbox (the real catalogue holds a few byte-identical
+duplicates, so rows are checked against the distinct contents), then `python -m ingest run` (the
+production CLI, in its own process) sends them to a real TorchServe (repository config, the archive's
+model-config.yaml) and records them in a real PostgreSQL (a private cluster on a free port). Timed
+from process start to exit; checked afterwards: committed rows, files left in the inbox, files moved.
+The job's peak RSS comes from wait4(2) (the kernel's high-water mark for that process).
+
+The naive baseline is how the original project worked: a ResNet-50 archive at 224x224 in fp32
+served one image per request (bench/naive_handler.py, batchSize 1), a sequential loop that posts
+each file on a new connection, then one INSERT and one commit per row, then moves the file.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from bench import common
+
+NAIVE_MODEL = "refund_classifier_naive"
+NAIVE_SIZE = (224, 224)
+
+
+# -- inboxes ----------------------------------------------------------------------------------
+
+def fill_inbox(inbox: Path, sources: list[Path]) -> Path:
+    """Copy the images into a fresh inbox, dated an hour ago so no 'still being written' check holds them back."""
+    if inbox.exists():
+        shutil.rmtree(inbox)
+    inbox.mkdir(parents=True)
+    past = time.time() - 3600
+    for src in sources:
+        dst = inbox / src.name
+        shutil.copyfile(src, dst)
+        os.utime(dst, (past, past))
+    return inbox
+
+
+def count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder)) if folder.exists() else 0
+
+
+# -- the production job ---------------------------------------------------------------------------
+
+def cli_options() -> str:
+    result = subprocess.run([sys.executable, "-m", "ingest", "run", "--help"], cwd=common.REPO_ROOT, capture_output=True, text=True)
+    return result.stdout
+
+
+def run_ingest(inbox: Path, work: Path, *, database_url: str, torchserve_url: str, extra: list[str]) -> dict:
+    """`python -m ingest run` in its own process: wall time, exit code, peak RSS (wait4), its log."""
+    options = cli_options()
+    processed, quarantine = work / "processed", work / "quarantine"
+    rss_file = work / "peak_rss.json"
+    cmd = [sys.executable, "-m", "bench.peak_rss", str(rss_file),
+           "ingest", "run", "--inbox", str(inbox), "--torchserve-url", torchserve_url]
+    if "--processed" in options:
+        cmd += ["--processed", str(processed)]
+    if "--quarantine" in options:
+        cmd += ["--quarantine", str(quarantine)]
+    cmd += extra
+    env = {**os.environ, "DATABASE_URL": database_url, "TORCHSERVE_URL": torchserve_url, "PYTHONUNBUFFERED": "1"}
+    log = work / "ingest.log"
+    with open(log, "wb") as f:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
+        wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = common.read_json(rss_file) or {}
+    return {
+        "cmd": "python -m " + " ".join(cmd[4:]), "exit_code": proc.returncode, "wall_s": round(wall, 2),
+        "peak_rss_mib": round(peak.get("vm_hwm_kib", 0) / 1024, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "processed_dir": str(processed) if "--processed" in options else None,
+        "log_tail": log.read_text(errors="replace").strip().splitlines()[-3:],
+    }
+
+
+def db_counts(database_url: str) -> dict:
+    import psycopg2
+
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT status, count(*) FROM predictions GROUP BY status")
+            by_status = dict(cur.fetchall())
+            cur.execute("SELECT count(DISTINCT sha256) FROM predictions")
+            distinct = cur.fetchone()[0]
+    finally:
+        conn.close()
+    return {"rows": sum(by_status.values()), "by_status": by_status, "distinct_sha256": distinct}
+
+
+def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.PostgresForBench, ts, extra: list[str],
+                 tag: str = "") -> dict:
+    case = work / f"ingest-{n}{tag}"
+    inbox = fill_inbox(case / "inbox", sources[:n])
+    url = pg.create_database(f"bench_ingest_{n}{tag}")
+    ts_cpu0 = common.tree_cpu_s(ts.pid())
+    r = run_ingest(inbox, case, database_url=url, torchserve_url=ts.inference_url, extra=extra)
+    cpu = r["cpu_s"] + common.tree_cpu_s(ts.pid()) - ts_cpu0
+    counts = db_counts(url)
+    distinct = len({hashlib.sha256(p.read_bytes()).hexdigest() for p in sources[:n]})
+    left = count_files(inbox)
+    moved = count_files(case / "processed") + count_files(case / "quarantine")
+    res = {
+        "images": n, "extra_args": extra, "distinct_contents": distinct, **r, **counts, "left_in_inbox": left, "moved": moved,
+        "images_per_s": round(n / r["wall_s"], 2), "cpu_s_with_torchserve": round(cpu, 1),
+        "images_per_cpu_s": round(n / cpu, 2),
+        "all_recorded": counts["distinct_sha256"] == distinct, "all_moved": moved == n and left == 0,
+    }
+    print(f"  ingest N={n} {' '.join(extra)}: {res['images_per_s']:.1f} images/s, {counts['rows']} rows for {distinct} distinct contents, {moved} moved, {left} left, "
+          f"peak RSS {r['peak_rss_mib']} MiB, exit {r['exit_code']}", flush=True)
+    return res
+
+
+# -- the naive baseline ------------------------------------------------------------------------------
+
+def make_naive_archive(archive: Path, out: Path) -> Path:
+    """The same weights as `archive`, in an archive served like the original project: 224 px, fp32, batchSize 1."""
+    import zipfile
+
+    info = common.archive_info(archive)
+    staging = out / "naive-staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as z:
+        (staging / "weights.pt").write_bytes(z.read(info["manifest"]["model"]["serializedFile"]))
+        classes = json.loads(z.read("index_to_name.json"))
+    meta = {"arch": info["meta"]["arch"], "image_size": list(NAIVE_SIZE), "classes": [classes[str(i)] for i in range(len(classes))]}
+    (staging / "naive_meta.json").write_text(json.dumps(meta))
+    (staging / "model-config.yaml").write_text(yaml.safe_dump({
+        "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 120}))
+    shutil.copy(Path(__file__).with_name("naive_handler.py"), staging / "naive_handler.py")
+    store = out / "naive-store"
+    store.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", NAIVE_MODEL, "--version", "1",
+           "--serialized-file", str(staging / "weights.pt"), "--handler", str(staging / "naive_handler.py"),
+           "--extra-files", str(staging / "naive_meta.json"), "--config-file", str(staging / "model-config.yaml"),
+           "--export-path", str(store), "--archive-format", "default", "--force"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=common.private_tmp_env(store))
+    if result.returncode != 0:
+        raise SystemExit(f"bench: torch-model-archiver failed for the naive archive: {result.stderr or result.stdout}")
+    return store / f"{NAIVE_MODEL}.mar"
+
+
+def naive_loop(inbox: Path, processed: Path, *, url: str, database_url: str) -> dict:
+    """One image per request on a new connection, sequential; one INSERT + commit per row; then move the file."""
+    import psycopg2
+    import requests
+    from psycopg2.extras import Json
+
+    insert = resources.files("bench").joinpath("naive_insert.sql").read_text()
+    processed.mkdir(parents=True, exist_ok=True)
+    conn = psycopg2.connect(database_url)
+    n, errors = 0, 0
+    t0 = time.monotonic()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(resources.files("bench").joinpath("naive.sql").read_text())
+        conn.commit()
+        for path in sorted(inbox.iterdir()):
+            data = path.read_bytes()
+            r = requests.post(url, data=data, timeout=120)
+            if r.status_code != 200:
+                errors += 1
+                continue
+            body = r.json()
+            with conn.cursor() as cur:
+                cur.execute(insert, {"sha256": hashlib.sha256(data).hexdigest(), "path": str(path), "label": body["label"],
+                                     "confidence": body["confidence"], "topk": Json(body["topk"])})
+            conn.commit()
+            shutil.move(path, processed / path.name)
+            n += 1
+        wall = time.monotonic() - t0
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM naive_predictions")
+            rows = cur.fetchone()[0]
+    finally:
+        conn.close()
+    return {"images": n, "errors": errors, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2), "rows": rows}
+
+
+def bench_naive(archive: Path, sources: list[Path], work: Path, *, pg: common.PostgresForBench, n: int) -> dict:
+    case = work / "naive"
+    mar = make_naive_archive(archive, case)
+    ts = common.make_torchserve(mar.parent, case / "torchserve")
+    ts.start([f"{NAIVE_MODEL}={mar.name}"])
+    try:
+        inbox = fill_inbox(case / "inbox", sources[:n])
+        cpu0 = common.tree_cpu_s(ts.pid()) + time.process_time()
+        res = naive_loop(inbox, case / "processed", url=f"{ts.inference_url}/predictions/{NAIVE_MODEL}",
+                         database_url=pg.create_database("bench_naive"))
+        cpu = common.tree_cpu_s(ts.pid()) + time.process_time() - cpu0
+        res |= {"cpu_s_with_torchserve": round(cpu, 1), "images_per_cpu_s": round(res["images"] / cpu, 2)}
+    finally:
+        ts.stop()
+    res |= {"image_size": list(NAIVE_SIZE), "precision": "fp32", "batch_size": 1, "left_in_inbox": count_files(case / "inbox")}
+    print(f"  naive baseline: {res['images_per_s']:.2f} images/s over {res['images']} images ({res['rows']} rows)", flush=True)
+    return res
+
+
+# -- all of it ---------------------------------------------------------------------------------------
+
+def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_images: int, extra: list[str],
+        tuned_concurrency: int, memory_archive: Path | None) -> dict:
+    """Throughput on `archive`; the inbox-size memory runs on `memory_archive` (the job's memory does not
+    depend on the model, and a small model keeps the 10,000-file run short); then the naive baseline."""
+    info = common.archive_info(archive)
+    sources = common.image_paths(max([images, *sizes, baseline_images]), work)
+    throughput, tuned, memory_runs = [], None, []
+    with common.PostgresForBench() as pg:
+        ts = common.make_torchserve(archive.parent, work / "torchserve")
+        ts.start([f"{common.MODEL_NAME}={archive.name}"])
+        try:
+            with common.TreeRSS(ts.pid()) as rss:
+                throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, extra=extra))
+                if tuned_concurrency and "--concurrency" in cli_options():
+                    # What more requests in flight give: the job's own knob, not a code change.
+                    tuned = bench_ingest(images, sources, work, pg=pg, ts=ts, extra=[*extra, "--concurrency", str(tuned_concurrency)], tag="_tuned")
+            ts_memory = rss.report()
+        finally:
+            ts.stop()
+        if sizes:
+            mem_archive = memory_archive or archive
+            mts = common.make_torchserve(mem_archive.parent, work / "torchserve-memory")
+            mts.start([f"{common.MODEL_NAME}={mem_archive.name}"])
+            try:
+                for n in sizes:
+                    memory_runs.append(bench_ingest(n, sources, work, pg=pg, ts=mts, extra=extra, tag="_mem"))
+            finally:
+                mts.stop()
+        naive = bench_naive(archive, sources, work, pg=pg, n=baseline_images) if baseline_images else None
+    best = throughput[0]
+    res = {
+        "bench": "ingestion", "archive": str(archive), "image_size": info["meta"].get("image_size"),
+        "source": "../shared/datasets/fashion-small/images" if str(sources[0]).startswith(str(common.DATASET)) else "generated (training.make_sample_catalogue)",
+        "results": throughput, "best": best, "tuned": tuned, "naive": naive, "torchserve_memory": ts_memory,
+        "memory_runs": memory_runs, "memory_archive_arch": common.archive_info(memory_archive or archive)["meta"].get("arch"),
+    }
+    if len(memory_runs) >= 2:
+        small, large = memory_runs[0], memory_runs[-1]
+        res["memory_growth_mib"] = round(large["peak_rss_mib"] - small["peak_rss_mib"], 1)
+        res["memory_growth_ratio"] = round(large["peak_rss_mib"] / small["peak_rss_mib"], 3)
+    if naive:
+        res["speedup_vs_naive"] = round(best["images_per_s"] / naive["images_per_s"], 1)
+        res["cpu_speedup_vs_naive"] = round(best["images_per_cpu_s"] / naive["images_per_cpu_s"], 1)
+    return res
+
+
+def add_ratios(res: dict, serving: dict | None) -> dict:
+    if serving:
+        res["serving_best"] = serving["best"]
+        res["ratio_to_serving"] = round(res["best"]["images_per_s"] / serving["best"]["images_per_s"], 3)
+        if serving.get("best_per_cpu"):
+            res["cpu_ratio_to_serving"] = round(res["best"]["images_per_cpu_s"] / serving["best_per_cpu"]["images_per_cpu_s"], 3)
+        if res.get("tuned"):
+            res["tuned_ratio_to_serving"] = round(res["tuned"]["images_per_s"] / serving["best"]["images_per_s"], 3)
+    return res
+
+
+def print_results(res: dict) -> None:
+    def row(label, r):
+        return [label, r["images_per_s"], r.get("images_per_cpu_s"), r["rows"], r.get("moved"), r["left_in_inbox"], r.get("peak_rss_mib"), r.get("exit_code")]
+    rows = [row(f"ingest N={r['images']}", r) for r in res["results"]]
+    if res.get("tuned"):
+        rows.append(row(f"ingest N={res['tuned']['images']} {' '.join(res['tuned']['extra_args'])}", res["tuned"]))
+    rows += [row(f"ingest N={r['images']} ({res['memory_archive_arch']})", r) for r in res["memory_runs"]]
+    if res.get("naive"):
+        n = res["naive"]
+        rows.append([f"naive N={n['images']}", n["images_per_s"], n.get("images_per_cpu_s"), n["rows"], n["images"], n["left_in_inbox"], None, None])
+    common.print_table(f"ingestion end to end ({res['source']})", ["run", "images/s", "images/CPU-s", "rows", "moved", "left", "peak RSS MiB", "exit"], rows)
+    if res["memory_runs"]:
+        a, b = res["memory_runs"][0], res["memory_runs"][-1]
+        print(f"ingestion memory: {a['peak_rss_mib']} MiB at N={a['images']} -> {b['peak_rss_mib']} MiB at N={b['images']}")
+    if "ratio_to_serving" in res:
+        print(f"ratio to serving's best ({res['serving_best']['images_per_s']:.1f}/s at c={res['serving_best']['concurrency']}): "
+              f"{res['ratio_to_serving']:.2f} (target >= 0.9); per CPU-second {res.get('cpu_ratio_to_serving')}")
+    if "speedup_vs_naive" in res:
+        print(f"speed-up over the naive baseline: x{res['speedup_vs_naive']} (target >= 10); per CPU-second x{res.get('cpu_speedup_vs_naive')}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
+    parser.add_argument("--images", type=int, default=2000, help="inbox size of the throughput run (ResNet-50)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[500, 10000], help="inbox sizes of the memory runs")
+    parser.add_argument("--memory-arch", type=str, default="tinynet", help="model of the memory runs' archive ('same': the bench archive)")
+    parser.add_argument("--baseline-images", type=int, default=200, help="images for the naive baseline (0: skip it)")
+    parser.add_argument("--tuned-concurrency", type=int, default=32, help="one more throughput run with this --concurrency (0: skip)")
+    parser.add_argument("--ingest-arg", action="append", default=[], help="extra argument for `python -m ingest run` (repeatable)")
+    parser.add_argument("--serving", type=Path, default=None, help="serving.json of the same run, for the ratio")
+    parser.add_argument("--out", type=Path, default=None, help="folder for ingestion.json (default: runs/bench/<time>)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 300 images, memory runs of 100 and 1000, 20 baseline images")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    out = args.out or common.default_out()
+    images, sizes, baseline = (300, [100, 1000], 20) if args.quick else (args.images, args.sizes, args.baseline_images)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        archive = args.archive or common.make_bench_archive(Path(tmp))
+        memory_archive = None
+        if sizes and args.memory_arch != "same":
+            memory_archive = common.make_bench_archive(Path(tmp) / "memory", arch=args.memory_arch,
+                                                       image_size=tuple(common.archive_info(archive)["meta"]["image_size"]))
+        res = run(archive, Path(tmp), images=images, sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
+                  tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive)
+    res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))
+    res |= {"machine": common.machine_info(), "load": common.other_load(), "date": common.now_iso(), "quick": args.quick}
+    print_results(res)
+    common.write_json(out / "ingestion.json", res)
+    return res
+
+
+if __name__ == "__main__":
+    common.exit_on_sigterm()
+    main(get_args_parser().parse_args())
