@@ -1,6 +1,6 @@
 """Top-1 agreement of bf16 (autocast + channels_last, as the handler runs it) with fp32.
 
-    # a training run, on its validation split (split.json), the gate for `precision: auto`
+    # a training run, on its validation split (its prepared val.csv), the gate for `precision: auto`
     python -m bench.precision_agreement --run runs/fashion
     # an exported archive, on a catalogue's images
     python -m bench.precision_agreement --archive model_store/refund_classifier-2.mar --data-dir DIR
@@ -27,6 +27,7 @@ import torch
 from handler.refund_inference import calibration
 from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+from training import prepare as prepare_mod
 from training.catalogue import Item, list_items
 from training.train import CHECKPOINT, load_images
 
@@ -37,11 +38,13 @@ class BenchError(RuntimeError):
 
 def load_run(run: Path) -> dict:
     ckpt = torch.load(Path(run) / CHECKPOINT, map_location="cpu", weights_only=True)
-    split = json.loads((Path(run) / "split.json").read_text()) if (Path(run) / "split.json").exists() else {}
+    data = Path(ckpt.get("data_dir") or "")  # the folder training.prepare wrote: train/val/test.csv
+    splits = {name: [Item(id=r.id, label=r.label, path=Path(r.path)) for r in prepare_mod.read_manifest(data / f"{name}.csv")]
+              for name in ("train", "val", "test") if (data / f"{name}.csv").is_file()}
     return {
         "state": ckpt["model"], "arch": ckpt["model_config"]["arch"], "classes": ckpt["classes"],
         "image_size": tuple(ckpt["preprocess"]["image_size"]), "mean": tuple(ckpt["preprocess"]["mean"]),
-        "std": tuple(ckpt["preprocess"]["std"]), "calibration": ckpt.get("calibration", {}), "split": split,
+        "std": tuple(ckpt["preprocess"]["std"]), "calibration": ckpt.get("calibration", {}), "splits": splits,
     }
 
 
@@ -54,17 +57,8 @@ def load_archive(mar: Path) -> dict:
     return {
         "state": state, "arch": meta["arch"], "classes": [names[str(i)] for i in range(len(names))],
         "image_size": tuple(meta["image_size"]), "mean": tuple(meta["mean"]), "std": tuple(meta["std"]),
-        "calibration": meta, "split": {},
+        "calibration": meta, "splits": {},
     }
-
-
-def select(items: list[Item], split: dict, which: str) -> list[Item]:
-    if which == "all":
-        return items
-    if which not in split:
-        raise BenchError(f"--split {which} needs the run's split.json; use --split all with --archive/--random-init")
-    wanted = set(map(str, split[which]))
-    return [it for it in items if str(it.id) in wanted]
 
 
 @torch.inference_mode()
@@ -85,20 +79,24 @@ def measure(args: argparse.Namespace) -> dict:
         src = load_archive(args.archive)
     elif args.random_init:
         src = {"state": None, "arch": args.arch, "classes": None, "image_size": tuple(args.image_size),
-               "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "calibration": {}, "split": {}}
+               "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "calibration": {}, "splits": {}}
     else:
         raise BenchError("give --run, --archive or --random-init")
-    data_dir = args.data_dir or (Path(src["split"]["data_dir"]) if src["split"].get("data_dir") else None)
-    if data_dir is None:
-        raise BenchError("--data-dir is required (the run's split.json names none)")
-    items, _ = list_items(data_dir)
     if args.split == "auto":
-        args.split = "val" if args.run else "all"
-    items = select(items, src["split"], args.split)
+        args.split = "val" if args.run and not args.data_dir else "all"
+    if args.split == "all":
+        if args.data_dir is None:
+            raise BenchError("--split all needs --data-dir (a Kaggle-layout catalogue)")
+        items, _ = list_items(args.data_dir)
+    elif args.split in src["splits"]:
+        items = src["splits"][args.split]
+    else:
+        raise BenchError(f"--split {args.split} needs a --run whose prepared manifests (train/val/test.csv) still exist; "
+                         "or use --split all with --data-dir")
     if args.limit:
         items = items[:args.limit]
     if not items:
-        raise BenchError(f"no images selected from {data_dir} (split {args.split})")
+        raise BenchError(f"no images selected (split {args.split})")
     classes = src["classes"] or sorted({it.label for it in items})
 
     torch.manual_seed(args.seed)
@@ -138,13 +136,13 @@ def measure(args: argparse.Namespace) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--run", type=Path, default=None, help="training run folder (checkpoint.pt, split.json)")
+    src.add_argument("--run", type=Path, default=None, help="training run folder (checkpoint.pt; its prepared data/ manifests)")
     src.add_argument("--archive", type=Path, default=None, help="exported .mar")
     src.add_argument("--random-init", action="store_true", help="an untrained --arch network (smoke measurement)")
     parser.add_argument("--arch", type=str, default="resnet50", help="architecture for --random-init")
     parser.add_argument("--image-size", type=int, nargs=2, default=[80, 64], metavar=("H", "W"), help="input size for --random-init")
-    parser.add_argument("--data-dir", type=Path, default=None, help="Kaggle-layout catalogue (default: the run's split.json data_dir)")
-    parser.add_argument("--split", type=str, default="auto", choices=["auto", "val", "train", "all"],
+    parser.add_argument("--data-dir", type=Path, default=None, help="Kaggle-layout catalogue (with --split all)")
+    parser.add_argument("--split", type=str, default="auto", choices=["auto", "val", "test", "train", "all"],
                         help="which images: val/train need --run; auto = val for --run, else all")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (the archive's batchSize)")

@@ -11,7 +11,7 @@ def test_precision_agreement_on_the_validation_split(trained_run, tmp_path):
     args = precision_agreement.get_args_parser().parse_args(["--run", str(trained_run), "--out", str(out)])
     code = precision_agreement.main(args)
     result = json.loads(out.read_text())
-    val = json.loads((trained_run / "split.json").read_text())["val"]
+    val = (trained_run / "data" / "val.csv").read_text().splitlines()[1:]  # training.prepare's manifest
     assert result["split"] == "val" and result["images"] == len(val) > 0
     assert 0.0 <= result["top1_agreement"] <= 1.0 and result["max_abs_dp"] < 0.05
     assert result["disagreements"] == round((1 - result["top1_agreement"]) * len(val))
@@ -23,4 +23,4 @@ def test_split_needs_a_run(sample_catalogue, capsys):
     args = precision_agreement.get_args_parser().parse_args(
         ["--random-init", "--arch", "tinynet", "--data-dir", str(sample_catalogue), "--split", "val"])
     assert precision_agreement.main(args) == 2
-    assert "split.json" in capsys.readouterr().err
+    assert "prepared manifests" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -121,7 +122,8 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
             "--config-file", str(staging / "model-config.yaml"),
             "--export-path", str(staging), "--archive-format", "default",
         ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two exports apart.
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(staging)})
         if result.returncode != 0:
             raise ExportError(f"torch-model-archiver failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
         # The archiver names the file after the model; the store keeps one file per version.
