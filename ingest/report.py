@@ -18,6 +18,8 @@ SECTIONS = {
     "duplicates": ("report_duplicates", "Duplicates (same content as a recorded photo)"),
     "runs": ("report_runs", "Runs"),
 }
+# Shown on request only (`report --latest N`), not among the default sections.
+EXTRA_SECTIONS = {"latest": ("latest", "Latest predictions")}
 
 
 def collect(url: str, *, since: datetime, limit: int, sections: list[str]) -> dict[str, dict]:
@@ -48,7 +50,8 @@ def _cell(value) -> str:
 
 def write_table(data: dict, out: TextIO = sys.stdout) -> None:
     for name, section in data.items():
-        print(f"== {SECTIONS[name][1]} ==", file=out)
+        title = (SECTIONS.get(name) or EXTRA_SECTIONS[name])[1]
+        print(f"== {title} ==", file=out)
         cells = [section["columns"]] + [[_cell(v) for v in row] for row in section["rows"]]
         widths = [max(len(r[i]) for r in cells) for i in range(len(section["columns"]))]
         for n, row in enumerate(cells):

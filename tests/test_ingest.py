@@ -435,6 +435,9 @@ def test_report_formats(torchserve, database_url, tmp_path, unseen_images):
     csv_text = report("--format", "csv", "--section", "failures")
     assert csv_text.splitlines()[0].startswith("reason,model_version,images") and "not_an_image,1,1" in csv_text
     assert json.loads(report("--format", "json", "--since", "2999-01-01"))["by_day"] == []
+    latest = report("--latest", "3")  # what `make demo` prints last
+    assert "== Latest predictions ==" in latest
+    assert len(latest.split("== Latest predictions ==")[1].strip().splitlines()) == 2 + 3
 
 
 # -- settings, schedule (no services) --------------------------------------------------------
