@@ -11,7 +11,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from serving.paths import REPO_ROOT
-from serving.torchserve import TorchServe, load_properties, write_properties
+from serving.torchserve import free_port, make_torchserve  # noqa: F401 - the benches import them from here
 
 DATASET = REPO_ROOT.parent / "shared" / "datasets" / "fashion-small"
 BENCH_ROOT = REPO_ROOT / "runs" / "bench"  # git-ignored (runs/)
@@ -231,29 +230,6 @@ def generate_images(n: int, out: Path) -> list[Path]:
 
 
 # -- services on free ports -----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_torchserve(model_store: Path, state: Path, **overrides: str) -> TorchServe:
-    """A TorchServe from the repository's config.properties (the production settings), on free ports."""
-    props = load_properties(REPO_ROOT / "config.properties")
-    props.update({
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()),
-        "grpc_management_port": str(free_port()),
-        "model_store": str(model_store),
-        **overrides,
-    })
-    state.mkdir(parents=True, exist_ok=True)
-    config = write_properties(state / "config.properties", props)
-    return TorchServe(config=config, model_store=model_store, state=state)
-
 
 class PostgresForBench:
     """A private PostgreSQL cluster in a temp folder on a free port; databases made on demand."""

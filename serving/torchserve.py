@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,3 +242,28 @@ def archives(model_store: Path, model: str = MODEL_NAME) -> dict[str, Path]:
 def latest_archive(model_store: Path, model: str = MODEL_NAME) -> Path | None:
     found = archives(model_store, model)
     return list(found.values())[-1] if found else None
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_torchserve(model_store: Path, state: Path, **overrides: str) -> TorchServe:
+    """A TorchServe from the repository's config.properties (the production settings), on free ports,
+    with its own state folder: for tests and benchmarks, beside any other instance."""
+    props = load_properties(REPO_ROOT / "config.properties")
+    props.update({
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
+        "model_store": str(model_store),
+        **overrides,
+    })
+    state.mkdir(parents=True, exist_ok=True)
+    config = write_properties(state / "config.properties", props)
+    return TorchServe(config=config, model_store=model_store, state=state)

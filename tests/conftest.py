@@ -6,7 +6,6 @@ ports, each in its own temporary folder, so test runs never touch the demo's ser
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import uuid
 import zipfile
@@ -16,19 +15,12 @@ import psycopg2
 import pytest
 
 from ingest import db
-from serving.paths import REPO_ROOT
 from serving.postgres import Cluster
-from serving.torchserve import TorchServe, load_properties, write_properties
+from serving.torchserve import free_port, make_torchserve  # noqa: F401 - tests import them from here
 from training import export as export_mod
 from training import make_sample_catalogue, train
 
 IMAGE_SIZE = (32, 32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -111,23 +103,6 @@ def database_url(pg_cluster) -> str:
 
 
 # -- TorchServe ----------------------------------------------------------------------------
-
-def make_torchserve(model_store: Path, state: Path, **overrides: str) -> TorchServe:
-    """A TorchServe from the repository's config.properties, on free ports, with its own state folder."""
-    props = load_properties(REPO_ROOT / "config.properties")
-    props.update({
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()),
-        "grpc_management_port": str(free_port()),
-        "model_store": str(model_store),
-        **overrides,
-    })
-    state.mkdir(parents=True, exist_ok=True)
-    config = write_properties(state / "config.properties", props)
-    return TorchServe(config=config, model_store=model_store, state=state)
-
 
 @pytest.fixture(scope="session")
 def torchserve(model_store, tmp_path_factory):
