@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
         archive = args.archive or common.make_bench_archive(Path(tmp))
         res = run(archive, batch_sizes=args.batch_sizes, seconds=seconds, threads=args.threads)
-    res |= {"machine": common.machine_info(), "load": common.other_load(), "date": common.now_iso(), "quick": args.quick}
+    res |= common.run_context(quick=args.quick)
     print_results(res)
     common.write_json(out / "ceiling.json", res)
     return res

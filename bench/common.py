@@ -91,6 +91,11 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> None:
     sys.stdout.flush()
 
 
+def run_context(*, quick: bool) -> dict:
+    """What every bench result records about the run: machine, other load, date, smoke or full."""
+    return {"machine": machine_info(), "load": other_load(), "date": now_iso(), "quick": quick}
+
+
 def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str))

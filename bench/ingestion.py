@@ -326,7 +326,7 @@ def main(args: argparse.Namespace) -> dict:
         res = run(archive, Path(tmp), images=images, sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
                   tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive)
     res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))
-    res |= {"machine": common.machine_info(), "load": common.other_load(), "date": common.now_iso(), "quick": args.quick}
+    res |= common.run_context(quick=args.quick)
     print_results(res)
     common.write_json(out / "ingestion.json", res)
     return res

@@ -242,7 +242,7 @@ def main(args: argparse.Namespace) -> dict:
         res = run(archive, Path(tmp), concurrencies=args.concurrency, seconds=seconds, warmup_s=warmup,
                   n_images=200 if args.quick else args.images)
     res = add_ratios(res, common.read_json(args.ceiling or out / "ceiling.json"))
-    res |= {"machine": common.machine_info(), "load": common.other_load(), "date": common.now_iso(), "quick": args.quick}
+    res |= common.run_context(quick=args.quick)
     print_results(res)
     common.write_json(out / "serving.json", res)
     return res

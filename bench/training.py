@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> dict:
     res = {"bench": "training", "arch": arch, "image_size": list(image_size), "batch_size": batch_size,
            "torch_threads": torch.get_num_threads(), "results": results,
            "bf16_speedup": round(results[1]["images_per_s"] / results[0]["images_per_s"], 2),
-           "machine": common.machine_info(), "load": common.other_load(), "date": common.now_iso(), "quick": args.quick}
+           **common.run_context(quick=args.quick)}
     common.print_table(f"training: {arch} at {image_size[0]}x{image_size[1]}, batch {batch_size}, forward+backward+AdamW step",
                        ["precision", "images/s", "s/step"], [[r["precision"], r["images_per_s"], r["step_s"]] for r in results])
     common.write_json((args.out or common.default_out()) / "training.json", res)
