@@ -68,6 +68,22 @@ def secured_ts(model_store, tmp_path_factory):
     ts.stop()
 
 
+def restart_while_paused(proc, hooks, *, stop, start) -> tuple[str, str]:
+    """With the job paused after a commit: stop the service, let the job meet it dead, start it again;
+    returns the job's (stdout, stderr). The job is killed if it outlives the test."""
+    try:
+        wait_for(hooks / "paused-after_commit", proc)
+        stop()
+        (hooks / "resume-after_commit").touch()
+        time.sleep(1.0)  # the job now meets a dead service
+        start()
+        return proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def test_torchserve_restart_mid_run(secured_ts, database_url, tmp_path, unseen_images):
     inbox = tmp_path / "inbox"
     originals = fill_inbox(inbox, unseen_images)
@@ -77,17 +93,8 @@ def test_torchserve_restart_mid_run(secured_ts, database_url, tmp_path, unseen_i
                      TORCHSERVE_MANAGEMENT_URL=secured_ts.management_url,
                      INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
     proc = start_cli(inbox, env, "--retries", "40", "--backoff", "0.2", "--backoff-max", "2")
-    try:
-        wait_for(hooks / "paused-after_commit", proc)
-        secured_ts.stop()
-        (hooks / "resume-after_commit").touch()
-        time.sleep(1.0)  # the job now meets a dead TorchServe
-        secured_ts.start(["refund_classifier=refund_classifier-1.mar"])  # new process, new keys
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = restart_while_paused(proc, hooks, stop=secured_ts.stop,
+                                    start=lambda: secured_ts.start(["refund_classifier=refund_classifier-1.mar"]))  # new keys
     assert proc.returncode == 0, err[-3000:]
     summary = summary_of(out)
     assert summary["retried"] > 0 and summary["failed"] == 0
@@ -129,17 +136,7 @@ def test_postgres_restart_mid_run(private_cluster, torchserve, tmp_path, unseen_
     hooks.mkdir()
     env = ingest_env(torchserve.inference_url, url, INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
     proc = start_cli(inbox, env)
-    try:
-        wait_for(hooks / "paused-after_commit", proc)
-        private_cluster.stop()
-        (hooks / "resume-after_commit").touch()
-        time.sleep(1.0)  # the job now meets a dead PostgreSQL
-        private_cluster.start()
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = restart_while_paused(proc, hooks, stop=private_cluster.stop, start=private_cluster.start)
     assert proc.returncode == 0, err[-3000:]
     assert "reconnected to PostgreSQL" in err
     assert_exactly_once(url, inbox, originals)
