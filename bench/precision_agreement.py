@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from handler.refund_inference import calibration
+from handler.refund_inference import calibrated_probs, calibration, class_bias
 from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from training import prepare as prepare_mod
@@ -41,10 +41,12 @@ def load_run(run: Path) -> dict:
     data = Path(ckpt.get("data_dir") or "")  # the folder training.prepare wrote: train/val/test.csv
     splits = {name: [Item(id=r.id, label=r.label, path=Path(r.path)) for r in prepare_mod.read_manifest(data / f"{name}.csv")]
               for name in ("train", "val", "test") if (data / f"{name}.csv").is_file()}
+    fitted = Path(run) / "calibration.json"  # training.evaluate's, as exported into the archive
+    calib = json.loads(fitted.read_text()) if fitted.is_file() else ckpt.get("calibration", {})
     return {
         "state": ckpt["model"], "arch": ckpt["model_config"]["arch"], "classes": ckpt["classes"],
         "image_size": tuple(ckpt["preprocess"]["image_size"]), "mean": tuple(ckpt["preprocess"]["mean"]),
-        "std": tuple(ckpt["preprocess"]["std"]), "calibration": ckpt.get("calibration", {}), "splits": splits,
+        "std": tuple(ckpt["preprocess"]["std"]), "calibration": calib, "splits": splits,
     }
 
 
@@ -106,11 +108,12 @@ def measure(args: argparse.Namespace) -> dict:
         model.load_state_dict(src["state"])
     model = model.eval().to(memory_format=torch.channels_last)
     temperature, _ = calibration(src["calibration"])
+    bias = class_bias(src["calibration"], len(classes))
 
     x = normalize(load_images(items, src["image_size"]), mean=src["mean"], std=src["std"])  # (N, 3, H, W)
     fp32, t32 = logits_of(model, x, bf16=False, batch_size=args.batch_size)
     bf16, t16 = logits_of(model, x, bf16=True, batch_size=args.batch_size)
-    p32, p16 = torch.softmax(fp32 / temperature, 1), torch.softmax(bf16 / temperature, 1)
+    p32, p16 = calibrated_probs(fp32, temperature, bias), calibrated_probs(bf16, temperature, bias)
     top32, top16 = p32.argmax(1), p16.argmax(1)
     to_index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([to_index.get(it.label, -1) for it in items])

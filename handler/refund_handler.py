@@ -4,8 +4,8 @@ Thin: TorchServe wants exactly one class in this module, so the logic lives in p
 functions in refund_inference.py and refund_preprocess.py.
 
 Handler settings come from the `handler:` section of the archive's model-config.yaml
-(precision, threads, topk, max_pixels, max_bytes); calibration (temperature,
-review_threshold) comes from model_meta.json, written by training.export.
+(precision, threads, topk, max_pixels, max_bytes); calibration (temperature, per-class
+logit bias, review_threshold) comes from model_meta.json, written by training.export.
 """
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
-    from refund_inference import (Prepared, calibration, error_response, error_status, format_prediction, load_meta,
-                                  prepare_batch, reject_counts, resolve_precision, threads_per_worker)
+    from refund_inference import (Prepared, calibrated_probs, calibration, class_bias, error_response, error_status,
+                                  format_prediction, load_meta, prepare_batch, reject_counts, resolve_precision,
+                                  threads_per_worker)
     from refund_model import build_model, cpu_supports_bf16
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
 except ImportError:  # in the repository, as the `handler` package
-    from handler.refund_inference import (Prepared, calibration, error_response, error_status, format_prediction,
-                                          load_meta, prepare_batch, reject_counts, resolve_precision,
-                                          threads_per_worker)
+    from handler.refund_inference import (Prepared, calibrated_probs, calibration, class_bias, error_response,
+                                          error_status, format_prediction, load_meta, prepare_batch, reject_counts,
+                                          resolve_precision, threads_per_worker)
     from handler.refund_model import build_model, cpu_supports_bf16
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
 
@@ -66,6 +67,7 @@ class RefundClassifierHandler(BaseHandler):
         self.image_size = tuple(self.meta["image_size"])
         self.mean, self.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
         self.temperature, self.review_threshold = calibration(self.meta)
+        self.class_bias = class_bias(self.meta, len(self.classes))
         self.topk = int(settings.get("topk", 5))
         self.max_pixels = int(settings.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_bytes = int(settings.get("max_bytes", DEFAULT_MAX_BYTES))
@@ -92,9 +94,10 @@ class RefundClassifierHandler(BaseHandler):
         self.initialized = True
         logger.info(
             "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d "
-            "temperature=%.4g review_threshold=%.4g",
+            "temperature=%.4g review_threshold=%.4g class_bias=%s",
             self.model_name, self.model_version, self.meta["arch"], len(self.classes), self.image_size, self.device,
             self.precision, torch.get_num_threads(), self.temperature, self.review_threshold,
+            "none" if self.class_bias is None else f"prior weight {self.meta.get('prior_weight', '?')}",
         )
 
     def autocast(self):
@@ -125,7 +128,7 @@ class RefundClassifierHandler(BaseHandler):
             x = x.to(self.device, memory_format=torch.channels_last)
             with self.autocast():
                 logits = self.model(x)
-            probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()  # (G, num_classes)
+            probs = calibrated_probs(logits, self.temperature, self.class_bias).cpu()  # (G, num_classes)
         emit(self.context.metrics, METRIC_INFERENCE, time.perf_counter() - started, "seconds", "histogram")
         return prepared, probs
 

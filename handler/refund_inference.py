@@ -157,6 +157,32 @@ def threads_per_worker(setting: int | str, *, cores: int, workers: int) -> int:
     return threads
 
 
+def class_bias(meta: dict, num_classes: int) -> torch.Tensor | None:
+    """The per-class logit bias from model_meta.json (None when absent): `training.evaluate` fits
+    it on validation to undo the prior shift that class-weighted training leaves in the logits."""
+    bias = meta.get("class_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, list) or len(bias) != num_classes:
+        raise ValueError(f"Invalid class_bias in {META_FILE}: expected a list of {num_classes} numbers, one per class")
+    out = torch.tensor([float(b) for b in bias])
+    if not torch.isfinite(out).all():
+        raise ValueError(f"Invalid class_bias in {META_FILE}: every entry must be a finite number")
+    return out
+
+
+def calibrated_probs(logits: torch.Tensor, temperature: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C) logits -> calibrated probabilities softmax(logits / T + bias), in float32.
+
+    The one definition: the handler serves it, and training.evaluate fits T, the bias and the
+    review threshold through it.
+    """
+    z = logits.float() / temperature
+    if bias is not None:
+        z = z + bias.to(z.device)
+    return torch.softmax(z, dim=1)
+
+
 def calibration(meta: dict) -> tuple[float, float]:
     """(temperature, review_threshold) from model_meta.json; 1.0 and 0.5 when absent."""
     temperature = float(meta.get("temperature", 1.0))

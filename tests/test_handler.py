@@ -20,7 +20,7 @@ from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 import ts
 from handler.refund_handler import (METRIC_BATCH_SIZE, METRIC_IMAGES, METRIC_INFERENCE, METRIC_PREPROCESS,
                                     METRIC_REJECTS, RefundClassifierHandler)
-from handler.refund_inference import calibration, extract_payload, prepare_batch, resolve_precision, threads_per_worker
+from handler.refund_inference import calibrated_probs, calibration, class_bias, extract_payload, prepare_batch, resolve_precision, threads_per_worker
 from handler.refund_preprocess import ImageError, decode_image, load_for_model, normalize
 from training.catalogue import list_items
 from training.train import load_images
@@ -353,7 +353,27 @@ def test_temperature_and_review_threshold_from_model_meta(handler, extracted_arc
     assert abs(got - expected) < 2e-2  # bf16 on CPUs that have it
 
 
+def test_class_bias_from_model_meta_shifts_the_answer(handler, extracted_archive, tmp_path, unseen_images):
+    h1, ctx1 = handler
+    favoured = 2
+    bias = [0.0] * len(h1.classes)
+    bias[favoured] = 50.0
+    h2, ctx2 = make_handler(variant(extracted_archive, tmp_path, meta={"class_bias": bias}))
+    body = list_items(unseen_images)[0][0].path.read_bytes()
+    assert h1.handle([{"body": body}], ctx1)[0]["confidence"] < 1.0
+    assert h2.handle([{"body": body}], ctx2)[0]["label"] == h1.classes[favoured]
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    assert calibrated_probs(logits, 2.0, torch.tensor([0.0, 0.0, -1.0]))[0].tolist() == pytest.approx(
+        torch.softmax(torch.tensor([0.5, 1.0, 0.5]), 0).tolist())
+    assert calibrated_probs(logits, 1.0, None)[0].tolist() == pytest.approx(torch.softmax(logits[0], 0).tolist())
+
+
 def test_invalid_calibration_and_settings_are_refused():
+    with pytest.raises(ValueError, match="class_bias .* 3 numbers"):
+        class_bias({"class_bias": [0.0, 1.0]}, 3)
+    with pytest.raises(ValueError, match="finite"):
+        class_bias({"class_bias": [0.0, float("nan"), 1.0]}, 3)
+    assert class_bias({}, 3) is None
     with pytest.raises(ValueError, match="temperature"):
         calibration({"temperature": 0})
     with pytest.raises(ValueError, match="review_threshold"):

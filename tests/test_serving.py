@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 
-from handler.refund_inference import resolve_precision
+from handler.refund_inference import calibrated_probs, resolve_precision
 from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import normalize
 from serving.torchserve import load_properties
@@ -190,7 +190,7 @@ def test_no_train_serve_skew(torchserve, trained_run, unseen_images):
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        probs = torch.softmax(logits.float() / cal["temperature"], dim=1)
+        probs = calibrated_probs(logits, cal["temperature"], None)
     conf, idx = probs.max(1)
     answers = post_all(torchserve, [it.path.read_bytes() for it in items])
     served = [r.json() for r in answers]

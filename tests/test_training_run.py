@@ -147,8 +147,25 @@ def test_temperature_undoes_a_scaling():
     y = torch.randint(0, 5, (400,))
     logits = torch.randn(400, 5)
     logits[torch.arange(400), y] += 2
-    t = evaluate_mod.fit_temperature(logits, y)
-    assert evaluate_mod.fit_temperature(logits * 3, y) == pytest.approx(3 * t, rel=1e-2)
+    t, w = evaluate_mod.fit_calibration(logits, y)
+    assert w == 0.0
+    assert evaluate_mod.fit_calibration(logits * 3, y)[0] == pytest.approx(3 * t, rel=1e-2)
+
+
+def test_prior_weight_undoes_a_prior_shift():
+    """Logits that over-predict small classes by 1/sqrt(prior), as sqrt class weights leave them,
+    get w ~ 0.5 back, and the corrected probabilities are better calibrated (lower NLL)."""
+    torch.manual_seed(0)
+    prior = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    true_logits = 2 * torch.randn(4000, 4) + prior.log()  # the Bayes posterior's logits ...
+    y = torch.multinomial(torch.softmax(true_logits, 1), 1).flatten()  # ... the labels drawn from it
+    shifted = true_logits - 0.5 * prior.log()  # ... as a class-weighted model learns them
+    log_prior = prior.log()
+    t, w = evaluate_mod.fit_calibration(shifted, y, log_prior)
+    assert w == pytest.approx(0.5, abs=0.1) and t == pytest.approx(1.0, abs=0.1)
+    nll = lambda z: float(torch.nn.functional.cross_entropy(z, y))  # noqa: E731
+    assert nll(shifted / t + w * log_prior) < nll(shifted / evaluate_mod.fit_calibration(shifted, y)[0])
+    assert evaluate_mod.log_class_prior(torch.tensor([0, 0, 0, 1]), 3).exp().tolist() == pytest.approx([0.6, 0.2, 0.2])
 
 
 def test_macro_f1():
@@ -174,6 +191,7 @@ def test_evaluate_writes_metrics_figures_and_calibration(evaluated_run):
             assert img.format == "PNG" and img.width > 400
     calib = json.loads((run / evaluate_mod.CALIBRATION).read_text())
     assert calib["temperature"] > 0 and 0 <= calib["review_threshold"] <= 1
+    assert len(calib["class_bias"]) == 6 and calib["val_nll_after"] <= calib["val_nll_before"] + 1e-6
     assert calib["val_coverage"] == 0 or calib["val_precision_accepted"] >= 0.98
     assert saved["review"]["threshold"] == calib["review_threshold"]
 
@@ -209,8 +227,9 @@ def test_export_carries_the_fitted_calibration(evaluated_run, tmp_path):
         meta = json.loads(z.read("model_meta.json"))
         index = json.loads(z.read("index_to_name.json"))
         names = set(z.namelist())
-    assert meta["temperature"] == calib["temperature"] and meta["review_threshold"] == calib["review_threshold"]
-    assert {"arch", "num_classes", "image_size", "mean", "std", "temperature", "review_threshold"} <= set(meta)
+    for key in ("temperature", "review_threshold", "class_bias", "prior_weight"):
+        assert meta[key] == calib[key], key
+    assert {"arch", "num_classes", "image_size", "mean", "std"} <= set(meta)
     assert meta["num_classes"] == len(index) == 6 and meta["version"] == "7"
     assert {"weights.pt", "model-config.yaml", "refund_preprocess.py"} <= names
     # the rollout sample: the run's test split, up to 10 per class, in the Kaggle layout

@@ -8,8 +8,9 @@ Writes into --out (default RUN/eval-<name of the data>):
                         threshold's coverage and precision, and the out-of-category images
   confusion_matrix.png  row-normalized, labelled
   curves.png            loss, accuracy and macro-F1 per epoch (from the run's history)
-and into RUN/calibration.json the temperature and review threshold fitted on the run's
-validation split, which `training.export` puts into the model archive.
+and into RUN/calibration.json the temperature, the per-class logit bias (a fitted multiple of
+the log class prior) and the review threshold, all fitted on the run's validation split;
+`training.export` puts them into the model archive and the handler applies them.
 
 Models run in float32, as the handler serves them. Images whose label is not one of the
 model's classes count as errors in top-1/top-5 and are also reported on their own: how
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from handler.refund_inference import calibrated_probs
 from handler.refund_model import build_model, cpu_supports_bf16
 from training import prepare as prepare_mod
 from training.metrics import confusion, macro_f1, per_class
@@ -44,20 +46,38 @@ class EvaluateError(RuntimeError):
 
 # -- calibration ---------------------------------------------------------------------------
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 minimizing NLL(softmax(logits / T)) (Guo et al. 2017, "On Calibration of Modern NNs")."""
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor | None = None) -> tuple[float, float]:
+    """(T, w) minimizing NLL(softmax(logits / T + w * log_prior)) on held-out data.
+
+    T is temperature scaling (Guo et al. 2017); w * log(class prior) is a one-number bias
+    correction (Alexandari et al. 2020, "bias-corrected temperature scaling"). A model trained
+    with class weights 1/sqrt(n_c) over-predicts its small classes by about sqrt(prior) (w ~ 0.5):
+    confidently, so the most confident predictions hold errors and no threshold reaches 98 %
+    precision on much of the data. With log_prior None only T is fitted (w = 0).
+    """
     log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    w = torch.zeros(1, requires_grad=log_prior is not None)
+    prior = torch.zeros(logits.shape[1]) if log_prior is None else log_prior
+    opt = torch.optim.LBFGS([log_t, w] if log_prior is not None else [log_t], lr=0.1, max_iter=200,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss = F.cross_entropy(logits / log_t.exp() + w * prior, labels)
         loss.backward()
         return loss
 
     opt.step(closure)
-    t = float(log_t.detach().exp())
-    return t if math.isfinite(t) and 0.05 < t < 20 else 1.0
+    t, weight = float(log_t.detach().exp()), float(w.detach())
+    if not (math.isfinite(t) and 0.05 < t < 20 and math.isfinite(weight) and abs(weight) < 5):
+        return 1.0, 0.0
+    return t, weight
+
+
+def log_class_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log of each class's share of the training labels (a class with none counts as one image)."""
+    counts = torch.bincount(labels, minlength=num_classes).double().clamp(min=1)
+    return (counts / counts.sum()).log().float()
 
 
 def review_threshold(confidence: torch.Tensor, correct: torch.Tensor, *, target: float = TARGET_PRECISION) -> dict:
@@ -186,23 +206,32 @@ def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size
     recs = prepare_mod.read_manifest(val_csv)
     x = load_images(recs, image_size, desc="decode val")
     y = torch.tensor([to_index[r.label] for r in recs])
+    train_y = torch.tensor([to_index[r.label] for r in prepare_mod.read_manifest(prepared / "train.csv")])
+    log_prior = log_class_prior(train_y, len(classes))
     logits = predict(model, x, batch_size=batch_size, device=torch.device("cpu"), amp=False, mean=mean, std=std)
-    temperature = fit_temperature(logits, y)
-    probs = torch.softmax(logits / temperature, 1)
+    temperature, prior_weight = fit_calibration(logits, y, log_prior)
+    bias = prior_weight * log_prior
+    probs = calibrated_probs(logits, temperature, bias)
     conf, pred = probs.max(1)
     review = review_threshold(conf, pred == y)
+    raw_pred = logits.argmax(1)
     result = {
-        "temperature": temperature, "review_threshold": review["threshold"],
+        "temperature": temperature, "prior_weight": prior_weight, "class_bias": [round(float(b), 6) for b in bias],
+        "review_threshold": review["threshold"],
         "val_coverage": review["coverage"], "val_precision_accepted": review["precision"],
         "target_precision": review["target_precision"], "val_images": len(y),
-        "val_top1": float((pred == y).double().mean()), "val_nll_before": float(F.cross_entropy(logits, y)),
-        "val_nll_after": float(F.cross_entropy(logits / temperature, y)),
+        "val_top1": float((pred == y).double().mean()), "val_macro_f1": macro_f1(confusion(pred, y, len(classes))),
+        "val_top1_uncorrected": float((raw_pred == y).double().mean()),
+        "val_macro_f1_uncorrected": macro_f1(confusion(raw_pred, y, len(classes))),
+        "val_nll_before": float(F.cross_entropy(logits, y)),
+        "val_nll_after": float(F.nll_loss(probs.clamp(min=1e-12).log(), y)),
         "manifest_hash": ckpt.get("manifest_hash"),
     }
     if cpu_supports_bf16():  # how far training's bf16 is from serving's float32
         bf16 = predict(model, x, batch_size=batch_size, device=torch.device("cpu"), amp=True, mean=mean, std=std)
-        result["val_bf16_fp32_top1_agreement"] = float((bf16.argmax(1) == pred).double().mean())
-        result["val_top1_bf16"] = float((bf16.argmax(1) == y).double().mean())
+        bf16_pred = calibrated_probs(bf16, temperature, bias).argmax(1)
+        result["val_bf16_fp32_top1_agreement"] = float((bf16_pred == pred).double().mean())
+        result["val_top1_bf16"] = float((bf16_pred == y).double().mean())
     (Path(run) / CALIBRATION).write_text(json.dumps(result, indent=1))
     logger.info("calibration on val: %s", result)
     return result
@@ -216,9 +245,10 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     image_size, mean, std = tuple(pre["image_size"]), tuple(pre["mean"]), tuple(pre["std"])
     calib_path = run / CALIBRATION
     calib = json.loads(calib_path.read_text()) if calib_path.is_file() else None
-    if calib is None or calib.get("manifest_hash") != ckpt.get("manifest_hash"):
+    if calib is None or calib.get("manifest_hash") != ckpt.get("manifest_hash") or "class_bias" not in calib:
         calib = calibrate(run, ckpt, model, image_size=image_size, mean=mean, std=std, batch_size=batch_size)
     temperature, threshold = calib["temperature"], calib["review_threshold"]
+    bias = torch.tensor(calib["class_bias"])
 
     name, records, outside, dropped = records_to_evaluate(ckpt, data_dir)
     out = Path(out) if out else run / f"eval-{name}"
@@ -229,7 +259,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     infer = dict(batch_size=batch_size, device=torch.device("cpu"), amp=False, mean=mean, std=std)
     x = load_images(records, image_size, desc=f"decode {name}")
     logits = predict(model, x, **infer)
-    probs = torch.softmax(logits / temperature, 1)
+    probs = calibrated_probs(logits, temperature, bias)
     conf, pred = probs.max(1)
     known = torch.tensor([r.label in to_index for r in records])
     y = torch.tensor([to_index.get(r.label, -1) for r in records])
@@ -245,7 +275,8 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
         "macro_f1": macro_f1(cm),  # over the model's classes, on the in-category images
         "top1_in_category": float(correct[known].double().mean()) if known.any() else float("nan"),
         "calibration": calib,
-        "review": {"threshold": threshold, "temperature": temperature, **at_threshold(conf, correct, threshold)},
+        "review": {"threshold": threshold, "temperature": temperature, "prior_weight": calib.get("prior_weight", 0.0),
+                   **at_threshold(conf, correct, threshold)},
         "per_class": {c: {"precision": float(stats["precision"][i]), "recall": float(stats["recall"][i]),
                           "f1": float(stats["f1"][i]), "support": int(stats["support"][i])} for i, c in enumerate(classes)},
     }
@@ -253,7 +284,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     outside_preds = pred[~known]
     if outside:  # the prepared out-of-category images, evaluated on their own
         ox = load_images(outside, image_size, desc="decode outside")
-        oprobs = torch.softmax(predict(model, ox, **infer) / temperature, 1)
+        oprobs = calibrated_probs(predict(model, ox, **infer), temperature, bias)
         outside_conf, outside_preds = oprobs.max(1)
     if len(outside_conf):
         routed = outside_conf < threshold

