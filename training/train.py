@@ -405,8 +405,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=0.05, help="share of the schedule spent warming the LR up")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms and biases)")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    parser.add_argument("--class-weights", type=str, default="sqrt", choices=["none", "sqrt"],
-                        help="loss weights against class imbalance (sqrt: 1/sqrt(class size))")
+    parser.add_argument("--class-weights", type=str, default="none", choices=["none", "sqrt"],
+                        help="loss weights against class imbalance (sqrt: 1/sqrt(class size)); on the real data "
+                             "it tied with none on val (docs/MODEL_CARD.md)")
     parser.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better val macro-F1")
     parser.add_argument("--weights", type=str, default="none", help="initial weights: none, imagenet or the path of a local state_dict")
     parser.add_argument("--resume", type=Path, default=None, help="continue from a last.pt (or a run folder holding one)")
