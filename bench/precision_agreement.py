@@ -29,6 +29,7 @@ from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from training import prepare as prepare_mod
 from training.catalogue import Item, list_items
+from training.evaluate import CALIBRATION
 from training.train import CHECKPOINT, load_images
 
 
@@ -41,7 +42,7 @@ def load_run(run: Path) -> dict:
     data = Path(ckpt.get("data_dir") or "")  # the folder training.prepare wrote: train/val/test.csv
     splits = {name: [Item(id=r.id, label=r.label, path=Path(r.path)) for r in prepare_mod.read_manifest(data / f"{name}.csv")]
               for name in ("train", "val", "test") if (data / f"{name}.csv").is_file()}
-    fitted = Path(run) / "calibration.json"  # training.evaluate's, as exported into the archive
+    fitted = Path(run) / CALIBRATION  # training.evaluate's, as exported into the archive
     calib = json.loads(fitted.read_text()) if fitted.is_file() else ckpt.get("calibration", {})
     return {
         "state": ckpt["model"], "arch": ckpt["model_config"]["arch"], "classes": ckpt["classes"],

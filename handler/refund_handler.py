@@ -67,7 +67,7 @@ class RefundClassifierHandler(BaseHandler):
         self.image_size = tuple(self.meta["image_size"])
         self.mean, self.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
         self.temperature, self.review_threshold = calibration(self.meta)
-        self.class_bias = class_bias(self.meta, len(self.classes))
+        bias = class_bias(self.meta, len(self.classes))
         self.topk = int(settings.get("topk", 5))
         self.max_pixels = int(settings.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_bytes = int(settings.get("max_bytes", DEFAULT_MAX_BYTES))
@@ -91,6 +91,7 @@ class RefundClassifierHandler(BaseHandler):
         model.load_state_dict(state)
         # channels_last: oneDNN's fast convolution layout (and the layout training used).
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.class_bias = None if bias is None else bias.to(self.device)  # once, not per batch
         self.initialized = True
         logger.info(
             "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d "

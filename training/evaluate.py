@@ -55,11 +55,9 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch
     confidently, so the most confident predictions hold errors and no threshold reaches 98 %
     precision on much of the data. With log_prior None only T is fitted (w = 0).
     """
-    log_t = torch.zeros(1, requires_grad=True)
-    w = torch.zeros(1, requires_grad=log_prior is not None)
-    prior = torch.zeros(logits.shape[1]) if log_prior is None else log_prior
-    opt = torch.optim.LBFGS([log_t, w] if log_prior is not None else [log_t], lr=0.1, max_iter=200,
-                            line_search_fn="strong_wolfe")
+    log_t, w = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    prior = torch.zeros(logits.shape[1]) if log_prior is None else log_prior  # zeros: w's gradient is 0, w stays 0
+    opt = torch.optim.LBFGS([log_t, w], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
