@@ -219,6 +219,26 @@ def test_evaluate_counts_out_of_category_images_as_errors(evaluated_run, sample_
     assert (run / "eval-labelled" / "metrics.json").is_file()
 
 
+def test_evaluate_reports_images_whose_name_contradicts_their_label(evaluated_run, sample_catalogue, tmp_path):
+    run, metrics = evaluated_run
+    assert "label_conflicts" not in metrics  # the sample catalogue's names name their own category
+    folder = tmp_path / "named"
+    (folder / "images").mkdir(parents=True)
+    lines = (sample_catalogue / "styles.csv").read_text().splitlines()
+    with open(folder / "styles.csv", "w") as f:
+        f.write(lines[0] + "\n")
+        for i, line in enumerate(lines[1:9]):
+            fields = line.split(",", 9)
+            if i < 2:  # named as another of the model's categories
+                fields[9] = "Blue Jeans" if fields[4] == "Watches" else "Steel Watches"
+            f.write(",".join(fields) + "\n")
+            shutil.copy(sample_catalogue / "images" / f"{fields[0]}.jpg", folder / "images")
+    m = evaluate_mod.evaluate_run(run, data_dir=folder)
+    c = m["label_conflicts"]
+    assert c["count"] == 2
+    assert m["top1"] == pytest.approx((2 * c["top1_on_them"] + 6 * c["top1_on_the_rest"]) / 8)
+
+
 def test_export_carries_the_fitted_calibration(evaluated_run, tmp_path):
     run, _ = evaluated_run
     calib = json.loads((run / evaluate_mod.CALIBRATION).read_text())

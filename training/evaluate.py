@@ -5,7 +5,8 @@
 
 Writes into --out (default RUN/eval-<name of the data>):
   metrics.json          top-1, top-5, macro-F1, per-class precision/recall/F1/support, the review
-                        threshold's coverage and precision, and the out-of-category images
+                        threshold's coverage and precision, the out-of-category images, and top-1
+                        on the images whose product name contradicts their label (label_audit)
   confusion_matrix.png  row-normalized, labelled
   curves.png            loss, accuracy and macro-F1 per epoch (from the run's history)
 and into RUN/calibration.json the temperature, the per-class logit bias (a fitted multiple of
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from handler.refund_inference import calibrated_probs
 from handler.refund_model import build_model, cpu_supports_bf16
+from training import label_audit
 from training import prepare as prepare_mod
 from training.metrics import confusion, macro_f1, per_class
 from training.train import CHECKPOINT, load_images, predict
@@ -132,6 +134,16 @@ def records_to_evaluate(ckpt: dict, data_dir: Path | None) -> tuple[str, list, l
         raise EvaluateError(f"--data-dir {data_dir} is neither a Kaggle-layout folder (styles.csv + images/) nor a prepared one")
     records, dropped = prepare_mod.scan(data_dir)
     return Path(data_dir).resolve().name, records, [], dropped
+
+
+def styles_csv_of(ckpt: dict, data_dir: Path | None) -> Path | None:
+    """The catalogue's styles.csv behind the evaluated images, where it can still be found."""
+    if data_dir is not None and not prepare_mod.is_prepared(data_dir):
+        return Path(data_dir) / "styles.csv"
+    info = Path(data_dir or ckpt["data_dir"]) / "prepare.json"
+    source = json.loads(info.read_text()).get("data_dir") if info.is_file() else None
+    path = Path(source) / "styles.csv" if source else None
+    return path if path is not None and path.is_file() else None
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -278,6 +290,13 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
         "per_class": {c: {"precision": float(stats["precision"][i]), "recall": float(stats["recall"][i]),
                           "f1": float(stats["f1"][i]), "support": int(stats["support"][i])} for i, c in enumerate(classes)},
     }
+    styles = styles_csv_of(ckpt, data_dir)
+    conflicts = label_audit.conflicting_ids(styles, classes) if styles is not None else set()
+    conflict = torch.tensor([r.id in conflicts for r in records])
+    if conflict.any():  # labels that the catalogue's own product names contradict (training.label_audit)
+        metrics["label_conflicts"] = {"count": int(conflict.sum()),
+                                      "top1_on_them": float(correct[conflict].double().mean()),
+                                      "top1_on_the_rest": float(correct[~conflict].double().mean())}
     outside_conf = conf[~known]
     outside_preds = pred[~known]
     if outside:  # the prepared out-of-category images, evaluated on their own
@@ -319,8 +338,8 @@ def main(args: argparse.Namespace) -> dict:
         metrics = evaluate_run(args.run, data_dir=args.data_dir, out=args.out, batch_size=args.batch_size)
     except (EvaluateError, prepare_mod.CatalogueError) as exc:
         raise SystemExit(f"evaluate: {exc}") from exc
-    print(json.dumps({k: metrics[k] for k in ("split", "images", "top1", "top5", "macro_f1", "review")}
-                     | ({"outside": metrics["outside"]} if "outside" in metrics else {})))
+    print(json.dumps({k: metrics[k] for k in ("split", "images", "top1", "top5", "macro_f1", "review", "outside",
+                                              "label_conflicts") if k in metrics}))
     return metrics
 
 
