@@ -140,10 +140,11 @@ def styles_csv_of(ckpt: dict, data_dir: Path | None) -> Path | None:
     """The catalogue's styles.csv behind the evaluated images, where it can still be found."""
     if data_dir is not None and not prepare_mod.is_prepared(data_dir):
         return Path(data_dir) / "styles.csv"
-    info = Path(data_dir or ckpt["data_dir"]) / "prepare.json"
-    source = json.loads(info.read_text()).get("data_dir") if info.is_file() else None
-    path = Path(source) / "styles.csv" if source else None
-    return path if path is not None and path.is_file() else None
+    info = Path(data_dir or ckpt["data_dir"]) / "prepare.json"  # names the catalogue it was prepared from
+    if not info.is_file():
+        return None
+    path = Path(json.loads(info.read_text())["data_dir"]) / "styles.csv"
+    return path if path.is_file() else None
 
 
 # -- figures ---------------------------------------------------------------------------------
