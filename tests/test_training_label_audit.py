@@ -38,6 +38,7 @@ def test_counts_own_conflicting_and_unnamed_products(tmp_path):
     assert per["Kurtis"]["unnamed"] == 1
     assert per["Dresses"]["own"] == 1
     assert result["products"] == 8 and result["conflicts"] == 1  # Sunglasses is not a category
+    assert result["conflict_ids"] == ["1"]
     assert "1 of 8 products" in label_audit.report(result)
 
 

@@ -136,15 +136,15 @@ def records_to_evaluate(ckpt: dict, data_dir: Path | None) -> tuple[str, list, l
     return Path(data_dir).resolve().name, records, [], dropped
 
 
-def styles_csv_of(ckpt: dict, data_dir: Path | None) -> Path | None:
-    """The catalogue's styles.csv behind the evaluated images, where it can still be found."""
+def catalogue_of(ckpt: dict, data_dir: Path | None) -> Path | None:
+    """The catalogue (styles.csv) behind the evaluated images, where it can still be found."""
     if data_dir is not None and not prepare_mod.is_prepared(data_dir):
-        return Path(data_dir) / "styles.csv"
+        return Path(data_dir)
     info = Path(data_dir or ckpt["data_dir"]) / "prepare.json"  # names the catalogue it was prepared from
     if not info.is_file():
         return None
-    path = Path(json.loads(info.read_text())["data_dir"]) / "styles.csv"
-    return path if path.is_file() else None
+    catalogue = Path(json.loads(info.read_text())["data_dir"])
+    return catalogue if (catalogue / "styles.csv").is_file() else None
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -291,8 +291,8 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
         "per_class": {c: {"precision": float(stats["precision"][i]), "recall": float(stats["recall"][i]),
                           "f1": float(stats["f1"][i]), "support": int(stats["support"][i])} for i, c in enumerate(classes)},
     }
-    styles = styles_csv_of(ckpt, data_dir)
-    conflicts = label_audit.conflicting_ids(styles, classes) if styles is not None else set()
+    catalogue = catalogue_of(ckpt, data_dir)
+    conflicts = set(label_audit.audit(catalogue, classes)["conflict_ids"]) if catalogue is not None else set()
     conflict = torch.tensor([r.id in conflicts for r in records])
     if conflict.any():  # labels that the catalogue's own product names contradict (training.label_audit)
         metrics["label_conflicts"] = {"count": int(conflict.sum()),

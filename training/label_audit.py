@@ -52,19 +52,13 @@ def name_verdict(label: str, name: str | None, patterns: dict[str, re.Pattern]) 
     return ("conflicts" if named else "unnamed"), named
 
 
-def conflicting_ids(styles_csv: Path, categories: list[str]) -> set[str]:
-    """The ids of products labelled one of `categories` whose name names another one instead."""
-    rows, _ = read_styles(styles_csv)
-    patterns = {c: name_pattern(c) for c in categories}
-    return {row["id"] for row in rows if row["articleType"] in patterns
-            and name_verdict(row["articleType"], row.get(NAME_COLUMN), patterns)[0] == "conflicts"}
-
-
 def audit(data_dir: Path, categories: list[str]) -> dict:
-    """-> per category: products, named as their own category, named as another one only (by which), unnamed."""
+    """-> per category: products, named as their own category, named as another one only (by which), unnamed;
+    and the ids of the conflicting products (the ones to relabel or to read apart)."""
     rows, _ = read_styles(Path(data_dir) / "styles.csv")
     patterns = {c: name_pattern(c) for c in categories}
     per_class = {c: {"products": 0, "own": 0, "unnamed": 0, "conflicts": 0, "named_as": Counter()} for c in categories}
+    conflict_ids = []
     for row in rows:
         entry = per_class.get(row["articleType"])
         if entry is None:
@@ -74,12 +68,14 @@ def audit(data_dir: Path, categories: list[str]) -> dict:
         entry[verdict] += 1
         if verdict == "conflicts":
             entry["named_as"][" + ".join(named)] += 1
+            conflict_ids.append(row["id"])
     products = sum(e["products"] for e in per_class.values())
     conflicts = sum(e["conflicts"] for e in per_class.values())
     for entry in per_class.values():
         entry["named_as"] = dict(entry["named_as"].most_common())
     return {"data": str(data_dir), "products": products, "conflicts": conflicts,
-            "conflict_share": conflicts / products if products else 0.0, "per_class": per_class}
+            "conflict_share": conflicts / products if products else 0.0, "per_class": per_class,
+            "conflict_ids": conflict_ids}
 
 
 def report(result: dict, *, top: int = 3) -> str:
