@@ -4,9 +4,9 @@
 
 For every kept category, counts the products whose `productDisplayName` names another kept
 category and not their own: an item labelled Heels and named "Catwalk Women Black Flats" is a
-label conflict in the catalogue itself. A classifier trained and judged on these labels cannot
-get such items right from the photo whichever way it answers, so the conflicts bound the
-accuracy any model reaches on them. Rows without a name (folders with only `id,articleType`)
+label conflict in the catalogue itself. On such items the photo does not settle which label
+the catalogue chose, so they weigh on the accuracy any model reaches (training.evaluate
+reports top-1 on them apart). Rows without a name (folders with only `id,articleType`)
 are counted as unnamed. Nothing is changed: the audit only reads `styles.csv`.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def audit(data_dir: Path, categories: list[str]) -> dict:
             entry["named_as"][" + ".join(named)] += 1
             conflict_ids.append(row["id"])
     products = sum(e["products"] for e in per_class.values())
-    conflicts = sum(e["conflicts"] for e in per_class.values())
+    conflicts = len(conflict_ids)
     for entry in per_class.values():
         entry["named_as"] = dict(entry["named_as"].most_common())
     return {"data": str(data_dir), "products": products, "conflicts": conflicts,
