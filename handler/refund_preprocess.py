@@ -113,8 +113,8 @@ def normalize(
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> torch.Tensor:
     """uint8 (B, 3, H, W) or (3, H, W) -> float32 normalized, same shape."""
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(-1, 1, 1)
     return (batch.float() / 255.0 - m) / s
 
 

@@ -347,7 +347,7 @@ def test_temperature_and_review_threshold_from_model_meta(handler, extracted_arc
     # the calibrated probabilities are softmax(logits / T)
     x = normalize(load_images(list_items(unseen_images)[0][:1], h1.image_size), mean=h1.mean, std=h1.std)
     with torch.inference_mode():
-        logits = h1.model.float()(x).float()
+        logits = h1.model.float()(x.to(h1.device)).float().cpu()
     expected = torch.softmax(logits / 3.0, 1).max().item()
     got = h2.handle([{"body": list_items(unseen_images)[0][0].path.read_bytes()}], ctx2)[0]["confidence"]
     assert abs(got - expected) < 2e-2  # bf16 on CPUs that have it

@@ -89,7 +89,7 @@ def augment(batch: torch.Tensor, *, generator: torch.Generator | None = None) ->
     """
     b = batch.shape[0]
     x = batch.float() / 255.0  # (B, 3, H, W)
-    rand = lambda *s: torch.rand(*s, generator=generator)  # noqa: E731
+    rand = lambda *s: torch.rand(*s, generator=generator).to(batch.device)  # noqa: E731 (CPU generator: same draws on any device)
     flip = rand(b) < 0.5
     x[flip] = x[flip].flip(-1)
     scale = 1.0 + (rand(b) * 2 - 1) * 0.10
@@ -192,11 +192,17 @@ def class_weights(labels: torch.Tensor, num_classes: int, mode: str) -> torch.Te
     return w.float()
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CPU and on CUDA cards that have it (no loss scaling needed); fp16 on older cards."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast_for(device: torch.device, enabled: bool):
     if not enabled:
         return nullcontext()
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -413,7 +419,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", type=Path, default=None, help="continue from a last.pt (or a run folder holding one)")
     parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     parser.add_argument("--amp", type=str, default="auto", choices=["auto", "on", "off"],
-                        help="bf16 autocast on CPU (auto: where the CPU has native bf16) / fp16 on CUDA")
+                        help="bf16 autocast on CPU (auto: where the CPU has native bf16); on CUDA bf16, or fp16 with loss "
+                             "scaling on cards without bf16")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the split, init, order and augmentation")
     prepare_mod.add_split_args(parser, note=" (prepare: raw --data-dir only)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = choose 1 or all cores by measured step time")
@@ -462,6 +469,8 @@ def run(args: argparse.Namespace) -> Path:
     train_x, val_x = load_images(train_recs, image_size, desc="decode train"), load_images(val_recs, image_size, desc="decode val")
     train_y = torch.tensor([to_index[r.label] for r in train_recs])
     val_y = torch.tensor([to_index[r.label] for r in val_recs])
+    if device.type == "cuda":  # the uint8 cache fits any card: augmenting there keeps the GPU fed
+        train_x, val_x = train_x.to(device), val_x.to(device)
     logger.info("data %s: %d classes, %d train, %d val; decoded to uint8 %s in %.1fs (%.0f MB); amp=%s device=%s threads=%d",
                 data, len(classes), len(train_y), len(val_y), image_size, time.monotonic() - t0,
                 (train_x.numel() + val_x.numel()) / 1e6, amp, device, torch.get_num_threads())
@@ -473,9 +482,10 @@ def run(args: argparse.Namespace) -> Path:
     # fused: one kernel for all parameters, 13 ms instead of 58 ms per ResNet-50 step on 2 cores
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=True)
     weights = class_weights(train_y, len(classes), args.class_weights)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                    label_smoothing=args.label_smoothing)
     val_criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype(device) == torch.float16 else None
     generator = torch.Generator().manual_seed(args.seed)
     tuner = ThreadTuner([1, cores]) if not args.threads and device.type == "cpu" and cores > 1 else None
     steps_per_epoch = -(-len(train_y) // args.batch_size)

@@ -1,0 +1,59 @@
+"""The CUDA paths of training and of the handler. Skipped where there is no GPU (CI has none);
+`bench/gpu_check.sh` runs them, with the rest of the handler and training tests, on a GPU box."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_handler import RecordingContext
+
+from handler.refund_handler import RefundClassifierHandler
+from training import prepare as prepare_mod
+from training import train as train_mod
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+TINY = ["--arch", "tinynet", "--image-size", "32", "32", "--batch-size", "16", "--lr", "0.01", "--patience", "99"]
+
+
+def run_train(*argv: str):
+    return train_mod.main(train_mod.get_args_parser().parse_args(list(argv)))
+
+
+def handler_on(model_dir: Path, gpu_id: str | None) -> tuple[RefundClassifierHandler, RecordingContext]:
+    ctx = RecordingContext(model_pt_file="weights.pt", model_dir=str(model_dir), model_file=None, gpu_id=gpu_id,
+                      model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
+    h = RefundClassifierHandler()
+    h.initialize(ctx)
+    return h, ctx
+
+
+def test_train_on_cuda_then_resume(sample_catalogue, tmp_path):
+    """The uint8 cache and augmentation on the GPU, AMP, class weights on the GPU; a CPU-loadable checkpoint."""
+    prepared = tmp_path / "prepared"
+    prepare_mod.prepare(sample_catalogue, prepared)
+    run = tmp_path / "run"
+    common = ["--data-dir", str(prepared), "--out", str(run), "--device", "cuda", "--class-weights", "sqrt", *TINY]
+    run_train(*common, "--epochs", "2")
+    run_train(*common, "--epochs", "3", "--resume", str(run))
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_acc"] > 0.2  # 10 classes: it learns, not just runs
+    ckpt = torch.load(run / train_mod.CHECKPOINT, map_location="cpu", weights_only=True)
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+
+
+def test_handler_on_cuda_agrees_with_cpu(extracted_archive, unseen_images):
+    gpu, gpu_ctx = handler_on(extracted_archive, "0")
+    cpu, cpu_ctx = handler_on(extracted_archive, None)
+    assert gpu.device.type == "cuda" and cpu.device.type == "cpu"
+    good = [{"body": p.read_bytes()} for p in sorted((unseen_images / "images").glob("*.jpg"))]
+    data = good + [{"body": b"not an image"}]
+    a, b = gpu.handle(data, gpu_ctx), cpu.handle(data, cpu_ctx)
+    assert "error" in a[-1] and "error" in b[-1]  # a bad image is named on the GPU too, the batch goes on
+    assert gpu_ctx.statuses[len(good)][0] == 400
+    agree = sum(x["label"] == y["label"] for x, y in zip(a[:-1], b[:-1])) / len(good)
+    assert agree >= 0.9, agree
+    assert max(abs(x["confidence"] - y["confidence"]) for x, y in zip(a[:-1], b[:-1])) < 0.05
