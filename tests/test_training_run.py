@@ -278,3 +278,16 @@ def test_one_preprocessing_definition(prepared, tmp_path):
     served = prepare_batch([{"body": r.path.read_bytes()} for r in recs], size, max_pixels=10**8, max_bytes=10**8)
     assert served.good == list(range(len(recs)))
     assert torch.equal(cached, normalize(served.batch, mean=mean, std=std))
+
+
+def test_score_runs_on_val_and_test(trained_run, tmp_path):
+    """bench.score_runs (the GPU check's scorer): split figures and a val-fitted threshold, runs without a checkpoint skipped."""
+    from bench import score_runs
+
+    out = tmp_path / "summary.json"
+    summary = score_runs.main(["--data-dir", str(trained_run / "data"), "--runs", str(trained_run), str(tmp_path),
+                               "--out", str(out)])
+    assert list(summary) == [trained_run.name] and json.loads(out.read_text()) == summary
+    fig = summary[trained_run.name]
+    assert 1 <= fig["best_epoch"] <= fig["epochs"] <= 10 and 0 <= fig["test_top1"] <= 1 and 0 <= fig["val_macro_f1"] <= 1
+    assert 0 < fig["val_coverage"] <= 1 and 0 <= fig["test_coverage"] <= 1
