@@ -24,7 +24,7 @@ def run_train(*argv: str):
 
 def handler_on(model_dir: Path, gpu_id: str | None) -> tuple[RefundClassifierHandler, RecordingContext]:
     ctx = RecordingContext(model_pt_file="weights.pt", model_dir=str(model_dir), model_file=None, gpu_id=gpu_id,
-                      model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
+                           model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
     h = RefundClassifierHandler()
     h.initialize(ctx)
     return h, ctx
