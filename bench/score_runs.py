@@ -14,19 +14,16 @@ from pathlib import Path
 
 import torch
 
-from handler.refund_model import build_model
 from training import prepare as prepare_mod
-from training.evaluate import at_threshold, review_threshold
+from training.evaluate import at_threshold, load_run, review_threshold
 from training.metrics import confusion, macro_f1
 from training.train import CHECKPOINT, load_images, predict
 
 
 def score_run(run: Path, data_dir: Path, *, device: torch.device, batch_size: int = 512) -> dict:
-    ckpt = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=True)
+    ckpt, model = load_run(run)
     classes, pre = ckpt["classes"], ckpt["preprocess"]
-    model = build_model(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device)
     history = ckpt["history"]
     out = {"epochs": len(history), "best_epoch": ckpt["epoch"], "minutes": round(history[-1]["elapsed_s"] / 60, 2),
            "train_acc_last": round(history[-1]["train_acc"], 4)}
