@@ -8,19 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_handler import RecordingContext
+from test_training_run import TINY, run_train
 
 from handler.refund_handler import RefundClassifierHandler
 from training import prepare as prepare_mod
 from training import train as train_mod
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
-
-TINY = ["--arch", "tinynet", "--image-size", "32", "32", "--batch-size", "16", "--lr", "0.01", "--patience", "99"]
-
-
-def run_train(*argv: str):
-    return train_mod.main(train_mod.get_args_parser().parse_args(list(argv)))
-
 
 def handler_on(model_dir: Path, gpu_id: str | None) -> tuple[RefundClassifierHandler, RecordingContext]:
     ctx = RecordingContext(model_pt_file="weights.pt", model_dir=str(model_dir), model_file=None, gpu_id=gpu_id,
@@ -35,7 +29,7 @@ def test_train_on_cuda_then_resume(sample_catalogue, tmp_path):
     prepared = tmp_path / "prepared"
     prepare_mod.prepare(sample_catalogue, prepared)
     run = tmp_path / "run"
-    common = ["--data-dir", str(prepared), "--out", str(run), "--device", "cuda", "--class-weights", "sqrt", *TINY]
+    common = ["--data-dir", str(prepared), "--out", str(run), "--device", "cuda", "--class-weights", "sqrt", "--patience", "99", *TINY]
     run_train(*common, "--epochs", "2")
     run_train(*common, "--epochs", "3", "--resume", str(run))
     history = json.loads((run / "history.json").read_text())
