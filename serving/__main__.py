@@ -25,8 +25,9 @@ def embedded_db() -> bool:
 def cmd_up(args: argparse.Namespace) -> int:
     ts = TorchServe(config=args.config)
     if embedded_db():
-        Cluster().start()
-        print(f"postgres: private cluster up on 127.0.0.1:{Cluster().port} ({Cluster().root})")
+        cluster = Cluster()
+        cluster.start()
+        print(f"postgres: private cluster up on 127.0.0.1:{cluster.port} (data: {cluster.data})")
     version = rollout.serve(ts, args.archive)
     print(f"torchserve: up at {ts.inference_url} serving refund_classifier version {version} as the default "
           f"(logs: {ts.log_dir})", flush=True)
