@@ -19,8 +19,7 @@ ARG RC_GID=10001
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    RC_STATE_DIR=/app/.run \
-    TORCHSERVE_KEY_FILE=/app/.run/torchserve/key_file.json
+    RC_STATE_DIR=/app/.run
 
 # TorchServe's frontend is Java. No curl: the HEALTHCHECK is Python.
 RUN apt-get update \
@@ -48,7 +47,7 @@ COPY deploy/config.properties config.properties
 # --non-unique: the host's gid may exist in the image already (macOS's staff, 20, is Debian's dialout).
 RUN groupadd --non-unique --gid "${RC_GID}" refund \
  && useradd --non-unique --uid "${RC_UID}" --gid "${RC_GID}" --create-home --shell /usr/sbin/nologin refund \
- && mkdir -p /app/model_store /app/.run/torchserve \
+ && mkdir -p /app/model_store /app/.run/torchserve /app/.run/inference-key \
  && chown -R refund:refund /app/model_store /app/.run
 USER refund
 

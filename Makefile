@@ -14,10 +14,10 @@ help:
 	@echo "make test   - the test suite (real TorchServe, real PostgreSQL)"
 	@echo "make up | down | status - the services"
 
-# Recreated only when requirements.txt changes.
-$(STAMP): requirements.txt
+# Recreated only when the requirements change (requirements-test.txt: what the tests add).
+$(STAMP): requirements.txt requirements-test.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -18,6 +18,10 @@ from serving.rollout import RolloutError
 from serving.torchserve import TorchServe, TorchServeError
 
 
+# Where `up --foreground` keeps a copy of the inference key alone (token authorization on).
+INFERENCE_KEY_ENV = "RC_INFERENCE_KEY_FILE"
+
+
 def embedded_db() -> bool:
     return not os.environ.get("DATABASE_URL")
 
@@ -33,7 +37,14 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"(logs: {ts.log_dir})", flush=True)
     if args.foreground:  # containers: live as long as TorchServe, stop it on SIGTERM
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0 if ts.stop() else 0))
-        code = ts.wait()
+        # A client allowed inference only (the compose ingest job) reads a copy holding that key alone.
+        export_to = os.environ.get(INFERENCE_KEY_ENV)
+        while True:
+            if export_to and ts.token_auth:
+                ts.export_inference_key(Path(export_to))
+            code = ts.wait(timeout=2.0)
+            if code is not None:
+                break
         print(f"torchserve: exited with code {code}", file=sys.stderr)
         return 1
     return 0

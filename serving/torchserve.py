@@ -5,6 +5,7 @@ can run side by side on different ports (the tests do) without touching each oth
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -182,9 +183,36 @@ class TorchServe:
         self.pid_file.unlink(missing_ok=True)
         return True
 
-    def wait(self) -> int:
-        """Block until the TorchServe this object started exits; its exit code."""
-        return self._proc.wait()
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the TorchServe this object started exits (its exit code), or `timeout` passes (None)."""
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def export_inference_key(self, dest: Path) -> bool:
+        """Copy the inference key alone from key_file.json to `dest` (0600, atomic), for a client that
+        must call inference and nothing else. True when `dest` changed. TorchServe rewrites key_file.json
+        at start and whenever a key is renewed; the copy follows it."""
+        try:
+            keys = json.loads(self.key_file.read_text())
+            inference = {"inference": keys["inference"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # not written yet, or mid-rewrite: the next look gets it
+        text = json.dumps(inference)
+        dest = Path(dest)
+        try:
+            if dest.read_text() == text:
+                return False
+        except OSError:
+            pass
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+        return True
 
     def models(self) -> list[dict]:
         r = self.client.management("GET", "models", timeout=10)

@@ -238,6 +238,10 @@ def test_torchserve_service(compose):
     state = mount_at(ts, str(key_file.parent))
     assert state["type"] == "volume" and state["source"] == "torchserve-state" and not state["read_only"]
     assert key_file.parent == Path(ts["environment"]["RC_STATE_DIR"]) / "torchserve"
+    # the copy of the inference key alone, on a volume of its own
+    copy = Path(ts["environment"]["RC_INFERENCE_KEY_FILE"])
+    shared = mount_at(ts, str(copy.parent))
+    assert shared["type"] == "volume" and shared["source"] == "torchserve-inference-key" and not shared["read_only"]
     # an external database, so `serving up` starts no private cluster
     assert urlsplit(ts["environment"]["DATABASE_URL"]).hostname == "postgres"
     # management never published; what is published is on the host's loopback
@@ -260,14 +264,16 @@ def test_ingest_service(compose):
     env = ingest["environment"]
     assert urlsplit(env["TORCHSERVE_URL"]).hostname == "torchserve"
     assert urlsplit(env["TORCHSERVE_URL"]).port == config_port("inference_address")
-    assert urlsplit(env["TORCHSERVE_MANAGEMENT_URL"]).port == config_port("management_address")
+    assert "TORCHSERVE_MANAGEMENT_URL" not in env, "inference access only"
     db = urlsplit(env["DATABASE_URL"])
     assert db.hostname == "postgres" and db.path == "/" + compose["services"]["postgres"]["environment"]["POSTGRES_DB"]
     assert db.username == compose["services"]["postgres"]["environment"]["POSTGRES_USER"] and db.password is None
-    # the TorchServe key: the same named volume, read-only, same path as in the torchserve container
-    assert env["TORCHSERVE_KEY_FILE"] == ts["environment"]["TORCHSERVE_KEY_FILE"]
+    # the inference key alone: the copy `serving up --foreground` keeps, read-only; never the state
+    # volume with key_file.json (management and API keys)
+    assert env["TORCHSERVE_KEY_FILE"] == ts["environment"]["RC_INFERENCE_KEY_FILE"]
     keys = mount_at(ingest, str(Path(env["TORCHSERVE_KEY_FILE"]).parent))
-    assert keys["type"] == "volume" and keys["source"] == "torchserve-state" and keys["read_only"]
+    assert keys["type"] == "volume" and keys["source"] == "torchserve-inference-key" and keys["read_only"]
+    assert all(m.get("source") != "torchserve-state" for m in ingest["volumes"] if isinstance(m, dict))
     assert not ingest.get("ports")
     assert ingest["healthcheck"] == {"disable": True}
 
@@ -297,8 +303,10 @@ def test_compose_commands_are_accepted_by_the_real_command_lines(compose):
 
 def test_container_config_binds_inside_and_turns_token_authorization_on():
     props = load_properties(DEPLOY_CONFIG)
-    for key in ("inference_address", "management_address", "metrics_address"):
+    for key in ("inference_address", "metrics_address"):
         assert urlsplit(props[key]).hostname == "0.0.0.0", key
+    # management: the container's loopback, out of the other containers' reach
+    assert urlsplit(props["management_address"]).hostname == "127.0.0.1"
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "true"
     assert props["metrics_mode"] == "prometheus"
@@ -394,7 +402,8 @@ def test_image_environment_matches_compose(compose):
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for w, rest in dockerfile_instructions() if w == "ENV")))
     ts = compose["services"]["torchserve"]["environment"]
     assert env["RC_STATE_DIR"] == ts["RC_STATE_DIR"]
-    assert env["TORCHSERVE_KEY_FILE"] == ts["TORCHSERVE_KEY_FILE"]
+    # no key file baked in: a pod whose TorchServe has tokens off (Kubernetes) must not look for one
+    assert "TORCHSERVE_KEY_FILE" not in env
 
 
 # -- deploy/k8s ------------------------------------------------------------------------------
@@ -442,11 +451,16 @@ def test_k8s_torchserve_replicas_behind_a_service():
     assert inference_rule["from"][0]["podSelector"]["matchLabels"].items() <= cron_pod["metadata"]["labels"].items()
 
 
-def test_k8s_ingestion_cronjob_with_several_workers():
+def test_k8s_ingestion_cronjob_one_runner_per_inbox():
     cron = k8s_kind(k8s_docs("ingest-cronjob.yaml"), "CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     job = cron["spec"]["jobTemplate"]["spec"]
-    assert job["parallelism"] >= 2 and job["completions"] == job["parallelism"]
+    # the advisory lock lets one run per database work; a second pod would only exit 75
+    assert job["parallelism"] == 1 and job["completions"] == 1
+    # ... and a lock loser or bad settings end the Job instead of burning its retries
+    rule = next(r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob")
+    assert {2, 75} <= set(rule["onExitCodes"]["values"]) and rule["onExitCodes"]["operator"] == "In"
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
     container = job["template"]["spec"]["containers"][0]
     assert container["command"][:4] == ["python", "-m", "ingest", "run"]
     env = {e["name"]: e for e in container["env"]}
@@ -454,6 +468,28 @@ def test_k8s_ingestion_cronjob_with_several_workers():
     for secret in ("DATABASE_URL", "PGPASSWORD"):
         assert "secretKeyRef" in env[secret]["valueFrom"], f"{secret} comes from a Secret"
     assert job["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+# The manifests against the real Kubernetes schemas (kubernetes-validate ships them), strictly:
+# an unknown or misplaced field fails, as `kubectl apply --validate=strict` would.
+K8S_VERSION = "1.31"
+
+
+@pytest.mark.parametrize("name", sorted(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]))
+def test_k8s_manifests_are_valid_kubernetes(name):
+    import kubernetes_validate
+
+    for doc in k8s_docs(name):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_k8s_validation_catches_a_misplaced_field():
+    import kubernetes_validate
+
+    cron = k8s_kind(k8s_docs("ingest-cronjob.yaml"), "CronJob")
+    cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"] = "x"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cron, K8S_VERSION, strict=True)
 
 
 def test_kserve_alternative_parses():
