@@ -63,6 +63,20 @@ def write_table(data: dict, out: TextIO = sys.stdout) -> None:
         print(file=out)
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection"):
+# a photo named "=HYPERLINK(...).jpg" must open as text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    value = _plain(value)
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def write_csv(data: dict, out: TextIO = sys.stdout) -> None:
     """One CSV block per section; with several sections each block starts with a `# section` line."""
     w = csv.writer(out, lineterminator="\n")
@@ -73,7 +87,7 @@ def write_csv(data: dict, out: TextIO = sys.stdout) -> None:
             out.write(f"# {name}\n")
         w.writerow(section["columns"])
         for row in section["rows"]:
-            w.writerow([_plain(v) if v is not None else "" for v in row])
+            w.writerow([_csv_cell(v) for v in row])
 
 
 def write_json(data: dict, out: TextIO = sys.stdout) -> None:
