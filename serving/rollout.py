@@ -17,12 +17,21 @@ the archives, `<model_store>/refund_classifier.versions.json`:
 `history` lists the defaults in the order they were promoted (each once; the last is the
 default); `rollback` steps back along it. `python -m serving up` reads the file, starts
 TorchServe with the recorded default and registers the other recorded versions again.
+
+A switch is two steps, `set-default` in TorchServe and the state file on disk, and a crash can
+fall between them. So the switch is recorded as an intent first (`"switching": {"to": V,
+"from": W, "action": "rollout"|"rollback"}`), then made in TorchServe, then recorded as done.
+Whoever next takes the state file (`serving up`, a rollout, a rollback) finishes an intent it
+finds: the switch was decided (a candidate that passed its test, a rollback asked for), so it is
+completed, never silently undone by a restart that serves the old default.
 See docs/ROLLOUTS.md.
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import os
+import signal
 import tempfile
 import time
 import zipfile
@@ -54,6 +63,12 @@ class StoreNotWritable(RolloutError):
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _test_hook(point: str) -> None:
+    """SERVING_TEST_HOOK=crash@POINT: SIGKILL ourselves there (only tests set it)."""
+    if os.environ.get("SERVING_TEST_HOOK") == f"crash@{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- archives --------------------------------------------------------------------------------
@@ -180,6 +195,7 @@ class State:
     default: str | None = None
     history: list[str] = field(default_factory=list)
     versions: dict[str, dict] = field(default_factory=dict)
+    switching: dict | None = None  # an intent: {"action", "to", "from", "at"} until the switch is recorded
 
     @classmethod
     def load(cls, model_store: Path, model: str = MODEL_NAME) -> "State":
@@ -190,10 +206,13 @@ class State:
             return cls(path)
         except ValueError as exc:
             raise RolloutError(f"the state file {path} is not valid JSON ({exc}); fix or remove it") from exc
-        return cls(path, raw.get("default"), list(raw.get("history", [])), dict(raw.get("versions", {})))
+        return cls(path, raw.get("default"), list(raw.get("history", [])), dict(raw.get("versions", {})),
+                   raw.get("switching"))
 
     def save(self) -> None:
         body = {"model": MODEL_NAME, "default": self.default, "history": self.history, "versions": self.versions}
+        if self.switching:
+            body["switching"] = self.switching
         partial = self.path.with_name(self.path.name + ".partial")
         try:
             partial.write_text(json.dumps(body, indent=1) + "\n")
@@ -300,6 +319,45 @@ def set_default(ts: TorchServe, version: str) -> None:
            f"making version {version} the default")
 
 
+def switch(ts: TorchServe, state: State, action: str, version: str, previous: str | None) -> None:
+    """Make `version` the default: intent on disk, then TorchServe; the caller records it as done
+    (state.promote or the like, then save, which clears the intent)."""
+    state.switching = {"action": action, "to": version, "from": previous, "at": now()}
+    state.save()
+    try:
+        set_default(ts, version)
+    except BaseException:  # refused: nothing switched, nothing to finish later
+        state.switching = None
+        state.save()
+        raise
+    _test_hook(f"after_set_default_{action}")
+    state.switching = None
+
+
+def finish_interrupted_switch(ts: TorchServe | None, state: State, log=print, *, save: bool = True) -> None:
+    """Complete a switch whose intent is on disk (a crash fell between set-default and the state file).
+    With `ts` up, TorchServe is made to serve it too; without, only the state file is brought up to date."""
+    intent = state.switching
+    if not intent:
+        return
+    target = str(intent["to"])
+    log(f"serving: finishing an interrupted {intent.get('action', 'switch')} of {MODEL_NAME} to version {target} "
+        f"(from {intent.get('from')}, started {intent.get('at')})")
+    if ts is not None:
+        live = registered(ts)
+        if target not in live:
+            register(ts, resolve_archive(ts, state.versions.get(target, {}).get("archive", f"{MODEL_NAME}-{target}.mar")))
+        if current_default(ts) != target:
+            set_default(ts, target)
+    if intent.get("action") == "rollback":
+        state.history = [v for v in state.history if v != intent.get("from")]
+    state.versions.setdefault(target, {"archive": f"{MODEL_NAME}-{target}.mar", "registered_at": now()})
+    state.promote(target)
+    state.switching = None
+    if save:
+        state.save()
+
+
 # -- smoke test ------------------------------------------------------------------------------
 
 @dataclass
@@ -392,6 +450,7 @@ def rollout(ts: TorchServe, archive_spec: str | Path, *, sample_dir: Path | None
     with locked(ts) as state, _sample(archive, sample_dir) as (folder, sample_from):
         sample = read_sample(folder, limit=limit)
         state.save()  # a read-only store fails here, before anything changes, not after the switch
+        finish_interrupted_switch(ts, state, log)
         versions = registered(ts)
         if archive.version in versions:
             raise RolloutError(f"version {archive.version} is already registered "
@@ -415,8 +474,8 @@ def rollout(ts: TorchServe, archive_spec: str | Path, *, sample_dir: Path | None
             raise
         promoted, reason = judge(candidate, baseline, tolerance)
         if promoted:
-            set_default(ts, archive.version)
             state.record(archive, registered_at)
+            switch(ts, state, "rollout", archive.version, previous)
             if previous and previous not in state.history:  # served before the state file knew it
                 state.history.append(previous)
             state.promote(archive.version)
@@ -456,6 +515,7 @@ def judge(candidate: Score, default: Score | None, tolerance: float) -> tuple[bo
 def rollback(ts: TorchServe, *, log=print) -> tuple[str, str]:
     """Make the previous default the default again. Returns (from, to)."""
     with locked(ts) as state:
+        finish_interrupted_switch(ts, state, log)
         live = current_default(ts)
         if live is None:
             raise RolloutError(f"{MODEL_NAME} is not registered: nothing to roll back")
@@ -472,7 +532,7 @@ def rollback(ts: TorchServe, *, log=print) -> tuple[str, str]:
             state.record(archive, now())
         else:
             ts.wait_ready(MODEL_NAME, target, wait_s=120)
-        set_default(ts, target)
+        switch(ts, state, "rollback", target, live)
         state.history = history  # the rolled-back version stays registered (not default) until retired
         state.default = target
         state.versions.setdefault(target, {"archive": f"{MODEL_NAME}-{target}.mar", "registered_at": now()})
@@ -559,6 +619,11 @@ def serve(ts: TorchServe, archive_spec: str | Path | None = None, *, log=print) 
 
 
 def _serve(ts: TorchServe, state: State, archive_spec, log) -> str:
+    if archive_spec is None and state.switching:
+        finish_interrupted_switch(None, state, log, save=False)  # decided: serve what it switched to
+    elif state.switching:
+        log(f"serving: {archive_spec} given; the interrupted switch to version {state.switching.get('to')} is dropped")
+        state.switching = None
     store = archives(ts.model_store)
     if archive_spec is not None:
         default = resolve_archive(ts, archive_spec)
