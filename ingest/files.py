@@ -154,21 +154,39 @@ def choose_dest(root: Path, day: str, relative: str, sha256: str, taken: set[Pat
     stem, suffix = dest.stem, dest.suffix
     for n in range(1, 10_000):
         tag = f"~{sha256[:8]}" + (f"-{n}" if n > 1 else "")
-        candidate = dest.with_name(f"{stem}{tag}{suffix}")
+        candidate = dest.with_name(_fit(stem, f"{tag}{suffix}"))
         if not candidate.exists() and candidate not in taken:
             return candidate
     raise FileExistsError(f"no free name for {dest}")
 
 
+# A file name's limit in bytes on Linux filesystems (NAME_MAX).
+NAME_MAX = 255
+
+
+def _fit(stem: str, tail: str) -> str:
+    """stem + tail, the stem shortened (whole characters) so that the name fits NAME_MAX bytes."""
+    room = NAME_MAX - len(os.fsencode(tail))
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem + tail
+
+
 def partial_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.ingest-partial")
+    """Where a cross-filesystem copy is written before it takes dest's name: hidden, ours alone
+    (nothing else ends in .ingest-partial), and short whatever dest's length (a 250-byte name stays legal)."""
+    tag = hashlib.sha256(os.fsencode(dest.name)).hexdigest()[:16]
+    return dest.with_name(f".{tag}.ingest-partial")
 
 
 def move(src: Path, dest: Path, *, linked=None) -> None:
     """Move src to dest without overwriting anything and without a moment where neither holds
-    the photo: rename when on one filesystem; else copy to a hidden partial name, fsync, rename
-    into place, and only then unlink the source (a crash leaves both, which recovery resolves)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    the photo, durably: hard-link src as dest when on one filesystem; else (inbox, processed/ and
+    quarantine/ on separate mounts, as in compose and Kubernetes: EXDEV) copy to a hidden partial
+    name, fsync it, and hard-link it as dest. Either way dest never replaces a file that is there,
+    and dest's folder is fsynced before the source is unlinked, so a power cut after the unlink
+    cannot lose both names. A crash in between leaves both, which recovery resolves."""
+    _makedirs(dest.parent)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists")
     try:
@@ -176,17 +194,49 @@ def move(src: Path, dest: Path, *, linked=None) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
-        _copy_then_rename(src, dest)
+        _copy_then_link(src, dest)
+    fsync_dir(dest.parent)
     if linked:
         linked()  # tests: a kill here leaves the photo under both names
     os.unlink(src)  # the photo is at dest now: this is the second half of a move, not a delete
+    try:
+        fsync_dir(src.parent)
+    except OSError:
+        pass  # the move is done; at worst a power cut brings the inbox name back, which recovery resolves
 
 
-def _copy_then_rename(src: Path, dest: Path) -> None:
+def _copy_then_link(src: Path, dest: Path) -> None:
     tmp = partial_name(dest)
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(1 << 20):
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dest)
+    tmp.unlink(missing_ok=True)  # our own unfinished copy from a killed run, never a photo of record
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.link(tmp, dest)  # EEXIST rather than overwrite a file that appeared at dest meanwhile
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure (ENOSPC, EEXIST) it must not take space or a name
+
+
+def _makedirs(folder: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry is new, so a new day's folder survives a power cut."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(new.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
