@@ -11,7 +11,7 @@ import yaml
 from handler.refund_model import build_model
 from training import export as export_mod
 from training.catalogue import CatalogueError, list_items, read_styles
-from training.train import CHECKPOINT
+from training.checkpoint import CHECKPOINT
 
 
 def test_sample_catalogue_has_the_kaggle_layout(sample_catalogue):
