@@ -6,12 +6,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 VERSION ?= 1
+# The catalogue whose images `make bench` sends (Kaggle layout: images/<id>.jpg), passed to the benches as
+# $RC_BENCH_DATA; empty: generated images. Default: the real catalogue where it sits beside the repository.
+BENCH_DATA ?= $(wildcard ../shared/datasets/fashion-small)
 
-.PHONY: help venv demo test up down status bench clean
+.PHONY: help venv demo test test-fast up down status bench clean
 
 help:
 	@echo "make demo   - sample catalogue -> train -> export -> TorchServe + PostgreSQL -> ingest -> report"
 	@echo "make test   - the test suite (real TorchServe, real PostgreSQL)"
+	@echo "make test-fast - the unit tests only: no services, seconds"
+	@echo "make bench [BENCH_DATA=CATALOGUE] [BENCH_ARGS=--quick] - the benchmarks"
 	@echo "make up | down | status - the services"
 
 # Recreated only when the requirements change (requirements-test.txt: what the tests add).
@@ -38,6 +43,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Tests marked (or, by their fixtures, found to be) integration start PostgreSQL / TorchServe: left out.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not integration"
+
 up: $(STAMP)
 	$(PY) -m serving up
 
@@ -48,7 +57,7 @@ status: $(STAMP)
 	$(PY) -m serving status
 
 bench: $(STAMP)
-	$(PY) -m bench $(BENCH_ARGS)
+	RC_BENCH_DATA=$(BENCH_DATA) $(PY) -m bench $(BENCH_ARGS)
 
 clean: down
 	rm -rf runs .run

@@ -1,6 +1,6 @@
 """Run every benchmark in one go, on one bench archive, and summarise (what `make bench` runs).
 
-    python -m bench [--quick] [--archive MAR] [--out DIR] [--only ceiling serving ingestion training]
+    python -m bench [--quick] [--archive MAR] [--out DIR] [--data-dir CATALOGUE] [--only ceiling serving ingestion training]
 
 Each benchmark runs in its own process (so one's memory and threads never colour another's) and
 writes its JSON into OUT (default runs/bench/<time>/); this writes OUT/summary.json and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from serving.archive import MODEL_NAME
 
 BENCHES = ["ceiling", "serving", "ingestion", "training"]
 
@@ -67,7 +69,7 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
         def row(label, r):
             return (f"| {label} | {r['images']} | {r['images_per_s']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} | "
                     f"{r['rows']} ({r['distinct_contents']}) | {r['moved']} | {r['left_in_inbox']} | {r['exit_code']} |")
-        lines += [row(f"ingest, {common.MODEL_NAME} ResNet-50 (defaults)", r) for r in ingestion["results"]]
+        lines += [row(f"ingest, {MODEL_NAME} ResNet-50 (defaults)", r) for r in ingestion["results"]]
         if ingestion.get("tuned"):
             lines.append(row(f"ingest `{' '.join(ingestion['tuned']['extra_args'])}`", ingestion["tuned"]))
         lines += [row(f"ingest, {ingestion.get('memory_archive_arch')} archive (memory run)", r) for r in ingestion.get("memory_runs", [])]
@@ -113,10 +115,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and summary (default: runs/bench/<time>)")
     parser.add_argument("--only", nargs="+", choices=BENCHES, default=BENCHES, help="run only these")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"Kaggle-layout catalogue whose images serving and ingestion send (sets ${common.DATA_ENV}; "
+                             "default: that variable, else generated images)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.data_dir is not None:  # the benches run as child processes: they read it from the environment
+        os.environ[common.DATA_ENV] = str(args.data_dir.resolve())
+    common.bench_data_dir()  # a wrong folder fails now, not after the archive is built
     out = (args.out or common.default_out()).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python -m bench" + (" --quick" if args.quick else "") + ("" if args.only == BENCHES else " --only " + " ".join(args.only))

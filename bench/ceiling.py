@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench import common
+from training.checkpoint import load_archive_model
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, *, bf16: bool, seconds: float, warmup: int = 2) -> dict:
@@ -40,8 +41,8 @@ def measure(model: torch.nn.Module, x: torch.Tensor, *, bf16: bool, seconds: flo
 def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    model, info = common.load_archive_model(archive)
-    height, width = info["meta"]["image_size"]
+    model, info = load_archive_model(archive)
+    height, width = info.meta["image_size"]
     results = []
     for precision in ("fp32", "bf16"):
         m = model.to(memory_format=torch.channels_last) if precision == "bf16" else model.to(memory_format=torch.contiguous_format)
@@ -54,7 +55,7 @@ def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int |
             print(f"  ceiling {precision} bs={bs}: {r['images_per_s']:.1f} images/s", flush=True)
     best = max(results, key=lambda r: r["images_per_s"])
     return {
-        "bench": "ceiling", "archive": str(archive), "arch": info["meta"].get("arch"),
+        "bench": "ceiling", "archive": str(archive), "arch": info.meta.get("arch"),
         "image_size": [height, width], "torch_threads": torch.get_num_threads(),
         "results": results, "best": best,
         "best_per_cpu": max(results, key=lambda r: r["images_per_cpu_s"]),

@@ -16,25 +16,37 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from serving.archive import archive_name
 from serving.paths import REPO_ROOT
 from serving.torchserve import free_port, make_torchserve  # noqa: F401 - the benches import them from here
 
-DATASET = REPO_ROOT.parent / "shared" / "datasets" / "fashion-small"
 BENCH_ROOT = REPO_ROOT / "runs" / "bench"  # git-ignored (runs/)
-MODEL_NAME = "refund_classifier"
-# The refund department's 30 categories (../shared/datasets/fashion-small/README.md): the head size.
-REFUND_CATEGORIES = [
-    "Belts", "Capris", "Caps", "Casual Shoes", "Dresses", "Dupatta", "Flats", "Flip Flops", "Formal Shoes",
-    "Handbags", "Heels", "Jackets", "Jeans", "Kurtas", "Kurtis", "Leggings", "Sandals", "Shirts",
-    "Shoe Accessories", "Shorts", "Socks", "Sports Shoes", "Sweaters", "Sweatshirts", "Ties", "Tops",
-    "Track Pants", "Trousers", "Tshirts", "Watches",
-]
+# A Kaggle-layout catalogue whose images/ the serving and ingestion benches send; unset: generated images.
+DATA_ENV = "RC_BENCH_DATA"
+
+
+def refund_categories() -> list[str]:
+    """The refund department's categories (training/categories.txt): the head size of the bench model."""
+    from training import prepare
+
+    return prepare.read_categories(prepare.DEFAULT_CATEGORIES)
+
+
+def bench_data_dir() -> Path | None:
+    """$RC_BENCH_DATA (`python -m bench --data-dir`, `make bench BENCH_DATA=...`), None when unset."""
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        return None
+    path = Path(value)
+    if not (path / "images").is_dir():
+        raise SystemExit(f"bench: {DATA_ENV}={value} is not a Kaggle-layout catalogue: {path / 'images'} is not a folder "
+                         f"(unset it to send generated images)")
+    return path
 
 
 # -- the machine ---------------------------------------------------------------------------
@@ -123,24 +135,19 @@ def default_image_size() -> tuple[int, int]:
 
 
 def build_random_run(run: Path, *, arch: str = "resnet50", image_size: tuple[int, int], seed: int = 0) -> Path:
-    """A training-run folder holding a checkpoint in training.train's format, with random weights."""
+    """A training-run folder holding a checkpoint in training.checkpoint's format, with random weights."""
     from handler.refund_model import build_model  # the one model definition
     from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD
-    from training.train import CHECKPOINT
+    from training.checkpoint import CHECKPOINT, save_atomic, untrained_checkpoint_dict
 
+    classes = refund_categories()
     torch.manual_seed(seed)
-    model_config = {"arch": arch, "num_classes": len(REFUND_CATEGORIES)}
+    model_config = {"arch": arch, "num_classes": len(classes)}
     model = build_model(**model_config).eval()
     run.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "model": {k: v.contiguous() for k, v in model.state_dict().items()},
-        "model_config": model_config,
-        "classes": list(REFUND_CATEGORIES),
-        "preprocess": {"image_size": list(image_size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "calibration": {"temperature": 1.0, "review_threshold": 0.5},
-        "history": [],
-        "args": {"arch": arch, "image_size": list(image_size), "note": "bench: random init, not trained"},
-    }, run / CHECKPOINT)
+    save_atomic(untrained_checkpoint_dict(model, model_config=model_config, classes=classes, image_size=image_size,
+                                          mean=IMAGENET_MEAN, std=IMAGENET_STD, note="bench: random init, not trained"),
+                run / CHECKPOINT)
     return run
 
 
@@ -151,10 +158,10 @@ def export_archive(run: Path, model_store: Path, version: str = "bench") -> Path
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=private_tmp_env(model_store))
     if result.returncode != 0:
         raise SystemExit(f"bench: export failed ({result.returncode}):\n{result.stderr or result.stdout}")
-    found = sorted(Path(model_store).glob(f"{MODEL_NAME}-{version}.mar"))
-    if not found:
-        raise SystemExit(f"bench: export wrote no {MODEL_NAME}-{version}.mar in {model_store}:\n{result.stdout}")
-    return found[0]
+    mar = Path(model_store) / archive_name(version)
+    if not mar.is_file():
+        raise SystemExit(f"bench: export wrote no {mar.name} in {model_store}:\n{result.stdout}")
+    return mar
 
 
 def private_tmp_env(near: Path) -> dict:
@@ -174,39 +181,13 @@ def make_bench_archive(work: Path, *, image_size: tuple[int, int] | None = None,
     return mar
 
 
-def archive_info(mar: Path) -> dict:
-    """What the archive says about itself: meta (arch, image_size, ...) and model-config.yaml."""
-    import yaml
-
-    with zipfile.ZipFile(mar) as z:
-        names = set(z.namelist())
-        meta = json.loads(z.read("model_meta.json")) if "model_meta.json" in names else {}
-        config = yaml.safe_load(z.read("model-config.yaml")) if "model-config.yaml" in names else {}
-        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-    return {"path": str(mar), "meta": meta, "model_config": config or {}, "manifest": manifest}
-
-
-def load_archive_model(mar: Path) -> tuple[torch.nn.Module, dict]:
-    """The archive's model in fp32 eval mode, rebuilt from its meta + weights, as the handler does."""
-    from handler.refund_model import build_model
-
-    info = archive_info(mar)
-    with tempfile.TemporaryDirectory(prefix="bench-mar-") as tmp, zipfile.ZipFile(mar) as z:
-        z.extractall(tmp)
-        classes = json.loads((Path(tmp) / "index_to_name.json").read_text())
-        state = torch.load(Path(tmp) / info["manifest"]["model"]["serializedFile"], map_location="cpu", weights_only=True)
-    meta = info["meta"]
-    model = build_model(meta["arch"], int(meta.get("num_classes") or len(classes)))
-    model.load_state_dict(state)
-    return model.eval(), info
-
-
 # -- sample images ------------------------------------------------------------------------------
 
 def image_paths(n: int, work: Path) -> list[Path]:
-    """n distinct JPEGs: the real catalogue's when present, else the project's sample generator's."""
-    images = DATASET / "images"
-    if images.is_dir():
+    """n distinct JPEGs: the catalogue's in $RC_BENCH_DATA when set (and it has n), else the sample generator's."""
+    data = bench_data_dir()
+    if data is not None:
+        images = data / "images"
         found = []
         for entry in sorted(os.scandir(images), key=lambda e: e.name):
             if entry.name.endswith(".jpg"):

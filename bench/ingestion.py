@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from bench import common
+from serving.archive import MODEL_NAME, read_archive
 
 NAIVE_MODEL = "refund_classifier_naive"
 NAIVE_SIZE = (224, 224)
@@ -138,15 +139,11 @@ def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.Postgres
 
 def make_naive_archive(archive: Path, out: Path) -> Path:
     """The same weights as `archive`, in an archive served like the original project: 224 px, fp32, batchSize 1."""
-    import zipfile
-
-    info = common.archive_info(archive)
+    info = read_archive(archive)
     staging = out / "naive-staging"
     staging.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as z:
-        (staging / "weights.pt").write_bytes(z.read(info["manifest"]["model"]["serializedFile"]))
-        classes = json.loads(z.read("index_to_name.json"))
-    meta = {"arch": info["meta"]["arch"], "image_size": list(NAIVE_SIZE), "classes": [classes[str(i)] for i in range(len(classes))]}
+    (staging / "weights.pt").write_bytes(info.read(info.weights_file))
+    meta = {"arch": info.meta["arch"], "image_size": list(NAIVE_SIZE), "classes": info.classes()}
     (staging / "naive_meta.json").write_text(json.dumps(meta))
     (staging / "model-config.yaml").write_text(yaml.safe_dump({
         "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 120}))
@@ -219,18 +216,25 @@ def bench_naive(archive: Path, sources: list[Path], work: Path, *, pg: common.Po
     return res
 
 
+def source_of(sources: list[Path]) -> str:
+    data = common.bench_data_dir()
+    if data is not None and str(sources[0]).startswith(str(data)):
+        return str(data / "images")
+    return "generated (training.make_sample_catalogue)"
+
+
 # -- all of it ---------------------------------------------------------------------------------------
 
 def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_images: int, extra: list[str],
         tuned_concurrency: int, memory_archive: Path | None) -> dict:
     """Throughput on `archive`; the inbox-size memory runs on `memory_archive` (the job's memory does not
     depend on the model, and a small model keeps the 10,000-file run short); then the naive baseline."""
-    info = common.archive_info(archive)
+    info = read_archive(archive)
     sources = common.image_paths(max([images, *sizes, baseline_images]), work)
     throughput, tuned, memory_runs = [], None, []
     with common.PostgresForBench() as pg:
         ts = common.make_torchserve(archive.parent, work / "torchserve")
-        ts.start([f"{common.MODEL_NAME}={archive.name}"])
+        ts.start([f"{MODEL_NAME}={archive.name}"])
         try:
             with common.TreeRSS(ts.pid()) as rss:
                 throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, extra=extra))
@@ -243,7 +247,7 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
         if sizes:
             mem_archive = memory_archive or archive
             mts = common.make_torchserve(mem_archive.parent, work / "torchserve-memory")
-            mts.start([f"{common.MODEL_NAME}={mem_archive.name}"])
+            mts.start([f"{MODEL_NAME}={mem_archive.name}"])
             try:
                 for n in sizes:
                     memory_runs.append(bench_ingest(n, sources, work, pg=pg, ts=mts, extra=extra, tag="_mem"))
@@ -252,10 +256,10 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
         naive = bench_naive(archive, sources, work, pg=pg, n=baseline_images) if baseline_images else None
     best = throughput[0]
     res = {
-        "bench": "ingestion", "archive": str(archive), "image_size": info["meta"].get("image_size"),
-        "source": "../shared/datasets/fashion-small/images" if str(sources[0]).startswith(str(common.DATASET)) else "generated (training.make_sample_catalogue)",
+        "bench": "ingestion", "archive": str(archive), "image_size": info.meta.get("image_size"),
+        "source": source_of(sources),
         "results": throughput, "best": best, "tuned": tuned, "naive": naive, "torchserve_memory": ts_memory,
-        "memory_runs": memory_runs, "memory_archive_arch": common.archive_info(memory_archive or archive)["meta"].get("arch"),
+        "memory_runs": memory_runs, "memory_archive_arch": read_archive(memory_archive or archive).meta.get("arch"),
     }
     if len(memory_runs) >= 2:
         small, large = memory_runs[0], memory_runs[-1]
@@ -322,7 +326,7 @@ def main(args: argparse.Namespace) -> dict:
         memory_archive = None
         if sizes and args.memory_arch != "same":
             memory_archive = common.make_bench_archive(Path(tmp) / "memory", arch=args.memory_arch,
-                                                       image_size=tuple(common.archive_info(archive)["meta"]["image_size"]))
+                                                       image_size=tuple(read_archive(archive).meta["image_size"]))
         res = run(archive, Path(tmp), images=images, sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
                   tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive)
     res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))

@@ -7,7 +7,7 @@
     # no trained model yet: a random-init network of the production shape
     python -m bench.precision_agreement --arch resnet50 --random-init --data-dir DIR --limit 512
 
-Both passes see the same uint8 cache (training.train.load_images, the handler's decode) and the
+Both passes see the same uint8 cache (training.engine.load_images, the handler's decode) and the
 same normalize; only the arithmetic differs. Prints one JSON object; exits 1 when the agreement
 is below --min-agreement (the issue's bar: 99.5%).
 """
@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,38 +25,37 @@ import torch
 from handler.refund_inference import calibrated_probs, calibration, class_bias
 from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+from serving.archive import ArchiveError
 from training import prepare as prepare_mod
 from training.catalogue import Item, list_items
-from training.evaluate import CALIBRATION
-from training.train import CHECKPOINT, load_images
+from training.checkpoint import CheckpointError, fitted_calibration, load_archive_model, load_run
+from training.engine import load_images
 
 
 class BenchError(RuntimeError):
     pass
 
 
-def load_run(run: Path) -> dict:
-    ckpt = torch.load(Path(run) / CHECKPOINT, map_location="cpu", weights_only=True)
+def run_source(run: Path) -> dict:
+    """What to measure from a training run: its model, preprocessing, fitted calibration and prepared splits."""
+    ckpt, model = load_run(run)
     data = Path(ckpt.get("data_dir") or "")  # the folder training.prepare wrote: train/val/test.csv
     splits = {name: [Item(id=r.id, label=r.label, path=Path(r.path)) for r in prepare_mod.read_manifest(data / f"{name}.csv")]
               for name in ("train", "val", "test") if (data / f"{name}.csv").is_file()}
-    fitted = Path(run) / CALIBRATION  # training.evaluate's, as exported into the archive
-    calib = json.loads(fitted.read_text()) if fitted.is_file() else ckpt.get("calibration", {})
+    calib = fitted_calibration(run) or ckpt.get("calibration", {})  # training.evaluate's, as exported into the archive
     return {
-        "state": ckpt["model"], "arch": ckpt["model_config"]["arch"], "classes": ckpt["classes"],
+        "model": model, "arch": ckpt["model_config"]["arch"], "classes": ckpt["classes"],
         "image_size": tuple(ckpt["preprocess"]["image_size"]), "mean": tuple(ckpt["preprocess"]["mean"]),
         "std": tuple(ckpt["preprocess"]["std"]), "calibration": calib, "splits": splits,
     }
 
 
-def load_archive(mar: Path) -> dict:
-    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(mar) as z:
-        z.extractall(tmp)
-        meta = json.loads((Path(tmp) / "model_meta.json").read_text())
-        names = json.loads((Path(tmp) / "index_to_name.json").read_text())
-        state = torch.load(Path(tmp) / "weights.pt", map_location="cpu", weights_only=True)
+def archive_source(mar: Path) -> dict:
+    """The same from an exported archive (its model_meta.json carries preprocessing and calibration)."""
+    model, archive = load_archive_model(mar)
+    meta = archive.meta
     return {
-        "state": state, "arch": meta["arch"], "classes": [names[str(i)] for i in range(len(names))],
+        "model": model, "arch": meta["arch"], "classes": archive.classes(),
         "image_size": tuple(meta["image_size"]), "mean": tuple(meta["mean"]), "std": tuple(meta["std"]),
         "calibration": meta, "splits": {},
     }
@@ -77,11 +74,11 @@ def logits_of(model, x: torch.Tensor, *, bf16: bool, batch_size: int) -> tuple[t
 
 def measure(args: argparse.Namespace) -> dict:
     if args.run:
-        src = load_run(args.run)
+        src = run_source(args.run)
     elif args.archive:
-        src = load_archive(args.archive)
+        src = archive_source(args.archive)
     elif args.random_init:
-        src = {"state": None, "arch": args.arch, "classes": None, "image_size": tuple(args.image_size),
+        src = {"model": None, "arch": args.arch, "classes": None, "image_size": tuple(args.image_size),
                "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "calibration": {}, "splits": {}}
     else:
         raise BenchError("give --run, --archive or --random-init")
@@ -104,9 +101,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model = build_model(src["arch"], len(classes))
-    if src["state"] is not None:
-        model.load_state_dict(src["state"])
+    model = src["model"] if src["model"] is not None else build_model(src["arch"], len(classes))  # random init: seeded
     model = model.eval().to(memory_format=torch.channels_last)
     temperature, _ = calibration(src["calibration"])
     bias = class_bias(src["calibration"], len(classes))
@@ -129,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict:
         "mean_abs_dconfidence": round((p32.max(1).values - p16.gather(1, top32[:, None])[:, 0]).abs().mean().item(), 6),
         "fp32_ms_per_image": round(t32 * 1000, 3), "bf16_ms_per_image": round(t16 * 1000, 3),
     }
-    if src["state"] is not None and bool(known.any()):
+    if src["model"] is not None and bool(known.any()):
         result["fp32_top1_acc"] = round((top32[known] == labels[known]).float().mean().item(), 6)
         result["bf16_top1_acc"] = round((top16[known] == labels[known]).float().mean().item(), 6)
     result["min_agreement"] = args.min_agreement
@@ -160,7 +155,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         result = measure(args)
-    except BenchError as exc:
+    except (BenchError, CheckpointError, ArchiveError) as exc:
         print(f"precision_agreement: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=1)

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bench import common
+from serving.archive import MODEL_NAME, read_archive
 
 
 class Connection:
@@ -151,13 +152,13 @@ def load_payloads(n: int, work: Path) -> list[bytes]:
 
 
 def run(archive: Path, work: Path, *, concurrencies: list[int], seconds: float, warmup_s: float, n_images: int) -> dict:
-    info = common.archive_info(archive)
+    info = read_archive(archive)
     payloads = load_payloads(n_images, work)
     ts = common.make_torchserve(archive.parent, work / "torchserve")
     t0 = time.monotonic()
-    ts.start([f"{common.MODEL_NAME}={archive.name}"])
+    ts.start([f"{MODEL_NAME}={archive.name}"])
     startup_s = time.monotonic() - t0
-    url = f"{ts.inference_url}/predictions/{common.MODEL_NAME}"
+    url = f"{ts.inference_url}/predictions/{MODEL_NAME}"
     rows = []
     try:
         with common.TreeRSS(ts.pid()) as rss:
@@ -171,15 +172,15 @@ def run(archive: Path, work: Path, *, concurrencies: list[int], seconds: float, 
                 rows.append(r)
                 print(f"  serving c={c}: {r['images_per_s']:.1f} images/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms errors {r['errors']}", flush=True)
         memory = rss.report()
-        workers = ts.describe(common.MODEL_NAME)[0]
+        workers = ts.describe(MODEL_NAME)[0]
     finally:
         ts.stop()
     best = max(rows, key=lambda r: r["images_per_s"])
     best_cpu = max(rows, key=lambda r: r["images_per_cpu_s"])
     return {
         "best_per_cpu": best_cpu,
-        "bench": "serving", "archive": str(archive), "image_size": info["meta"].get("image_size"),
-        "model_config": info["model_config"], "startup_s": round(startup_s, 1),
+        "bench": "serving", "archive": str(archive), "image_size": info.meta.get("image_size"),
+        "model_config": info.config, "startup_s": round(startup_s, 1),
         "payload_bytes_mean": round(sum(map(len, payloads)) / len(payloads)),
         "payloads": len(payloads), "results": rows, "best": best, "memory": memory,
         "served_batch_size": workers.get("batchSize"), "served_max_batch_delay": workers.get("maxBatchDelay"),

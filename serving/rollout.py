@@ -32,9 +32,7 @@ import fcntl
 import json
 import os
 import signal
-import tempfile
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,8 +41,8 @@ from pathlib import Path
 from typing import Iterator
 
 import requests
-import yaml
-
+from serving import archive as archive_mod
+from serving.archive import Archive, ArchiveError, archive_name, archive_sample
 from serving.torchserve import MODEL_NAME, TorchServe, TorchServeError, archives, latest_archive, version_key
 
 STATE_SUFFIX = ".versions.json"
@@ -73,31 +71,12 @@ def _test_hook(point: str) -> None:
 
 # -- archives --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Archive:
-    path: Path
-    model: str
-    version: str
-    config: dict  # the archive's model-config.yaml (workers, batching), {} when it has none
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
 def read_archive(path: Path) -> Archive:
-    """Model name, version and model-config.yaml of a .mar, read from its MAR-INF/MANIFEST.json."""
-    path = Path(path)
+    """serving.archive.read_archive, its errors as RolloutError (what `python -m serving` reports)."""
     try:
-        with zipfile.ZipFile(path) as z:
-            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
-            config_file = manifest.get("configFile")
-            config = yaml.safe_load(z.read(config_file)) if config_file else {}
-    except FileNotFoundError as exc:
-        raise RolloutError(f"archive {path} does not exist") from exc
-    except (zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError) as exc:
-        raise RolloutError(f"{path} is not a readable model archive (.mar): {exc}") from exc
-    return Archive(path=path, model=manifest["modelName"], version=str(manifest["modelVersion"]), config=config or {})
+        return archive_mod.read_archive(path)
+    except ArchiveError as exc:
+        raise RolloutError(str(exc)) from exc
 
 
 def resolve_archive(ts: TorchServe, spec: str | Path) -> Archive:
@@ -112,7 +91,7 @@ def resolve_archive(ts: TorchServe, spec: str | Path) -> Archive:
     archive = read_archive(path)
     if archive.model != MODEL_NAME:
         raise RolloutError(f"{path.name} holds model {archive.model!r}, not {MODEL_NAME!r}")
-    expected = f"{MODEL_NAME}-{archive.version}.mar"
+    expected = archive_name(archive.version)
     if path.name != expected:
         raise RolloutError(f"{path.name} says it is version {archive.version!r} (MAR-INF/MANIFEST.json); "
                            f"the store names each archive after its version: expected {expected}")
@@ -158,33 +137,6 @@ def read_sample(folder: Path, *, limit: int | None = DEFAULT_LIMIT) -> list[Exam
     if limit and len(ids) > limit:
         ids = [ids[k * len(ids) // limit] for k in range(limit)]
     return [Example(f"{i}.jpg", labels[i], (folder / "images" / f"{i}.jpg").read_bytes()) for i in ids]
-
-
-# Where an archive may carry its sample (see docs/ROLLOUTS.md): a Kaggle-layout folder
-# `sample/` (sample/styles.csv + sample/images/<id>.jpg), or `sample.csv` at the top with the
-# images in `sample/images/` or `images/`.
-SAMPLE_CSVS = ("sample/styles.csv", "sample.csv")
-SAMPLE_IMAGE_DIRS = ("sample/images/", "images/")
-
-
-@contextmanager
-def archive_sample(archive: Archive) -> Iterator[Path | None]:
-    """Extract the sample the archive carries into a temporary Kaggle-layout folder; None if it has none."""
-    with zipfile.ZipFile(archive.path) as z:
-        names = set(z.namelist())
-        csv = next((c for c in SAMPLE_CSVS if c in names), None)
-        images = next((d for d in SAMPLE_IMAGE_DIRS if any(n.startswith(d) and n != d for n in names)), None)
-        if csv is None or images is None:
-            yield None
-            return
-        with tempfile.TemporaryDirectory(prefix="rollout-sample-") as tmp:
-            out = Path(tmp)
-            (out / "images").mkdir()
-            (out / "styles.csv").write_bytes(z.read(csv))
-            for n in names:
-                if n.startswith(images) and not n.endswith("/") and "/" not in n[len(images):]:
-                    (out / "images" / n[len(images):]).write_bytes(z.read(n))
-            yield out
 
 
 # -- the state file --------------------------------------------------------------------------

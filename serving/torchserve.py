@@ -18,10 +18,9 @@ from pathlib import Path
 
 import requests
 
+from serving.archive import MODEL_NAME
 from serving.client import AuthError, TorchServeClient
 from serving.paths import REPO_ROOT, state_dir
-
-MODEL_NAME = "refund_classifier"
 
 
 class TorchServeError(RuntimeError):

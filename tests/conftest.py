@@ -15,12 +15,21 @@ import psycopg2
 import pytest
 
 from ingest import db
+from serving.archive import MODEL_NAME, archive_name
 from serving.postgres import Cluster
-from serving.torchserve import free_port, make_torchserve  # noqa: F401 - tests import them from here
+from serving.torchserve import free_port, make_torchserve  # noqa: F401 - test_ingest*.py import them from here
+from support import train_tiny
 from training import export as export_mod
-from training import make_sample_catalogue, train
+from training import make_sample_catalogue
 
-IMAGE_SIZE = (32, 32)
+# A test that uses one of these starts a service: it is an integration test (`make test-fast` leaves it out).
+SERVICE_FIXTURES = {"pg_cluster", "database_url", "torchserve", "secured_torchserve", "start_torchserve"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -35,15 +44,6 @@ def unseen_images(tmp_path_factory) -> Path:
     """Images the model never saw (another seed), with their true labels in styles.csv."""
     out = tmp_path_factory.mktemp("unseen")
     make_sample_catalogue.write_catalogue(out, per_class=3, seed=999, first_id=50000)
-    return out
-
-
-def train_tiny(data_dir: Path, out: Path, *extra: str, epochs: int = 10) -> Path:
-    args = train.get_args_parser().parse_args([
-        "--data-dir", str(data_dir), "--out", str(out), "--arch", "tinynet", "--epochs", str(epochs),
-        "--image-size", *map(str, IMAGE_SIZE), "--batch-size", "16", "--lr", "0.01", *extra,
-    ])
-    train.main(args)
     return out
 
 
@@ -62,7 +62,7 @@ def model_store(trained_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def extracted_archive(model_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mar")
-    with zipfile.ZipFile(model_store / "refund_classifier-1.mar") as z:
+    with zipfile.ZipFile(model_store / archive_name("1")) as z:
         z.extractall(out)
     return out
 
@@ -103,6 +103,31 @@ def database_url(pg_cluster) -> str:
 
 
 # -- TorchServe ----------------------------------------------------------------------------
+
+@pytest.fixture
+def start_torchserve(model_store, tmp_path):
+    """start(**config overrides, models=[...], wait_s=...) -> a TorchServe on free ports, stopped after the test."""
+    started = []
+
+    def start(*, models: list[str] | None = None, wait_s: float = 180.0, **overrides: str):
+        ts = make_torchserve(model_store, tmp_path / f"ts-{len(started)}", **overrides)
+        started.append(ts)
+        ts.start(models, wait_s=wait_s)
+        return ts
+
+    yield start
+    for ts in started:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def secured_torchserve(model_store, tmp_path_factory):
+    """The model served with token authorization on (as deployed): clients need the key file."""
+    ts = make_torchserve(model_store, tmp_path_factory.mktemp("ts-secured"), disable_token_authorization="false")
+    ts.start([f"{MODEL_NAME}={archive_name('1')}"])
+    yield ts
+    ts.stop()
+
 
 @pytest.fixture(scope="session")
 def torchserve(model_store, tmp_path_factory):

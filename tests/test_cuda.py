@@ -1,27 +1,17 @@
 """The CUDA paths of training and of the handler. Skipped where there is no GPU (CI has none);
-`bench/gpu_check.sh` runs them, with the rest of the handler and training tests, on a GPU box."""
+on a GPU box run them with the handler and training tests (bench/README.md, "On a GPU")."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_handler import RecordingContext
-from test_training_run import TINY, run_train
 
-from handler.refund_handler import RefundClassifierHandler
+from support import TINY, make_handler, run_train
 from training import prepare as prepare_mod
-from training import train as train_mod
+from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
-
-def handler_on(model_dir: Path, gpu_id: str | None) -> tuple[RefundClassifierHandler, RecordingContext]:
-    ctx = RecordingContext(model_pt_file="weights.pt", model_dir=str(model_dir), model_file=None, gpu_id=gpu_id,
-                           model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
-    h = RefundClassifierHandler()
-    h.initialize(ctx)
-    return h, ctx
 
 
 def test_train_on_cuda_then_resume(sample_catalogue, tmp_path):
@@ -35,13 +25,13 @@ def test_train_on_cuda_then_resume(sample_catalogue, tmp_path):
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_acc"] > 0.2  # 10 classes: it learns, not just runs
-    ckpt = torch.load(run / train_mod.CHECKPOINT, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run)
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())
 
 
 def test_handler_on_cuda_agrees_with_cpu(extracted_archive, unseen_images):
-    gpu, gpu_ctx = handler_on(extracted_archive, "0")
-    cpu, cpu_ctx = handler_on(extracted_archive, None)
+    gpu, gpu_ctx = make_handler(extracted_archive, "0")
+    cpu, cpu_ctx = make_handler(extracted_archive, None)
     assert gpu.device.type == "cuda" and cpu.device.type == "cpu"
     good = [{"body": p.read_bytes()} for p in sorted((unseen_images / "images").glob("*.jpg"))]
     data = good + [{"body": b"not an image"}]

@@ -20,7 +20,7 @@ import requests
 import yaml
 
 from serving.paths import REPO_ROOT
-from serving.torchserve import TorchServe, load_properties
+from serving.torchserve import TorchServe, free_port, load_properties
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -516,65 +516,49 @@ def test_healthcheck_against_a_real_torchserve(torchserve, tmp_path, capsys):
     assert healthcheck.main(["--config", str(torchserve.config), "--key-file", str(tmp_path / "absent.json")]) == 0
     assert "Healthy" in capsys.readouterr().out
     dead = tmp_path / "dead.properties"
-    dead.write_text(f"inference_address=http://127.0.0.1:{_free_port()}\ndisable_token_authorization=true\n")
+    dead.write_text(f"inference_address=http://127.0.0.1:{free_port()}\ndisable_token_authorization=true\n")
     assert healthcheck.main(["--config", str(dead), "--timeout", "2"]) == 1
 
 
-def _free_port() -> int:
-    from conftest import free_port
-
-    return free_port()
-
-
 @pytest.mark.integration
-def test_container_config_in_a_real_torchserve_registers_only_from_the_store(model_store, tmp_path):
+def test_container_config_in_a_real_torchserve_registers_only_from_the_store(model_store, start_torchserve):
     """deploy/config.properties, re-pointed at free ports and a test model store, in TorchServe 0.12."""
-    from conftest import make_torchserve
-
     props = load_properties(DEPLOY_CONFIG)
-    # make_torchserve gives it free ports and the test model store
+    # start_torchserve gives it free ports and the test model store
     overrides = {k: v for k, v in props.items() if not k.endswith(("_address", "_port")) and k != "model_store"}
     overrides.update({
         "allowed_urls": props["allowed_urls"].replace("/app/model_store", str(model_store)),
     })
-    ts = make_torchserve(model_store, tmp_path / "ts", **overrides)
-    ts.start()
-    try:
-        def register(url: str) -> requests.Response:
-            return ts.client.management("POST", "models", params={"url": url, "model_name": "rc", "synchronous": "true", "initial_workers": "1"}, timeout=120)
+    ts = start_torchserve(**overrides)
 
-        for outside in ("https://example.com/refund_classifier-1.mar", "file:///etc/passwd", f"file://{model_store}/../refund_classifier-1.mar"):
-            r = register(outside)
-            assert r.status_code == 404, (outside, r.status_code, r.text)
-            assert re.search("does not match any allowed URL|Relative path is not allowed", r.json()["message"]), r.text
-        r = register("refund_classifier-1.mar")  # by name, from the store
-        assert r.status_code == 200, r.text
-        assert ts.token_auth
-        r = ts.client.inference("POST", "predictions/rc", data=b"", timeout=30)
-        assert r.status_code == 400 and r.json()["code"] == "empty"
-        assert "ts_inference_requests_total" in requests.get(f"{ts.metrics_url}/metrics", timeout=10).text
-    finally:
-        ts.stop()
+    def register(url: str) -> requests.Response:
+        return ts.client.management("POST", "models", params={"url": url, "model_name": "rc", "synchronous": "true", "initial_workers": "1"}, timeout=120)
+
+    for outside in ("https://example.com/refund_classifier-1.mar", "file:///etc/passwd", f"file://{model_store}/../refund_classifier-1.mar"):
+        r = register(outside)
+        assert r.status_code == 404, (outside, r.status_code, r.text)
+        assert re.search("does not match any allowed URL|Relative path is not allowed", r.json()["message"]), r.text
+    r = register("refund_classifier-1.mar")  # by name, from the store
+    assert r.status_code == 200, r.text
+    assert ts.token_auth
+    r = ts.client.inference("POST", "predictions/rc", data=b"", timeout=30)
+    assert r.status_code == 400 and r.json()["code"] == "empty"
+    assert "ts_inference_requests_total" in requests.get(f"{ts.metrics_url}/metrics", timeout=10).text
 
 
 @pytest.mark.integration
-def test_healthcheck_with_token_authorization_renews_an_expired_key(model_store, tmp_path):
+def test_healthcheck_with_token_authorization_renews_an_expired_key(start_torchserve):
     from deploy import healthcheck
-    from conftest import make_torchserve
 
-    ts = make_torchserve(model_store, tmp_path / "ts", disable_token_authorization="false", token_expiration_min="0.1")
-    ts.start(wait_s=90)
-    try:
-        key_file = ts.state / "key_file.json"
-        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        ok, why = healthcheck.check(ts.config, key_file)
-        assert ok, why
-        assert requests.get(f"{ts.inference_url}/ping", timeout=5).status_code == 400, "keyless /ping is refused"
-        first = json.loads(key_file.read_text())["inference"]
-        expires = datetime.fromisoformat(first["expiration time"][:26] + "+00:00")
-        time.sleep(max(0.0, expires.timestamp() - time.time()) + 1)
-        ok, why = healthcheck.check(ts.config, key_file)  # expired: renewed with the API key
-        assert ok, why
-        assert json.loads(key_file.read_text())["inference"]["key"] != first["key"]
-    finally:
-        ts.stop()
+    ts = start_torchserve(disable_token_authorization="false", token_expiration_min="0.1", wait_s=90)
+    key_file = ts.state / "key_file.json"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    ok, why = healthcheck.check(ts.config, key_file)
+    assert ok, why
+    assert requests.get(f"{ts.inference_url}/ping", timeout=5).status_code == 400, "keyless /ping is refused"
+    first = json.loads(key_file.read_text())["inference"]
+    expires = datetime.fromisoformat(first["expiration time"][:26] + "+00:00")
+    time.sleep(max(0.0, expires.timestamp() - time.time()) + 1)
+    ok, why = healthcheck.check(ts.config, key_file)  # expired: renewed with the API key
+    assert ok, why
+    assert json.loads(key_file.read_text())["inference"]["key"] != first["key"]

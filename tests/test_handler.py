@@ -14,62 +14,15 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
-import ts
 from handler.refund_handler import (METRIC_BATCH_SIZE, METRIC_IMAGES, METRIC_INFERENCE, METRIC_PREPROCESS,
                                     METRIC_REJECTS, RefundClassifierHandler)
 from handler.refund_inference import calibrated_probs, calibration, class_bias, extract_payload, prepare_batch, resolve_precision, threads_per_worker
 from handler.refund_preprocess import ImageError, decode_image, load_for_model, normalize
+from support import make_handler
 from training.catalogue import list_items
-from training.train import load_images
-
-DEFAULT_METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
-
-
-class RecordingMetrics(MetricsCacheYamlImpl):
-    """TorchServe's real metrics cache (as a worker has it), remembering what was added."""
-
-    def __init__(self):
-        super().__init__(config_file_path=str(DEFAULT_METRICS_YAML))
-        self.model_name = "refund_classifier"
-        self.initialize_cache()
-        self.recorded: list[tuple[str, float, dict]] = []
-
-    def _parse_yaml_file(self, config_file_path) -> None:  # ts leaves the file open (a ResourceWarning)
-        with open(config_file_path, encoding="utf-8") as f:
-            self._parsed_file = yaml.safe_load(f)
-
-    def add_metric(self, name, value, unit, idx=None, dimensions=[], metric_type=None):  # noqa: B006 (mirrors ts)
-        self.recorded.append((name, value, {d.name: d.value for d in dimensions}))
-        super().add_metric(name, value, unit, idx, dimensions, metric_type)
-
-    def values(self, name: str, **labels) -> list[float]:
-        return [v for n, v, dims in self.recorded if n == name and all(dims.get(k) == x for k, x in labels.items())]
-
-
-class RecordingContext(MockContext):
-    """MockContext plus the per-request status TorchServe's real Context keeps, and a real metrics cache."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.metrics = RecordingMetrics()
-
-    def set_response_status(self, code=200, phrase="", idx=0):
-        self.statuses[idx] = (code, phrase)
-
-
-def make_handler(model_dir: Path) -> tuple[RefundClassifierHandler, RecordingContext]:
-    ctx = RecordingContext(model_pt_file="weights.pt", model_dir=str(model_dir), model_file=None,
-                           model_name="refund_classifier", model_yaml_config_file="model-config.yaml")
-    ctx.manifest["model"].update(modelName="refund_classifier", modelVersion="1")
-    h = RefundClassifierHandler()
-    h.initialize(ctx)
-    h.context = ctx
-    return h, ctx
-
+from training.engine import load_images
 
 @pytest.fixture(scope="module")
 def handler(extracted_archive):

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import make_torchserve, train_tiny
 from serving import rollout
 from serving.__main__ import main as serving_main
 from serving.rollout import RolloutError
+from serving.torchserve import make_torchserve
+from support import train_tiny
 from training import export as export_mod
 from training import make_sample_catalogue
 

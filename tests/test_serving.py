@@ -20,7 +20,8 @@ from serving.torchserve import load_properties
 from serving.paths import REPO_ROOT
 from training import export as export_mod
 from training.catalogue import list_items, read_styles
-from training.train import CHECKPOINT, load_images
+from training.checkpoint import CHECKPOINT
+from training.engine import load_images
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,10 @@ import torch
 import yaml
 
 from handler.refund_model import build_model
+from serving.archive import MODEL_NAME, archive_name
 from training import export as export_mod
 from training.catalogue import CatalogueError, list_items, read_styles
-from training.train import CHECKPOINT
+from training.checkpoint import CHECKPOINT, load_archive_model, load_run
 
 
 def test_sample_catalogue_has_the_kaggle_layout(sample_catalogue):
@@ -90,3 +91,16 @@ def test_export_refuses_to_overwrite_a_version(trained_run, model_store):
 def test_export_rejects_a_bad_version(trained_run, tmp_path):
     with pytest.raises(export_mod.ExportError, match="Invalid --version"):
         export_mod.export(trained_run, "../evil", model_store=tmp_path)
+
+
+def test_archive_reader_gives_back_the_trained_model(trained_run, model_store):
+    """serving.archive + training.checkpoint.load_archive_model (the benches' reader) vs the run's checkpoint."""
+    ckpt, model = load_run(trained_run)
+    archived, archive = load_archive_model(model_store / archive_name("1"))
+    assert (archive.model, archive.version, archive.name) == (MODEL_NAME, "1", f"{MODEL_NAME}-1.mar")
+    assert archive.classes() == ckpt["classes"] and archive.meta["arch"] == ckpt["model_config"]["arch"]
+    assert archive.config["batchSize"] >= 1 and archive.weights_file == "weights.pt"
+    state = archived.state_dict()
+    assert set(state) == set(ckpt["model"]) and all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
+    x = torch.randn(2, 3, 32, 32)  # (B, C, H, W)
+    assert not archived.training and torch.allclose(archived(x), model(x), atol=1e-5)  # model: channels_last

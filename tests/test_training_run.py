@@ -14,17 +14,13 @@ from PIL import Image
 from handler.refund_inference import prepare_batch
 from handler.refund_model import build_model
 from handler.refund_preprocess import normalize
+from support import TINY, run_train
+from training import engine
 from training import evaluate as evaluate_mod
 from training import export as export_mod
 from training import prepare as prepare_mod
-from training import train as train_mod
+from training.checkpoint import CHECKPOINT, LAST, load_checkpoint
 from training.metrics import confusion, macro_f1
-
-TINY = ["--arch", "tinynet", "--image-size", "32", "32", "--batch-size", "16", "--lr", "0.01"]
-
-
-def run_train(*argv: str):
-    return train_mod.main(train_mod.get_args_parser().parse_args(list(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +44,7 @@ def test_train_on_a_prepared_folder_then_resume(prepared, tmp_path):
     run_train("--data-dir", str(prepared), "--out", str(run), "--epochs", "2", "--patience", "99", *TINY)
     first = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in first] == [1, 2] and not (run / "data").exists()  # used as is, not re-prepared
-    ckpt = torch.load(run / train_mod.CHECKPOINT, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run / CHECKPOINT)
     assert ckpt["manifest_hash"] == prepare_mod.manifest_hash(prepared)
     assert ckpt["preprocess"] == {"image_size": [32, 32], "mean": list(ckpt["preprocess"]["mean"]),
                                   "std": list(ckpt["preprocess"]["std"])}
@@ -59,7 +55,7 @@ def test_train_on_a_prepared_folder_then_resume(prepared, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[:2] == first  # resumed, not restarted
     assert (run / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss,train_acc")
-    last = torch.load(run / train_mod.LAST, map_location="cpu", weights_only=True)
+    last = load_checkpoint(run / LAST)
     assert last["epoch"] == 4 and last["step"] == 4 * 9 and "optimizer" in last  # 132 images / 16 a step
 
 
@@ -86,11 +82,11 @@ def test_time_budget_too_small_fails_clearly(prepared, tmp_path):
 
 
 def test_clock_and_schedule():
-    clock = train_mod.Clock(total_steps=100, budget_s=100.0, used_s=50.0, step=10)
+    clock = engine.Clock(total_steps=100, budget_s=100.0, used_s=50.0, step=10)
     assert 0.5 <= clock.progress < 0.52  # the budget, not the steps, sets progress here
     clock.step = 90
     assert clock.progress == pytest.approx(0.9)
-    lrs = [train_mod.lr_at(p / 100, peak=1.0, warmup=0.1) for p in range(101)]
+    lrs = [engine.lr_at(p / 100, peak=1.0, warmup=0.1) for p in range(101)]
     assert lrs[10] == pytest.approx(1.0) and lrs[5] == pytest.approx(0.5)
     assert all(a <= b for a, b in zip(lrs[:11], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.01)
@@ -98,28 +94,28 @@ def test_clock_and_schedule():
 
 def test_class_weights():
     labels = torch.tensor([0] * 16 + [1] * 4)
-    assert train_mod.class_weights(labels, 2, "none") is None
-    w = train_mod.class_weights(labels, 2, "sqrt")
+    assert engine.class_weights(labels, 2, "none") is None
+    w = engine.class_weights(labels, 2, "sqrt")
     assert w[1] / w[0] == pytest.approx(2.0)  # sqrt(16 / 4)
     assert float((w[labels]).mean()) == pytest.approx(1.0)
 
 
 def test_augment_keeps_shape_dtype_and_is_seeded():
     batch = torch.randint(0, 256, (8, 3, 20, 16), dtype=torch.uint8)
-    a = train_mod.augment(batch, generator=torch.Generator().manual_seed(1))
-    b = train_mod.augment(batch, generator=torch.Generator().manual_seed(1))
+    a = engine.augment(batch, generator=torch.Generator().manual_seed(1))
+    b = engine.augment(batch, generator=torch.Generator().manual_seed(1))
     assert a.dtype == torch.uint8 and a.shape == batch.shape and torch.equal(a, b) and not torch.equal(a, batch)
 
 
 def test_weights_options(prepared, tmp_path, trained_run, monkeypatch):
     model = build_model("tinynet", 6)
-    with pytest.raises(train_mod.TrainError, match="no pretrained weights"):
-        train_mod.load_initial_weights(model, "tinynet", "imagenet")
-    with pytest.raises(train_mod.TrainError, match="Invalid --weights"):
-        train_mod.load_initial_weights(model, "tinynet", str(tmp_path / "nope.pt"))
+    with pytest.raises(engine.TrainError, match="no pretrained weights"):
+        engine.load_initial_weights(model, "tinynet", "imagenet")
+    with pytest.raises(engine.TrainError, match="Invalid --weights"):
+        engine.load_initial_weights(model, "tinynet", str(tmp_path / "nope.pt"))
     # a local file: one of our checkpoints (its "model") or a bare state_dict
-    assert train_mod.load_initial_weights(model, "tinynet", str(trained_run / train_mod.CHECKPOINT)).endswith("checkpoint.pt")
-    ckpt = torch.load(trained_run / train_mod.CHECKPOINT, map_location="cpu", weights_only=True)
+    assert engine.load_initial_weights(model, "tinynet", str(trained_run / CHECKPOINT)).endswith("checkpoint.pt")
+    ckpt = load_checkpoint(trained_run)
     assert torch.equal(model.fc.weight, ckpt["model"]["fc.weight"])
     # imagenet weights that cannot be fetched: a clear message, not a traceback from urllib
     import torchvision
@@ -128,8 +124,8 @@ def test_weights_options(prepared, tmp_path, trained_run, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
-    with pytest.raises(train_mod.TrainError, match="cannot fetch .*--weights PATH"):
-        train_mod.load_initial_weights(build_model("resnet18", 6), "resnet18", "imagenet")
+    with pytest.raises(engine.TrainError, match="cannot fetch .*--weights PATH"):
+        engine.load_initial_weights(build_model("resnet18", 6), "resnet18", "imagenet")
 
 
 def test_review_threshold_reaches_the_precision():
@@ -274,19 +270,18 @@ def test_one_preprocessing_definition(prepared, tmp_path):
         extra.append(prepare_mod.Record(id=name, label="x", path=tmp_path / name, sha256=""))
     recs += extra
     size, mean, std = (80, 60), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    cached = normalize(train_mod.load_images(recs, size), mean=mean, std=std)
+    cached = normalize(engine.load_images(recs, size), mean=mean, std=std)
     served = prepare_batch([{"body": r.path.read_bytes()} for r in recs], size, max_pixels=10**8, max_bytes=10**8)
     assert served.good == list(range(len(recs)))
     assert torch.equal(cached, normalize(served.batch, mean=mean, std=std))
 
 
-def test_score_runs_on_val_and_test(trained_run, tmp_path):
-    """bench.score_runs (the GPU check's scorer): split figures and a val-fitted threshold, runs without a checkpoint skipped."""
-    from bench import score_runs
-
+def test_evaluate_score_on_val_and_test(trained_run, tmp_path):
+    """training.evaluate --score (the GPU runs' scorer): split figures and a val-fitted threshold, runs without a checkpoint skipped."""
     out = tmp_path / "summary.json"
-    summary = score_runs.main(["--data-dir", str(trained_run / "data"), "--runs", str(trained_run), str(tmp_path),
-                               "--out", str(out)])
+    args = evaluate_mod.get_args_parser().parse_args(["--score", "--data-dir", str(trained_run / "data"),
+                                                      "--run", str(trained_run), str(tmp_path), "--out", str(out)])
+    summary = evaluate_mod.main(args)
     assert list(summary) == [trained_run.name] and json.loads(out.read_text()) == summary
     fig = summary[trained_run.name]
     assert 1 <= fig["best_epoch"] <= fig["epochs"] <= 10 and 0 <= fig["test_top1"] <= 1 and 0 <= fig["val_macro_f1"] <= 1

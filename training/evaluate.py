@@ -2,6 +2,7 @@
 
     python -m training.evaluate --run runs/real                     # the run's own test split
     python -m training.evaluate --run runs/real --data-dir FOLDER   # any Kaggle-layout folder
+    python -m training.evaluate --score --data-dir PREPARED --run RUN [RUN ...] [--out summary.json]
 
 Writes into --out (default RUN/eval-<name of the data>):
   metrics.json          top-1, top-5, macro-F1, per-class precision/recall/F1/support, the review
@@ -17,6 +18,11 @@ Models run in float32, as the handler serves them. Images whose label is not one
 model's classes count as errors in top-1/top-5 and are also reported on their own: how
 many, and the share the review threshold routes to a person. For the run's own test split
 (which holds only the model's classes) they come from the prepared `outside.csv`.
+
+--score is the light version for several runs trained on one prepared split, on any device (a
+lent GPU holds only the split's images): top-1 and macro-F1 on val and test, and the coverage at
+98 % precision (threshold on val by the raw top probability, then applied to test). No calibration
+fit, no figures, no out-of-category set; one line per run, and --out FILE gets them as JSON.
 """
 from __future__ import annotations
 
@@ -31,14 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from handler.refund_inference import calibrated_probs
-from handler.refund_model import build_model, cpu_supports_bf16
+from handler.refund_model import cpu_supports_bf16
 from training import label_audit
 from training import prepare as prepare_mod
+from training.checkpoint import CALIBRATION, CHECKPOINT, CheckpointError, load_run
+from training.engine import load_images, predict
 from training.metrics import confusion, macro_f1, per_class
-from training.train import CHECKPOINT, load_images, predict
 
 logger = logging.getLogger("training.evaluate")
-CALIBRATION = "calibration.json"
 TARGET_PRECISION = 0.98
 
 
@@ -109,16 +115,6 @@ def at_threshold(confidence: torch.Tensor, correct: torch.Tensor, threshold: flo
 
 
 # -- data ------------------------------------------------------------------------------------
-
-def load_run(run: Path):
-    path = Path(run) / CHECKPOINT
-    if not path.is_file():
-        raise EvaluateError(f"{path} does not exist: train first (python -m training.train --out {run} ...)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return ckpt, model.eval().to(memory_format=torch.channels_last)
-
 
 def records_to_evaluate(ckpt: dict, data_dir: Path | None) -> tuple[str, list, list, dict]:
     """-> (name, records, outside records evaluated on their own, dropped-by-reason)."""
@@ -324,20 +320,71 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     return metrics
 
 
+def score_run(run: Path, data_dir: Path, *, device: torch.device, batch_size: int = 512) -> dict:
+    """--score: split figures of one run and its val-fitted threshold applied to test."""
+    ckpt, model = load_run(run)
+    classes, pre = ckpt["classes"], ckpt["preprocess"]
+    model = model.to(device)
+    history = ckpt["history"]
+    out = {"epochs": len(history), "best_epoch": ckpt["epoch"], "minutes": round(history[-1]["elapsed_s"] / 60, 2),
+           "train_acc_last": round(history[-1]["train_acc"], 4)}
+    confidence, correct = {}, {}
+    for split in ("val", "test"):
+        records = prepare_mod.read_manifest(Path(data_dir) / f"{split}.csv")
+        y = torch.tensor([classes.index(r.label) for r in records])
+        x = load_images(records, tuple(pre["image_size"]), desc=split)
+        logits = predict(model, x, batch_size=batch_size, device=device, amp=False, mean=pre["mean"], std=pre["std"])
+        confidence[split], pred = logits.softmax(1).max(1)
+        correct[split] = pred == y
+        out[f"{split}_top1"] = round(float(correct[split].double().mean()), 4)
+        out[f"{split}_macro_f1"] = round(macro_f1(confusion(pred, y, len(classes))), 4)
+    cut = review_threshold(confidence["val"], correct["val"])
+    test = at_threshold(confidence["test"], correct["test"], cut["threshold"])
+    out |= {"threshold": round(cut["threshold"], 4), "val_coverage": round(cut["coverage"], 4),
+            "test_coverage": round(test["coverage"], 4), "test_precision": round(test["precision_accepted"], 4)}
+    return out
+
+
+def score_runs(runs: list[Path], data_dir: Path, *, out: Path | None = None, batch_size: int = 512) -> dict:
+    """--score over several runs; a folder without a checkpoint is named and skipped."""
+    if not prepare_mod.is_prepared(data_dir):
+        raise EvaluateError(f"--score needs --data-dir: a folder training.prepare wrote (train/val/test.csv); got {data_dir}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    summary = {}
+    for run in runs:
+        if not (Path(run) / CHECKPOINT).is_file():
+            print(f"{Path(run).name}: no {CHECKPOINT}, skipped", flush=True)
+            continue
+        summary[Path(run).name] = score_run(run, data_dir, device=device, batch_size=batch_size)
+        print(Path(run).name, summary[Path(run).name], flush=True)
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True, help="run folder written by training.train")
-    parser.add_argument("--data-dir", type=Path, default=None, help="Kaggle-layout or prepared folder (default: the run's test split)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/eval-<data name>)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--run", type=Path, nargs="+", required=True,
+                        help="run folder written by training.train (with --score: one or more)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="Kaggle-layout or prepared folder (default: the run's test split); with --score: the prepared split")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: RUN/eval-<data name>); with --score: a JSON file for the figures")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 256; --score: 512)")
+    parser.add_argument("--score", action="store_true",
+                        help="light scoring of the runs on --data-dir's val and test splits, on a GPU when there is one")
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        metrics = evaluate_run(args.run, data_dir=args.data_dir, out=args.out, batch_size=args.batch_size)
-    except (EvaluateError, prepare_mod.CatalogueError) as exc:
+        if args.score:
+            return score_runs(args.run, args.data_dir, out=args.out, batch_size=args.batch_size or 512)
+        if len(args.run) != 1:
+            raise EvaluateError(f"--run takes one run folder (several only with --score); got {len(args.run)}")
+        metrics = evaluate_run(args.run[0], data_dir=args.data_dir, out=args.out, batch_size=args.batch_size or 256)
+    except (EvaluateError, CheckpointError, prepare_mod.CatalogueError) as exc:
         raise SystemExit(f"evaluate: {exc}") from exc
     print(json.dumps({k: metrics[k] for k in ("split", "images", "top1", "top5", "macro_f1", "review", "outside",
                                               "label_conflicts") if k in metrics}))

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
+from serving.archive import MODEL_NAME, archive_name
 from training import prepare as prepare_mod
-from training.evaluate import CALIBRATION
-from training.train import CHECKPOINT
+from training.checkpoint import CALIBRATION, CHECKPOINT, load_checkpoint
 
 logger = logging.getLogger("training.export")
 
-MODEL_NAME = "refund_classifier"
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 HANDLER_FILE = "refund_handler.py"
 HANDLER_EXTRA = ["refund_inference.py", "refund_model.py", "refund_preprocess.py"]
@@ -44,7 +43,7 @@ class ExportError(RuntimeError):
 
 
 def archive_path(model_store: Path, version: str, model_name: str = MODEL_NAME) -> Path:
-    return Path(model_store) / f"{model_name}-{version}.mar"
+    return Path(model_store) / archive_name(version, model_name)
 
 
 def write_sample(ckpt: dict, out: Path, *, per_class: int) -> int:
@@ -81,7 +80,7 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
     target = archive_path(model_store, version, model_name)
     if target.exists() and not force:
         raise ExportError(f"{target} exists; versions are immutable: export a new --version (or pass --force)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path)
     calibration = dict(ckpt.get("calibration", {}))
     calib_path = Path(run) / CALIBRATION
     if calib_path.is_file():  # written by training.evaluate: fitted on the run's validation split
