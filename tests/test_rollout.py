@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -19,6 +23,7 @@ import pytest
 from PIL import Image
 
 from serving import rollout
+from serving.paths import REPO_ROOT
 from serving.__main__ import main as serving_main
 from serving.rollout import RolloutError
 from serving.torchserve import make_torchserve
@@ -286,3 +291,44 @@ def test_ingestion_during_rollout_and_rollback_loses_nothing(server, store, data
     assert all(v == "2" for t, v in by_time if t_promoted < t < t_rollback)
     assert all(v == "1" for t, v in by_time if t > t_rolled_back)
     assert sum(t > t_rolled_back for t, _ in by_time) > 0 and sum(t_promoted < t < t_rollback for t, _ in by_time) > 0
+
+
+# -- a crash between set-default and the state file ------------------------------------------
+
+def serving_cli(server, *args: str, hook: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SERVING_TEST_HOOK": hook, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "serving", "--config", str(server.config), *args],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.integration
+def test_sigkill_between_set_default_and_the_state_file_then_serving_up(server, store, unseen_images):
+    """rollout and rollback killed right after TorchServe switched, before the state file says so:
+    the next `serving up` serves what the switch decided, never the version switched away from."""
+    image = next((unseen_images / "images").glob("*.jpg")).read_bytes()
+    assert rollout.serve(server, f"{MODEL}-1.mar") == "1"
+
+    killed = serving_cli(server, "rollout", f"{MODEL}-2.mar", hook="crash@after_set_default_rollout")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state = rollout.State.load(store)
+    assert state.default == "1" and state.switching["to"] == "2"  # the intent, on disk before the switch
+    server.stop()  # the machine restarts
+    assert rollout.serve(server) == "2"
+    assert predict_version(server, image) == "2" and rollout.current_default(server) == "2"
+    state = rollout.State.load(store)
+    assert (state.default, state.history, state.switching) == ("2", ["1", "2"], None)
+
+    killed = serving_cli(server, "rollback", hook="crash@after_set_default_rollback")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert rollout.State.load(store).default == "2"
+    server.stop()
+    assert rollout.serve(server) == "1"  # the rolled-back version is not served again after the restart
+    assert predict_version(server, image) == "1"
+    state = rollout.State.load(store)
+    assert (state.default, state.history, state.switching) == ("1", ["1"], None)
+
+    # Without a restart, the next command finishes an interrupted switch first.
+    killed = serving_cli(server, "rollout", f"{MODEL}-2.mar", hook="crash@after_set_default_rollout")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert rollout.rollback(server, log=lambda *_: None) == ("2", "1")
+    assert rollout.current_default(server) == "1" and rollout.State.load(store).switching is None
