@@ -133,6 +133,7 @@ def test_an_unreadable_key_file_is_transient(tmp_path):
 
 def test_ping():
     assert client_with(response(200, {"status": "Healthy"})).ping().healthy
+    assert not client_with(response(200, text="<html>a proxy's page</html>")).ping().healthy
     p = client_with(response(500, {"status": "Unhealthy"})).ping()
     assert not p.healthy and p.status_code == 500 and p.detail.startswith("HTTP 500")
     p = client_with(requests.ConnectionError("refused")).ping()
