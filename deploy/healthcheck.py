@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from serving.client import AuthError, TorchServeClient
+from serving.client import TorchServeClient
 from serving.paths import REPO_ROOT
 from serving.torchserve import TorchServe
 
@@ -42,16 +42,10 @@ def check(config: Path, key_file: Path | None = None, *, timeout: float = 5.0) -
                               key_file=key_file if ts.token_auth else None, timeout_s=timeout)
     url = f"{client.urls['inference']}/ping"
     try:
-        r = client.inference("GET", "ping")
-    except (requests.RequestException, AuthError) as exc:
+        ping = client.ping()
+    except requests.RequestException as exc:  # any failure, even a malformed address, is "unhealthy" here
         return False, f"{url}: {exc.__class__.__name__}: {exc}"
-    try:
-        status = r.json().get("status")
-    except ValueError:
-        status = None
-    if r.status_code == 200 and status == "Healthy":
-        return True, f"{url}: Healthy"
-    return False, f"{url}: HTTP {r.status_code} {r.text.strip()[:200]}"
+    return ping.healthy, f"{url}: {'Healthy' if ping.healthy else ping.detail}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,6 @@
 """python -m ingest run|schedule|report — the inbox -> TorchServe -> PostgreSQL job, its schedule and its reports.
 
-Exit codes of `run`: 0 done (rejected photos were quarantined: that is not an error), 1 some photos
-could not be classified or moved and stay for the next run, 2 bad settings, 3 TorchServe unavailable
-or refusing, 4 PostgreSQL unavailable, 75 another run holds the ingest lock (nothing was done).
+The exit codes of `run` (listed below) are decided in ingest.outcomes.
 """
 from __future__ import annotations
 
@@ -19,12 +17,12 @@ from pathlib import Path
 from ingest import db, logs
 from ingest import report as report_mod
 from ingest.job import Job
+from ingest.outcomes import exit_code_for, exit_codes_help
 from ingest.schedule import Cron, CronError, next_due
 from ingest.settings import Settings, SettingsError, add_arguments, parse_duration, resolve
 from ingest.store import DatabaseDown, LockBusy
 
 logger = logging.getLogger("ingest")
-EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
 
 def build_settings(values: dict) -> Settings:
@@ -89,10 +87,10 @@ def run_once(settings: Settings, signals: Signals) -> int:
         summary = job.run()
     except LockBusy as exc:
         logger.warning("%s; exiting without doing anything", exc, extra={"event": "locked"})
-        return EXIT_LOCKED
-    except DatabaseDown as exc:
+        return exit_code_for(exc)
+    except DatabaseDown as exc:  # before the run was recorded (its start, or taking the lock)
         logger.error("%s", exc)
-        return 4
+        return exit_code_for(exc)
     finally:
         signals.job = None
     print_summary(summary, settings.log_format)
@@ -172,7 +170,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ingest", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ingest", description=f"{__doc__}\n{exit_codes_help()}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="classify every settled photo in the inbox once, record it, move it out")
@@ -201,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (SettingsError, CronError) as exc:
         print(f"ingest: {exc}", file=sys.stderr)
-        return 2
+        return exit_code_for(exc)
 
 
 if __name__ == "__main__":

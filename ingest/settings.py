@@ -2,7 +2,8 @@
 an optional YAML file (--config / INGEST_CONFIG), and defaults.
 
 One table (`FIELDS`) defines each setting once: its flag, its variable, its YAML key, its type,
-default and help, so the three sources cannot drift apart.
+default and help, so the three sources cannot drift apart; the `Settings` dataclass takes its
+defaults from it.
 """
 from __future__ import annotations
 
@@ -107,31 +108,41 @@ FIELDS: list[Field] = [
 BY_NAME = {f.name: f for f in FIELDS}
 
 
+def _default(name: str) -> Any:
+    """The default FIELDS states for `name`: the Settings dataclass below states none of its own."""
+    return BY_NAME[name].default
+
+
 @dataclass
 class Settings:
+    """A run's settings. Where FIELDS' default is None for want of a fixed value, `python -m ingest`
+    fills it before building Settings (torchserve_url, management_url, key_file from the local
+    TorchServe's config.properties, database_url from the private PostgreSQL: see
+    ingest.__main__.build_settings); built in code, give torchserve_url."""
+
     inbox: Path
     database_url: str
-    processed: Path | None = None
-    quarantine: Path | None = None
-    model: str = "refund_classifier"
-    batch_size: int = 64
-    concurrency: int = 32
-    torchserve_url: str = "http://127.0.0.1:8080"
-    management_url: str | None = None
-    key_file: Path | None = None
-    timeout: float = 60.0
-    connect_timeout: float = 5.0
-    retries: int = 8
-    backoff: float = 0.5
-    backoff_max: float = 15.0
-    db_retry_for: float = 60.0
-    min_age: float = 10.0
-    settle: float = 2.0
-    max_bytes: int = 20 * 1024 * 1024
-    limit: int | None = None
-    flush_every: float = 2.0
-    progress: bool | None = None
-    log_format: str = "human"
+    processed: Path | None = _default("processed")
+    quarantine: Path | None = _default("quarantine")
+    model: str = _default("model")
+    batch_size: int = _default("batch_size")
+    concurrency: int = _default("concurrency")
+    torchserve_url: str | None = _default("torchserve_url")
+    management_url: str | None = _default("management_url")
+    key_file: Path | None = _default("key_file")
+    timeout: float = _default("timeout")
+    connect_timeout: float = _default("connect_timeout")
+    retries: int = _default("retries")
+    backoff: float = _default("backoff")
+    backoff_max: float = _default("backoff_max")
+    db_retry_for: float = _default("db_retry_for")
+    min_age: float = _default("min_age")
+    settle: float = _default("settle")
+    max_bytes: int = _default("max_bytes")
+    limit: int | None = _default("limit")
+    flush_every: float = _default("flush_every")
+    progress: bool | None = _default("progress")
+    log_format: str = _default("log_format")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -69,7 +69,7 @@ class Store:
 
     def _try_lock(self) -> bool:
         with self.conn.cursor() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]})
+            cur.execute(db.load_query("try_ingest_lock"), {"namespace": LOCK_KEYS[0], "key": LOCK_KEYS[1]})
             got = cur.fetchone()[0]
         self.conn.commit()
         return got

@@ -9,11 +9,18 @@ rewrites the file). A missing, wrong or expired key is answered with 400 and
 
 So the client: reads the key file lazily; on InvalidKeyException re-reads it (another process
 may have renewed), and if the key was unchanged renews it with the API key; then retries once.
+
+It also reads TorchServe's answers, in one place for every caller (ingestion, rollout's smoke test,
+the container healthcheck): `classify()` returns an `Answer` about the photo (a prediction, or the
+handler's rejection of that photo) or raises `Transient` (ask again later), `Refused` (not about the
+photo: no such model, or a token is required and there is no key file: stop) or `Unexpected`
+(an answer that is neither: give up on this photo). `ping()` returns a `Ping`.
 """
 from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -26,13 +33,95 @@ class AuthError(RuntimeError):
     pass
 
 
-def is_invalid_key(response: requests.Response) -> bool:
-    if response.status_code != 400:
-        return False
+# No answer, but the server may well come back: a refused or dropped connection, a timeout, or a
+# key file that cannot be read (TorchServe rewrites it while it restarts).
+UNREACHABLE = (requests.ConnectionError, requests.Timeout, AuthError)
+
+TOKEN_REQUIRED = ("TorchServe requires a token (400 InvalidKeyException): "
+                  "give its key_file.json with --key-file or TORCHSERVE_KEY_FILE")
+
+
+def body_of(response: requests.Response) -> dict:
+    """The JSON object TorchServe answered, or {"error": text} when the answer is not one."""
     try:
-        return response.json().get("type") == "InvalidKeyException"
+        body = response.json()
     except ValueError:
-        return False
+        return {"error": response.text[:500]}
+    return body if isinstance(body, dict) else {"error": str(body)[:500]}
+
+
+def is_invalid_key(response: requests.Response) -> bool:
+    """TorchServe's answer to a missing, wrong or expired key: 400 (not 401) with this type."""
+    return response.status_code == 400 and body_of(response).get("type") == "InvalidKeyException"
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Answer:
+    """TorchServe's verdict on one photo: a prediction (ok) or the handler's rejection of that photo.
+
+    body is what to record: {"label","confidence","topk","needs_review","model","version"} when ok,
+    else {"code","error"} (e.g. code "corrupt", "too_large")."""
+
+    ok: bool
+    body: dict
+
+
+class Transient(Exception):
+    """No verdict now; asking again later may get one. down: TorchServe itself is unavailable
+    (unreachable, 503/507, 408/429, token refused), as opposed to a 5xx about this request."""
+
+    def __init__(self, reason: str, *, down: bool):
+        super().__init__(reason)
+        self.reason, self.down = reason, down
+
+
+class Refused(Exception):
+    """Not about one photo and not going away by itself: no such model, or a token is required
+    and this client has no key file. Asking again with another photo gets the same."""
+
+
+class Unexpected(Exception):
+    """An answer that is neither a verdict on the photo nor a known server state."""
+
+
+def read_answer(response: requests.Response, *, model: str, has_key_file: bool) -> Answer:
+    """Map TorchServe's answer to POST /predictions/`model` onto an Answer, or raise Transient,
+    Refused or Unexpected. The order of the checks matters: see each comment."""
+    body, code = body_of(response), response.status_code
+    if code == 200 and "label" in body:
+        return Answer(True, body)
+    if is_invalid_key(response):
+        # The client already re-read the key file and renewed the key: this is not about the photo.
+        if not has_key_file:
+            raise Refused(TOKEN_REQUIRED)
+        raise Transient(f"token refused: {body.get('message', body)}", down=True)
+    if code >= 500:  # 503: no worker free / model loading; 507: out of memory -- TorchServe is down for now
+        raise Transient(f"HTTP {code}: {body.get('message') or body.get('error') or body}", down=code in (503, 507))
+    if code == 404:
+        raise Refused(f"TorchServe has no model {model!r}: {body.get('message', body)}")
+    if code in (408, 429):
+        raise Transient(f"HTTP {code}", down=True)
+    if 400 <= code < 500 and isinstance(body.get("code"), str) and "error" in body:
+        return Answer(False, body)  # the handler's answer about this photo
+    if code == 413:  # TorchServe's own limit (max_request_size), before the handler sees it
+        return Answer(False, {"code": "too_large", "error": f"TorchServe refused the request as too large: {body.get('message', body)}"})
+    raise Unexpected(f"unexpected answer HTTP {code}: {str(body)[:300]}")
+
+
+@dataclass(frozen=True)
+class Ping:
+    """TorchServe's answer to GET /ping. status_code None: no answer (`detail` says why)."""
+
+    status_code: int | None
+    detail: str
+    invalid_key: bool = False
+    status: str | None = None  # "Healthy", "Unhealthy", "Partial Healthy"
+
+    @property
+    def healthy(self) -> bool:
+        return self.status_code == 200 and self.status == "Healthy"
 
 
 class TorchServeClient:
@@ -103,3 +192,27 @@ class TorchServeClient:
 
     def management(self, method: str, path: str, **kwargs) -> requests.Response:
         return self.request("management", method, path, **kwargs)
+
+    # -- answers -------------------------------------------------------------------------
+    def classify(self, model: str, data: bytes, *, timeout: float | tuple[float, float] | None = None) -> Answer:
+        """POST one photo to predictions/`model` (NAME or NAME/VERSION): an Answer, or raises
+        Transient, Refused or Unexpected (see read_answer)."""
+        try:
+            r = self.inference("POST", f"predictions/{model}", data=data,
+                               headers={"Content-Type": "application/octet-stream"}, timeout=timeout or self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Transient(f"{type(exc).__name__}: {exc}", down=True) from exc
+        except AuthError as exc:  # e.g. the key file is rewritten while TorchServe restarts
+            raise Transient(f"authorization: {exc}", down=True) from exc
+        return read_answer(r, model=model, has_key_file=self.key_file is not None)
+
+    def ping(self, *, timeout: float | tuple[float, float] | None = None) -> Ping:
+        """GET /ping. No answer (UNREACHABLE) is a Ping too; any other requests error (e.g. a URL
+        without http://) is raised: it is a mistake in the settings, not a server state."""
+        try:
+            r = self.inference("GET", "ping", timeout=timeout or self.timeout_s)
+        except UNREACHABLE as exc:
+            return Ping(None, f"{type(exc).__name__}: {exc}")
+        body = body_of(r)
+        return Ping(r.status_code, f"HTTP {r.status_code} {r.text.strip()[:200]}", invalid_key=is_invalid_key(r),
+                    status=body.get("status") if isinstance(body.get("status"), str) else None)

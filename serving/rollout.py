@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import Iterator
 
 import requests
+
 from serving import archive as archive_mod
 from serving.archive import Archive, ArchiveError, archive_name, archive_sample
+from serving.client import Refused, Transient, Unexpected
 from serving.torchserve import MODEL_NAME, TorchServe, TorchServeError, archives, latest_archive, version_key
 
 STATE_SUFFIX = ".versions.json"
@@ -317,8 +319,8 @@ class Score:
     version: str
     n: int = 0
     correct: int = 0
-    rejected: int = 0  # 4xx: the image was refused
-    failed: int = 0  # 5xx, no answer, or an answer from another version
+    rejected: int = 0  # the handler refused the image (serving.client.Answer with ok False)
+    failed: int = 0  # no verdict (5xx, no answer, no such version: see serving.client.read_answer), or another version answered
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -332,31 +334,23 @@ def score(ts: TorchServe, version: str, sample: list[Example], *, concurrency: i
 
     def ask(ex: Example):
         try:
-            return ex, ts.client.inference("POST", f"predictions/{MODEL_NAME}/{version}", data=ex.data, timeout=120)
-        except requests.RequestException as exc:
+            return ex, ts.client.classify(f"{MODEL_NAME}/{version}", ex.data, timeout=120)
+        except (Transient, Refused, Unexpected, requests.RequestException) as exc:
             return ex, exc
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:  # fill the server-side batches
-        for ex, r in pool.map(ask, sample):
+        for ex, answer in pool.map(ask, sample):
             result.n += 1
-            if isinstance(r, Exception):
+            if isinstance(answer, Exception):  # no verdict on the image: the version does not work
                 result.failed += 1
-                result.errors.append(f"{ex.name}: {r}")
-                continue
-            try:
-                body = r.json()
-            except ValueError:
-                body = {"error": r.text[:200]}
-            if r.status_code == 200 and str(body.get("version")) != version:
-                result.failed += 1
-                result.errors.append(f"{ex.name}: answered by version {body.get('version')!r}, not {version!r}")
-            elif r.status_code == 200:
-                result.correct += body.get("label") == ex.label
-            elif 400 <= r.status_code < 500:
+                result.errors.append(f"{ex.name}: {answer}")
+            elif not answer.ok:
                 result.rejected += 1
-            else:
+            elif str(answer.body.get("version")) != version:
                 result.failed += 1
-                result.errors.append(f"{ex.name}: {r.status_code} {body.get('error', body)}")
+                result.errors.append(f"{ex.name}: answered by version {answer.body.get('version')!r}, not {version!r}")
+            else:
+                result.correct += answer.body.get("label") == ex.label
     return result
 
 

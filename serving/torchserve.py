@@ -90,9 +90,8 @@ class TorchServe:
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
-            r = self.client.inference("GET", "ping", timeout=timeout)
-            return r.ok and r.json().get("status") == "Healthy"
-        except (requests.RequestException, ValueError, AuthError):
+            return self.client.ping(timeout=timeout).healthy
+        except requests.RequestException:
             return False
 
     def start(self, models: list[str] | None = None, *, wait_s: float = 180.0, env: dict | None = None) -> None:

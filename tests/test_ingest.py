@@ -1,13 +1,10 @@
 """Ingestion into a real PostgreSQL from a real TorchServe: results, bad inputs, settings, reports.
 
-The exactly-once invariant (`assert_exactly_once`) is shared with test_ingest_faults.py: every
-file that was in the inbox ends in processed/ with exactly one row, in quarantine/ with one
-error row, or still in the inbox -- never lost, never twice.
+After each run the exactly-once invariant is checked (`assert_exactly_once` in ingest_helpers.py).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -29,126 +26,15 @@ from PIL import Image
 from ingest import db
 from ingest import report as report_mod
 from ingest.job import Job
+from ingest.journal import FileRow, PredictionRow
+from ingest.outcomes import EXIT_CODES, IngestError, Summary, TorchServeDown, TorchServeRefused, exit_code_for
 from ingest.schedule import Cron, CronError, next_due
-from ingest.settings import Settings, SettingsError, add_arguments, resolve
+from ingest.settings import FIELDS, Settings, SettingsError, add_arguments, resolve, settings_fields
+from ingest.store import DatabaseDown, LockBusy, LockLost
+from ingest_helpers import FAST, assert_exactly_once, cli, fetch, fill_inbox, ingest_env, sha, snapshot, start_cli, wait_for
 from serving.paths import REPO_ROOT
+from serving.torchserve import free_port
 from training.catalogue import read_styles
-
-MODEL = "refund_classifier"
-
-
-# -- helpers shared with test_ingest_faults.py ----------------------------------------------
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def fill_inbox(inbox: Path, unseen_images: Path, n: int | None = None) -> dict[str, str]:
-    """Copy unseen photos into inbox/batch-a (n of them, sorted); returns {relative path: sha256}."""
-    (inbox / "batch-a").mkdir(parents=True, exist_ok=True)
-    for src in sorted((unseen_images / "images").glob("*.jpg"))[:n]:
-        shutil.copy(src, inbox / "batch-a" / src.name)
-    return snapshot(inbox)
-
-
-def snapshot(inbox: Path) -> dict[str, str]:
-    """{relative path: sha256} of the regular files under inbox (not following links)."""
-    out = {}
-    for root, _dirs, names in os.walk(inbox):
-        for name in names:
-            p = Path(root) / name
-            if p.is_file() and not p.is_symlink():
-                out[p.relative_to(inbox).as_posix()] = sha(p.read_bytes())
-    return out
-
-
-def fetch(url: str, sql: str, params: dict | None = None) -> list[tuple]:
-    with db.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(sql, params or {})
-        return cur.fetchall()
-
-
-def dated_files(root: Path) -> dict[str, Path]:
-    """{relative path below the YYYY-MM-DD folder: path} of everything under processed/ or quarantine/."""
-    out = {}
-    if root.exists():
-        for day in sorted(root.iterdir()):
-            assert len(day.name) == 10 and day.name[4] == "-", f"not a dated folder: {day}"
-            for p in day.rglob("*"):
-                if p.is_file():
-                    rel = p.relative_to(day).as_posix()
-                    assert rel not in out, f"{rel} is in two dated folders"
-                    out[rel] = p
-    return out
-
-
-def assert_exactly_once(url: str, inbox: Path, originals: dict[str, str], *, final: bool = True) -> dict[str, set]:
-    """Every original file is in exactly one place, with exactly one row where it was moved.
-    final=False (after a crash): files may still be pending in the inbox, but nothing is lost or doubled,
-    and nothing sits in processed/ or quarantine/ without its committed row."""
-    processed = dated_files(inbox.parent / "processed")
-    quarantine = dated_files(inbox.parent / "quarantine")
-    left = snapshot(inbox)
-    where: dict[str, set] = {"inbox": set(), "processed": set(), "quarantine": set()}
-    for rel, digest in originals.items():
-        places = [name for name, found in (("inbox", rel in left), ("processed", rel in processed), ("quarantine", rel in quarantine)) if found]
-        assert len(places) == 1, f"{rel} is in {places or 'no place'}: lost or copied"
-        where[places[0]].add(rel)
-        if places[0] != "inbox":
-            path = (processed if places[0] == "processed" else quarantine)[rel]
-            assert sha(path.read_bytes()) == digest, f"{rel} changed on its way"
-    assert set(processed) <= set(originals) and set(quarantine) <= set(originals), "a file appeared from nowhere"
-
-    rows = fetch(url, "SELECT sha256, model_version, status, id FROM predictions WHERE model_name = %(m)s", {"m": MODEL})
-    per_sha = Counter(r[0] for r in rows)
-    status = {r[0]: r[2] for r in rows}
-    for kind in ("processed", "quarantine"):
-        for rel in where[kind]:
-            digest = originals[rel]
-            assert per_sha[digest] == 1, f"{rel}: {per_sha[digest]} rows for its content"
-            assert status[digest] == ("ok" if kind == "processed" else "rejected"), f"{rel} in {kind} with a {status[digest]} row"
-    moved = fetch(url, "SELECT dest_path, state FROM ingest_files WHERE state IN ('moved', 'pending') AND dest_path LIKE %(root)s",
-                  {"root": f"{inbox.parent}/%"})
-    pending = [r[0] for r in moved if r[1] == "pending"]
-    if final:
-        assert not pending, f"moves still pending after a clean run: {pending}"
-        on_disk = {str(p) for p in list(processed.values()) + list(quarantine.values())}
-        journal = [r[0] for r in moved]
-        assert sorted(journal) == sorted(on_disk), "ingest_files and the moved files disagree"
-    return where
-
-
-def ingest_env(torchserve_url: str, database_url: str, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "TORCHSERVE_"))}
-    env.update({"TORCHSERVE_URL": torchserve_url, "DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT),
-                "PYTHONUNBUFFERED": "1", **extra})
-    return env
-
-
-FAST = ["--min-age", "0", "--settle", "0", "--batch-size", "3", "--concurrency", "4", "--log-format", "json", "--no-progress"]
-
-
-def cli(inbox: Path, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ingest", "run", "--inbox", str(inbox), *FAST, *args],
-                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def start_cli(inbox: Path, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ingest", "run", "--inbox", str(inbox), *FAST, *args],
-                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def summary_of(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) before {path.name}: {proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {path}"
-        time.sleep(0.05)
 
 
 def settings_for(inbox: Path, url: str, ts_url: str, **kw) -> Settings:
@@ -316,8 +202,6 @@ def test_file_still_being_written_waits_for_the_next_run(torchserve, database_ur
 
 @pytest.mark.integration
 def test_torchserve_down_stops_cleanly(database_url, tmp_path, unseen_images):
-    from conftest import free_port
-
     inbox = tmp_path / "inbox"
     originals = fill_inbox(inbox, unseen_images, n=3)
     r = cli(inbox, ingest_env(f"http://127.0.0.1:{free_port()}", database_url), "--retries", "3", "--backoff", "0.05")
@@ -464,6 +348,40 @@ def test_settings_flags_beat_environment_beat_yaml(tmp_path):
         resolve(_parse([]), {"INGEST_TIMEOUT": "soon"})
     with pytest.raises(SettingsError, match="same folder"):
         Settings(inbox=tmp_path, database_url="x", processed=tmp_path / "a", quarantine=tmp_path / "a")
+
+
+def test_settings_defaults_are_the_fields_defaults(tmp_path):
+    """The dataclass and the flags/env/YAML table state each default once: they cannot disagree."""
+    built = Settings(inbox=tmp_path / "inbox", database_url="x", torchserve_url="http://ts.invalid")
+    resolved = resolve(_parse([]), {})
+    for f in FIELDS:
+        if f.name not in ("inbox", "database_url", "torchserve_url", "processed", "quarantine"):
+            assert getattr(built, f.name) == f.default == resolved[f.name], f.name
+    assert {f.name for f in FIELDS} == settings_fields() - {"extra"}
+    with pytest.raises(SettingsError, match="no TorchServe address"):
+        Job(Settings(inbox=tmp_path / "inbox", database_url="x"))
+
+
+def test_exit_codes_are_decided_in_one_table():
+    assert exit_code_for(LockBusy("held")) == 75
+    assert exit_code_for(DatabaseDown("gone")) == exit_code_for(LockLost("taken")) == 4
+    assert exit_code_for(TorchServeDown("down")) == exit_code_for(TorchServeRefused("no model")) == 3
+    assert exit_code_for(SettingsError("bad")) == exit_code_for(CronError("bad")) == 2
+    assert exit_code_for(IngestError("other")) == 1
+    assert set(EXIT_CODES) == {0, 1, 2, 3, 4, 75}
+    for fatal, stopped, failed, expected in [(None, False, 0, ("succeeded", 0)), (None, False, 2, ("succeeded", 1)),
+                                             (None, True, 2, ("stopped", 0)), (TorchServeDown("x"), True, 0, ("failed", 3))]:
+        s = Summary(failed=failed)
+        s.conclude(fatal, stopped=stopped)
+        assert (s.status, s.exit_code) == expected
+
+
+def test_journal_rows_match_the_insert_columns():
+    """execute_values fills `VALUES %s` by position: the named tuples must list the columns in order."""
+    for row, query in ((PredictionRow, "insert_predictions"), (FileRow, "insert_files")):
+        sql = "\n".join(line for line in db.load_query(query).splitlines() if not line.startswith("--"))
+        columns = [c.strip() for c in sql[sql.index("(") + 1: sql.index(")")].split(",")]
+        assert list(row._fields) == columns, query
 
 
 def test_cron_expressions():

@@ -2,7 +2,7 @@
 SIGKILL of the job at named points, TorchServe stopped and restarted, PostgreSQL restarted.
 
 The job runs as a subprocess (`python -m ingest run`); INGEST_TEST_HOOK makes it SIGKILL itself,
-or pause until the test has done its damage, at a named point (see ingest.job.Hooks).
+or pause until the test has done its damage, at a named point (see ingest.hooks).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, make_torchserve
+from ingest_helpers import assert_exactly_once, cli, fetch, fill_inbox, ingest_env, snapshot, start_cli, summary_of, wait_for
 from serving.postgres import Cluster
-from test_ingest import assert_exactly_once, cli, fetch, fill_inbox, ingest_env, snapshot, start_cli, summary_of, wait_for
+from serving.torchserve import free_port, make_torchserve
 
 pytestmark = pytest.mark.integration
 

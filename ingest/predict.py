@@ -1,0 +1,97 @@
+"""Asking TorchServe, with retries: what the job does with serving.client's answers.
+
+A Transient answer (no connection, timeout, 5xx, 408/429, a refused token) is asked again, after an
+exponential backoff, up to `retries` attempts in all. When they run out: if TorchServe itself was
+down (`Transient.down`) the run stops (TorchServeDown, exit 3), else only this photo failed
+(FileFailed: it stays in the inbox for the next run). Refused stops the run at once (TorchServeRefused);
+Unexpected fails the photo at once. A stop (SIGTERM, or another photo's fatal error) wakes a
+sleeping retry and fails the photo instead of asking again.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Callable
+
+from ingest.outcomes import FileFailed, TorchServeDown, TorchServeRefused
+from ingest.settings import Settings, SettingsError
+from serving.client import TOKEN_REQUIRED, Answer, Refused, TorchServeClient, Transient, Unexpected
+
+logger = logging.getLogger("ingest")
+
+
+def build_client(settings: Settings) -> TorchServeClient:
+    if not settings.torchserve_url:
+        raise SettingsError("no TorchServe address: give --torchserve-url, TORCHSERVE_URL or `torchserve_url:` in the settings file")
+    return TorchServeClient(settings.torchserve_url, settings.management_url or settings.torchserve_url,
+                            key_file=settings.key_file, pool_size=settings.concurrency, timeout_s=settings.timeout)
+
+
+def backoff(attempt: int, first: float, longest: float) -> float:
+    """Delay before retry `attempt` (1-based): exponential with "equal jitter"
+    (AWS Architecture Blog, "Exponential Backoff And Jitter")."""
+    d = min(longest, first * 2 ** (attempt - 1))
+    return d / 2 + random.uniform(0, d / 2)
+
+
+class Predictor:
+    """settings.model's answers for photos, retried; `stop` (shared with the job) cuts retries short."""
+
+    def __init__(self, settings: Settings, client: TorchServeClient, stop: threading.Event,
+                 on_retry: Callable[[], None] = lambda: None):
+        self.s, self.client, self.stop, self.on_retry = settings, client, stop, on_retry
+
+    def _backoff(self, attempt: int) -> float:
+        return backoff(attempt, self.s.backoff, self.s.backoff_max)
+
+    def _down(self, reason: str) -> TorchServeDown:
+        return TorchServeDown(f"TorchServe at {self.s.torchserve_url} stays unavailable after {self.s.retries} attempts: {reason}")
+
+    def predict(self, data: bytes, name: str) -> Answer:
+        """The Answer about one photo (`name` is for the log), or raises FileFailed, TorchServeDown
+        or TorchServeRefused."""
+        last: Transient | None = None
+        for attempt in range(1, self.s.retries + 1):
+            if self.stop.is_set() and attempt > 1:
+                break
+            try:
+                return self.client.classify(self.s.model, data, timeout=(self.s.connect_timeout, self.s.timeout))
+            except Refused as exc:
+                raise TorchServeRefused(str(exc)) from exc
+            except Unexpected as exc:
+                raise FileFailed(str(exc)) from exc
+            except Transient as exc:
+                last = exc
+                if attempt == self.s.retries:
+                    break
+                delay = self._backoff(attempt)
+                self.on_retry()
+                logger.warning("%s: %s; retry %d/%d in %.1fs", name, exc.reason, attempt,
+                               self.s.retries - 1, delay, extra={"event": "retry", "path": name})
+                if self.stop.wait(delay):
+                    break
+        if self.stop.is_set():
+            raise FileFailed(f"stopped before an answer ({last.reason if last else 'not sent'})")
+        if last is not None and last.down:
+            raise self._down(last.reason)
+        raise FileFailed(last.reason if last else "no answer")
+
+    def ping(self) -> None:
+        """Wait (with the same retries) until TorchServe answers /ping as healthy, or raise
+        TorchServeDown; TorchServeRefused at once when it wants a token and we have no key file."""
+        last = None
+        for attempt in range(1, self.s.retries + 1):
+            p = self.client.ping(timeout=(self.s.connect_timeout, 10))
+            if p.healthy:
+                return
+            if p.invalid_key and self.client.key_file is None:
+                raise TorchServeRefused(TOKEN_REQUIRED)
+            last = p.detail if p.status_code is None else f"/ping answered HTTP {p.status_code}"
+            if attempt < self.s.retries:
+                delay = self._backoff(attempt)
+                logger.warning("TorchServe at %s not ready (%s); retry %d/%d in %.1fs", self.s.torchserve_url,
+                               last, attempt, self.s.retries - 1, delay, extra={"event": "retry"})
+                if self.stop.wait(delay):
+                    break
+        raise self._down(last)

@@ -1,0 +1,270 @@
+"""TorchServe's answers, read without a TorchServe: serving.client's mapping of HTTP answers onto
+Answer / Transient / Refused / Unexpected, its ping, the ingest job's retry loop on top of them
+(ingest.predict) and rollout's smoke-test counts. Fake responses and fake clients only: no services.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import requests
+
+from ingest import predict as predict_mod
+from ingest.outcomes import FileFailed, TorchServeDown, TorchServeRefused
+from ingest.predict import Predictor
+from ingest.settings import Settings
+from serving import rollout
+from serving.client import (TOKEN_REQUIRED, Answer, Ping, Refused, TorchServeClient, Transient, Unexpected,
+                            read_answer)
+
+PREDICTION = {"label": "Tshirts", "confidence": 0.91, "topk": [["Tshirts", 0.91]], "needs_review": False,
+              "model": "refund_classifier", "version": "1"}
+INVALID_KEY = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}
+
+
+def response(code: int, body=None, *, text: str | None = None) -> requests.Response:
+    r = requests.Response()
+    r.status_code = code
+    r._content = (text if text is not None else json.dumps(body)).encode()
+    r.encoding = "utf-8"
+    return r
+
+
+def read(code: int, body=None, *, text: str | None = None, has_key_file: bool = False):
+    return read_answer(response(code, body, text=text), model="refund_classifier", has_key_file=has_key_file)
+
+
+# -- the mapping ------------------------------------------------------------------------------
+
+def test_a_prediction_is_an_ok_answer():
+    assert read(200, PREDICTION) == Answer(True, PREDICTION)
+
+
+@pytest.mark.parametrize("code", [400, 413, 415, 422])
+def test_the_handlers_4xx_about_the_photo_is_a_rejection_to_record(code):
+    body = {"code": "corrupt", "error": "the image data is truncated"}
+    assert read(code, body) == Answer(False, body)
+
+
+def test_torchserves_own_413_is_a_too_large_rejection():
+    answer = read(413, {"code": 413, "type": "ServiceUnavailableException", "message": "request too large"})
+    assert not answer.ok and answer.body["code"] == "too_large" and "request too large" in answer.body["error"]
+
+
+@pytest.mark.parametrize("code, down", [(503, True), (507, True), (500, False), (502, False), (504, False),
+                                        (408, True), (429, True)])
+def test_transient_answers(code, down):
+    with pytest.raises(Transient) as info:
+        read(code, {"code": code, "type": "X", "message": "busy"})
+    assert info.value.down is down and f"HTTP {code}" in info.value.reason
+
+
+def test_a_5xx_that_is_not_json_is_transient_with_its_text():
+    with pytest.raises(Transient, match="HTTP 500: <html>oops"):
+        read(500, text="<html>oops</html>")
+
+
+def test_unknown_model_is_refused_not_a_rejected_photo():
+    with pytest.raises(Refused, match="no model 'refund_classifier'"):
+        read(404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: refund_classifier"})
+
+
+def test_invalid_key_is_refused_without_a_key_file_and_transient_with_one():
+    with pytest.raises(Refused) as info:
+        read(400, INVALID_KEY, has_key_file=False)
+    assert str(info.value) == TOKEN_REQUIRED
+    with pytest.raises(Transient, match="token refused") as info:
+        read(400, INVALID_KEY, has_key_file=True)
+    assert info.value.down
+
+
+@pytest.mark.parametrize("code, body", [(200, {"no": "label"}), (400, {"message": "bad request"}), (302, {}),
+                                        (400, ["not", "an", "object"]), (418, {"code": 418, "error": "teapot"})])
+def test_anything_else_is_unexpected(code, body):
+    with pytest.raises(Unexpected, match=f"unexpected answer HTTP {code}"):
+        read(code, body)
+
+
+# -- the client: transport errors and ping --------------------------------------------------
+
+class FakeSession:
+    """Answers (or raises) the given things in order; records what was asked."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.asked: list[tuple[str, str, dict]] = []
+
+    def request(self, method, url, headers=None, **kwargs):
+        self.asked.append((method, url, {"headers": headers, **kwargs}))
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def client_with(*answers, key_file=None) -> TorchServeClient:
+    client = TorchServeClient("http://ts.invalid:8080", "http://ts.invalid:8081", key_file=key_file)
+    client.session = FakeSession(*answers)
+    return client
+
+
+def test_classify_posts_the_bytes_to_the_model():
+    client = client_with(response(200, PREDICTION))
+    assert client.classify("refund_classifier/2", b"jpeg", timeout=(1, 2)) == Answer(True, PREDICTION)
+    (method, url, kw), = client.session.asked
+    assert (method, url, kw["data"], kw["timeout"]) == ("POST", "http://ts.invalid:8080/predictions/refund_classifier/2", b"jpeg", (1, 2))
+    assert kw["headers"]["Content-Type"] == "application/octet-stream"
+
+
+@pytest.mark.parametrize("error", [requests.ConnectionError("refused"), requests.Timeout("read timed out")])
+def test_no_connection_or_a_timeout_is_transient_and_down(error):
+    with pytest.raises(Transient) as info:
+        client_with(error).classify("m", b"x")
+    assert info.value.down and info.value.reason == f"{type(error).__name__}: {error}"
+
+
+def test_an_unreadable_key_file_is_transient(tmp_path):
+    """TorchServe rewrites its key file while it restarts: not a reason to give up on the photo."""
+    with pytest.raises(Transient, match="authorization: .*does not exist") as info:
+        client_with(response(200, PREDICTION), key_file=tmp_path / "key_file.json").classify("m", b"x")
+    assert info.value.down
+
+
+def test_ping():
+    assert client_with(response(200, {"status": "Healthy"})).ping().healthy
+    assert not client_with(response(200, text="<html>a proxy's page</html>")).ping().healthy
+    p = client_with(response(500, {"status": "Unhealthy"})).ping()
+    assert not p.healthy and p.status_code == 500 and p.detail.startswith("HTTP 500")
+    p = client_with(requests.ConnectionError("refused")).ping()
+    assert (p.status_code, p.detail, p.healthy) == (None, "ConnectionError: refused", False)
+    assert client_with(response(400, INVALID_KEY)).ping().invalid_key
+    with pytest.raises(requests.exceptions.MissingSchema):  # a mistake in the settings, not a server state
+        client_with(requests.exceptions.MissingSchema("no scheme")).ping()
+
+
+# -- the ingest job's retries ---------------------------------------------------------------
+
+class FakeClient:
+    """classify() raises the given exceptions in order, then gives the answer; ping() likewise."""
+
+    def __init__(self, *failures, answer: Answer | None = None, pings=(), key_file=None):
+        self.failures, self.answer, self.pings, self.key_file = list(failures), answer, list(pings), key_file
+        self.calls = 0
+
+    def classify(self, model, data, *, timeout=None):
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.answer
+
+    def ping(self, *, timeout=None):
+        self.calls += 1
+        return self.pings.pop(0)
+
+
+def predictor(tmp_path, client, *, retries=4, stop=None):
+    s = Settings(inbox=tmp_path, database_url="unused", torchserve_url="http://ts.invalid:8080",
+                 retries=retries, backoff=0, backoff_max=0)
+    retried = []
+    p = Predictor(s, client, stop or threading.Event(), on_retry=lambda: retried.append(1))
+    return p, retried
+
+
+def test_fails_n_times_then_answers(tmp_path):
+    answer = Answer(True, PREDICTION)
+    client = FakeClient(Transient("HTTP 503: busy", down=True), Transient("ConnectionError: x", down=True), answer=answer)
+    p, retried = predictor(tmp_path, client)
+    assert p.predict(b"x", "a.jpg") == answer
+    assert client.calls == 3 and len(retried) == 2
+
+
+def test_down_through_every_attempt_stops_the_run(tmp_path):
+    client = FakeClient(*[Transient("HTTP 503: busy", down=True)] * 4)
+    p, retried = predictor(tmp_path, client)
+    with pytest.raises(TorchServeDown, match="stays unavailable after 4 attempts: HTTP 503: busy"):
+        p.predict(b"x", "a.jpg")
+    assert client.calls == 4 and len(retried) == 3
+
+
+def test_a_5xx_about_this_request_through_every_attempt_fails_only_the_photo(tmp_path):
+    client = FakeClient(*[Transient("HTTP 500: boom", down=False)] * 4)
+    p, _ = predictor(tmp_path, client)
+    with pytest.raises(FileFailed, match="HTTP 500: boom"):
+        p.predict(b"x", "a.jpg")
+    assert client.calls == 4
+
+
+def test_refused_stops_at_once_and_unexpected_fails_the_photo_at_once(tmp_path):
+    client = FakeClient(Refused("TorchServe has no model 'm'"))
+    with pytest.raises(TorchServeRefused, match="no model"):
+        predictor(tmp_path, client)[0].predict(b"x", "a.jpg")
+    assert client.calls == 1
+    client = FakeClient(Unexpected("unexpected answer HTTP 302: {}"))
+    with pytest.raises(FileFailed, match="unexpected answer HTTP 302"):
+        predictor(tmp_path, client)[0].predict(b"x", "a.jpg")
+    assert client.calls == 1
+
+
+def test_a_stop_ends_the_retries(tmp_path):
+    stop = threading.Event()
+    stop.set()
+    client = FakeClient(*[Transient("HTTP 503: busy", down=True)] * 4, answer=Answer(True, PREDICTION))
+    with pytest.raises(FileFailed, match=r"stopped before an answer \(HTTP 503: busy\)"):
+        predictor(tmp_path, client, stop=stop)[0].predict(b"x", "a.jpg")
+    assert client.calls == 1
+
+
+def test_backoff_doubles_up_to_the_longest_with_equal_jitter(monkeypatch):
+    monkeypatch.setattr(predict_mod.random, "uniform", lambda lo, hi: hi)
+    assert [predict_mod.backoff(a, 0.5, 3.0) for a in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    monkeypatch.setattr(predict_mod.random, "uniform", lambda lo, hi: lo)
+    assert [predict_mod.backoff(a, 0.5, 3.0) for a in (1, 2, 3)] == [0.25, 0.5, 1.0]
+
+
+def test_ping_retries_until_healthy(tmp_path):
+    client = FakeClient(pings=[Ping(None, "ConnectionError: refused"), Ping(503, "HTTP 503"), Ping(200, "HTTP 200", status="Healthy")])
+    p, _ = predictor(tmp_path, client)
+    p.ping()
+    assert client.calls == 3
+    client = FakeClient(pings=[Ping(None, "ConnectionError: refused")] * 4)
+    with pytest.raises(TorchServeDown, match="after 4 attempts: ConnectionError: refused"):
+        predictor(tmp_path, client)[0].ping()
+    client = FakeClient(pings=[Ping(None, "ConnectionError: refused")] * 3 + [Ping(500, "HTTP 500", status="Unhealthy")])
+    with pytest.raises(TorchServeDown, match="after 4 attempts: /ping answered HTTP 500"):
+        predictor(tmp_path, client)[0].ping()
+
+
+def test_ping_wanting_a_token_without_a_key_file_is_refused(tmp_path):
+    client = FakeClient(pings=[Ping(400, "HTTP 400", invalid_key=True)])
+    with pytest.raises(TorchServeRefused, match="requires a token"):
+        predictor(tmp_path, client)[0].ping()
+    assert client.calls == 1
+
+
+# -- rollout's smoke test -------------------------------------------------------------------
+
+def test_smoke_test_counts_correct_rejected_and_failed():
+    class Answers:
+        def classify(self, model, data, *, timeout=None):
+            assert model == f"{rollout.MODEL_NAME}/2"
+            kind = data.decode()
+            if kind == "right":
+                return Answer(True, {**PREDICTION, "version": "2"})
+            if kind == "other-version":
+                return Answer(True, {**PREDICTION, "version": "1"})
+            if kind == "rejected":
+                return Answer(False, {"code": "corrupt", "error": "truncated"})
+            if kind == "busy":
+                raise Transient("HTTP 503: busy", down=True)
+            raise Refused("TorchServe has no model")
+
+    class FakeTorchServe:
+        client = Answers()
+
+    sample = [rollout.Example(f"{kind}.jpg", "Tshirts", kind.encode())
+              for kind in ("right", "right", "other-version", "rejected", "busy", "gone")]
+    score = rollout.score(FakeTorchServe(), "2", sample, concurrency=2)
+    assert (score.n, score.correct, score.rejected, score.failed) == (6, 2, 1, 3)
+    assert any("answered by version '1'" in e for e in score.errors)
+    assert any("busy.jpg: HTTP 503: busy" == e for e in score.errors)
