@@ -17,7 +17,7 @@ import pytest
 from ingest import db
 from serving.archive import MODEL_NAME, archive_name
 from serving.postgres import Cluster
-from serving.torchserve import free_port, make_torchserve  # noqa: F401 - test_ingest*.py import them from here
+from serving.torchserve import free_port, make_torchserve
 from support import train_tiny
 from training import export as export_mod
 from training import make_sample_catalogue

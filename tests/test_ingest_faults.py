@@ -16,7 +16,7 @@ import pytest
 
 from ingest_helpers import assert_exactly_once, cli, fetch, fill_inbox, ingest_env, snapshot, start_cli, summary_of, wait_for
 from serving.postgres import Cluster
-from serving.torchserve import free_port, make_torchserve
+from serving.torchserve import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +59,6 @@ def test_sigkill_then_rerun_is_exactly_once(point, torchserve, database_url, tmp
     assert dups == 1  # "zz copy.jpg", whichever run moved it
 
 
-@pytest.fixture(scope="module")
-def secured_ts(model_store, tmp_path_factory):
-    """A private TorchServe with token authorization on: its restart also changes the keys."""
-    ts = make_torchserve(model_store, tmp_path_factory.mktemp("ts-ingest"), disable_token_authorization="false")
-    ts.start(["refund_classifier=refund_classifier-1.mar"])
-    yield ts
-    ts.stop()
-
-
 def restart_while_paused(proc, hooks, *, stop, start) -> tuple[str, str]:
     """With the job paused after a commit: stop the service, let the job meet it dead, start it again;
     returns the job's (stdout, stderr). The job is killed if it outlives the test."""
@@ -84,17 +75,17 @@ def restart_while_paused(proc, hooks, *, stop, start) -> tuple[str, str]:
             proc.communicate()
 
 
-def test_torchserve_restart_mid_run(secured_ts, database_url, tmp_path, unseen_images):
+def test_torchserve_restart_mid_run(secured_torchserve, database_url, tmp_path, unseen_images):
     inbox = tmp_path / "inbox"
     originals = fill_inbox(inbox, unseen_images)
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    env = ingest_env(secured_ts.inference_url, database_url, TORCHSERVE_KEY_FILE=str(secured_ts.key_file),
-                     TORCHSERVE_MANAGEMENT_URL=secured_ts.management_url,
+    env = ingest_env(secured_torchserve.inference_url, database_url, TORCHSERVE_KEY_FILE=str(secured_torchserve.key_file),
+                     TORCHSERVE_MANAGEMENT_URL=secured_torchserve.management_url,
                      INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
     proc = start_cli(inbox, env, "--retries", "40", "--backoff", "0.2", "--backoff-max", "2")
-    out, err = restart_while_paused(proc, hooks, stop=secured_ts.stop,
-                                    start=lambda: secured_ts.start(["refund_classifier=refund_classifier-1.mar"]))  # new keys
+    out, err = restart_while_paused(proc, hooks, stop=secured_torchserve.stop,
+                                    start=lambda: secured_torchserve.start(["refund_classifier=refund_classifier-1.mar"]))  # new keys
     assert proc.returncode == 0, err[-3000:]
     summary = summary_of(out)
     assert summary["retried"] > 0 and summary["failed"] == 0
@@ -107,10 +98,10 @@ def test_torchserve_restart_mid_run(secured_ts, database_url, tmp_path, unseen_i
     assert not where["inbox"] and len(where["processed"]) == len(originals)
 
 
-def test_wrong_token_is_not_a_rejected_photo(secured_ts, database_url, tmp_path, unseen_images):
+def test_wrong_token_is_not_a_rejected_photo(secured_torchserve, database_url, tmp_path, unseen_images):
     inbox = tmp_path / "inbox"
     originals = fill_inbox(inbox, unseen_images, n=3)
-    env = ingest_env(secured_ts.inference_url, database_url)
+    env = ingest_env(secured_torchserve.inference_url, database_url)
     r = cli(inbox, env, "--retries", "2", "--backoff", "0.05")  # no key file given
     assert r.returncode == 3 and "requires a token" in r.stdout
     assert snapshot(inbox) == originals and not (tmp_path / "quarantine").exists()

@@ -328,6 +328,7 @@ def test_sigkill_between_set_default_and_the_state_file_then_serving_up(server, 
     assert (state.default, state.history, state.switching) == ("1", ["1"], None)
 
     # Without a restart, the next command finishes an interrupted switch first.
+    assert rollout.retire(server, 1, log=lambda *_: None) == ["2"]
     killed = serving_cli(server, "rollout", f"{MODEL}-2.mar", hook="crash@after_set_default_rollout")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert rollout.rollback(server, log=lambda *_: None) == ("2", "1")
