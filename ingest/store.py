@@ -1,6 +1,12 @@
 """The job's PostgreSQL side: one connection holding the ingest lock, retried across server restarts.
 
-The lock is a session-level advisory lock on the job's one connection. If PostgreSQL restarts,
+The lock is a session-level advisory lock on the job's one connection: it lasts as long as the
+session. So that a client that vanished (a killed pod, a network partition) does not keep it for
+the kernel's default two hours, both ends probe the connection: libpq's keepalives on our side, and
+the server's `tcp_keepalives_*` and `tcp_user_timeout`, set for this session, on PostgreSQL's side:
+a dead client's session, and the lock with it, ends within about KEEPALIVE_S seconds.
+
+If PostgreSQL restarts,
 the connection and with it the lock are gone: the store reconnects (with backoff, for up to
 `retry_for` seconds), takes the lock again, and only then goes on. If another run took the lock
 in between, it raises LockLost and the job stops without touching another file.
@@ -22,6 +28,12 @@ T = TypeVar("T")
 
 # (namespace, key) of the advisory lock that one ingest run at a time holds, per database.
 LOCK_KEYS = (0x5EF0D, 1)
+# Probe an idle connection after 30 s, every 10 s, 3 times: a silent peer is dead after ~60 s.
+KEEPALIVE = {"idle": 30, "interval": 10, "count": 3}
+KEEPALIVE_S = KEEPALIVE["idle"] + KEEPALIVE["interval"] * KEEPALIVE["count"]
+# The server's side of the same, for this session only (any role may set these).
+SERVER_KEEPALIVE = (f"-c tcp_keepalives_idle={KEEPALIVE['idle']} -c tcp_keepalives_interval={KEEPALIVE['interval']} "
+                    f"-c tcp_keepalives_count={KEEPALIVE['count']} -c tcp_user_timeout={KEEPALIVE_S * 1000}")
 
 
 class StoreError(RuntimeError):
@@ -54,18 +66,31 @@ class Store:
     # -- connection and lock ---------------------------------------------------------------
     def _connect(self) -> psycopg2.extensions.connection:
         conn = psycopg2.connect(self.url, connect_timeout=10, application_name="refund-classifier-ingest",
-                                keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+                                keepalives=1, keepalives_idle=KEEPALIVE["idle"], keepalives_interval=KEEPALIVE["interval"],
+                                keepalives_count=KEEPALIVE["count"], options=SERVER_KEEPALIVE)
         return conn
 
     def acquire(self) -> None:
         """Connect and take the ingest lock, or raise LockBusy at once."""
         self.conn = self._connect()
         if not self._try_lock():
-            holder = self.one(db.load_query("lock_holder"), {})
+            message = self._who_holds_the_lock()
             self.close()
-            who = f"run {holder[0]} on {holder[1]} (pid {holder[2]}, started {holder[3]:%Y-%m-%d %H:%M:%S %Z})" if holder else "another session"
-            raise LockBusy(f"another ingest run holds the ingest lock: {who}")
+            raise LockBusy(message)
         self.locked = True
+
+    def _who_holds_the_lock(self) -> str:
+        run = self.one(db.load_query("lock_holder"), {})
+        session = self.one(db.load_query("lock_session"), {"namespace": LOCK_KEYS[0], "key": LOCK_KEYS[1]})
+        who = f"run {run[0]} on {run[1]} (pid {run[2]}, started {run[3]:%Y-%m-%d %H:%M:%S %Z})" if run else "a session with no running run recorded"
+        if session is None:
+            return f"another ingest run holds the ingest lock: {who}"
+        pid, addr, app, since, state, state_change = session
+        where = f"from {addr}" if addr else "over a local socket"
+        idle = f", {state} since {state_change:%H:%M:%S %Z}" if state_change else ""
+        return (f"another ingest run holds the ingest lock: {who}; PostgreSQL session {pid} {where} "
+                f"({app or 'no application name'}, connected {since:%Y-%m-%d %H:%M:%S %Z}{idle}). If that client is gone, "
+                f"its session ends within ~{KEEPALIVE_S} s; to end it now: SELECT pg_terminate_backend({pid})")
 
     def _try_lock(self) -> bool:
         with self.conn.cursor() as cur:

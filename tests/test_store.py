@@ -1,0 +1,47 @@
+"""The ingest lock against a real PostgreSQL: it does not outlive a dead client, and who holds it is said."""
+from __future__ import annotations
+
+import re
+
+import psycopg2
+import pytest
+
+from ingest.store import KEEPALIVE, LOCK_KEYS, LockBusy, Store
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_server_probes_the_lock_holders_connection(database_url):
+    store = Store(database_url)
+    store.acquire()
+    try:
+        # PostgreSQL's end of the connection: a vanished client is noticed in about a minute, not ~2 h
+        assert store.one("SHOW tcp_keepalives_idle", {}) == (str(KEEPALIVE["idle"]),)
+        assert store.one("SHOW tcp_keepalives_interval", {}) == (str(KEEPALIVE["interval"]),)
+        assert store.one("SHOW tcp_keepalives_count", {}) == (str(KEEPALIVE["count"]),)
+        assert store.one("SHOW tcp_user_timeout", {}) != ("0",)
+    finally:
+        store.close()
+
+
+def test_lock_busy_names_the_session_that_holds_it_and_how_to_end_it(database_url):
+    holder = psycopg2.connect(database_url, application_name="a-client-that-went-away")
+    holder.autocommit = True
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%(a)s, %(b)s)", {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]})
+    pid = holder.get_backend_pid()
+    try:
+        with pytest.raises(LockBusy) as err:
+            Store(database_url).acquire()
+        message = str(err.value)
+        assert f"PostgreSQL session {pid} from 127.0.0.1" in message and "a-client-that-went-away" in message
+        terminate = re.search(r"SELECT pg_terminate_backend\(\d+\)", message).group(0)
+        # what the message says to do frees the lock
+        with psycopg2.connect(database_url) as admin, admin.cursor() as cur:
+            cur.execute(terminate)
+        store = Store(database_url)
+        store.acquire()
+        assert store.locked
+        store.close()
+    finally:
+        holder.close()
