@@ -158,7 +158,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         from serving.postgres import database_url
 
         url = database_url(start=True)
-    db.migrate(url)
+    pending = db.pending_migrations(url)  # a report reads: it never changes the schema
+    if pending:
+        print(f"ingest report: the database lacks the migration(s) {', '.join(pending)} of this version; "
+              f"`python -m ingest migrate` (or the next `python -m ingest run`) applies them", file=sys.stderr)
+        return 1
     sections = args.section or list(report_mod.SECTIONS)
     data = report_mod.collect(url, since=args.since, limit=args.limit, sections=sections)
     report_mod.WRITERS[args.format](data)
@@ -166,6 +170,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         with db.connect(url) as conn, conn.cursor() as cur:
             cur.execute(db.load_query("latest"), {"limit": args.latest})
             report_mod.write_table({"latest": {"columns": [d.name for d in cur.description], "rows": cur.fetchall()}})
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    url = args.database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        from serving.postgres import database_url
+
+        url = database_url(start=True)
+    applied = db.migrate(url)
+    print(f"ingest migrate: applied {', '.join(applied)}" if applied else "ingest migrate: the schema is up to date")
     return 0
 
 
@@ -190,6 +205,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--latest", type=int, default=0, help="also list the newest N rows (table format)")
     p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("migrate", help="apply the database migrations this version has (`run` does it too)")
+    p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
+    p.set_defaults(fn=cmd_migrate)
     return parser
 
 

@@ -45,6 +45,17 @@ def connect(url: str) -> Iterator[psycopg2.extensions.connection]:
         conn.close()
 
 
+def pending_migrations(url: str) -> list[str]:
+    """Names of the migrations this code has that the database lacks; reads only (no DDL)."""
+    with connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        done = set()
+        if cur.fetchone()[0]:
+            cur.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cur.fetchall()}
+    return [name for number, name, _ in migrations() if number not in done]
+
+
 def migrate(url: str) -> list[str]:
     """Apply the migrations not yet applied, in order, each in its own transaction; returns their names."""
     applied_now = []

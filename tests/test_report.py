@@ -1,9 +1,13 @@
-"""Report writers, without a database."""
+"""Reports: the writers (no database), and that reading never changes the schema."""
 from __future__ import annotations
 
 import csv
 import io
+import uuid
 from datetime import datetime, timezone
+
+import psycopg2
+import pytest
 
 from ingest import report
 
@@ -22,3 +26,31 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_quoted_as_text():
     assert names == ["'=HYPERLINK(\"http://x\").jpg", "'+1.jpg", "'-x.jpg", "'@SUM(A1).jpg", "'\tt.jpg", "plain.jpg", "a=b.jpg"]
     assert rows[2][1] == "-0.25", "numbers stay numbers"
     assert rows[1][2] == "2026-01-02T00:00:00+00:00" and rows[2][2] == ""
+
+
+@pytest.fixture
+def empty_database(pg_cluster):
+    """A database no migration has touched."""
+    name = f"empty_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(pg_cluster.url("postgres"))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield pg_cluster.url(name)
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.mark.integration
+def test_report_never_changes_the_schema(empty_database, capsys):
+    from ingest.__main__ import main
+
+    assert main(["report", "--database-url", empty_database]) == 1
+    assert "python -m ingest migrate" in capsys.readouterr().err
+    with psycopg2.connect(empty_database) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        assert cur.fetchone() == (0,), "report created tables"
+    assert main(["migrate", "--database-url", empty_database]) == 0
+    assert "applied 001_" in capsys.readouterr().out
+    assert main(["report", "--database-url", empty_database, "--format", "json"]) == 0
