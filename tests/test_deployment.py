@@ -8,8 +8,11 @@ The last tests run the container's TorchServe config and the HEALTHCHECK against
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -559,3 +562,39 @@ def test_healthcheck_with_token_authorization_renews_an_expired_key(start_torchs
     ok, why = healthcheck.check(ts.config, key_file)  # expired: renewed with the API key
     assert ok, why
     assert json.loads(key_file.read_text())["inference"]["key"] != first["key"]
+
+
+@pytest.mark.integration
+def test_the_k8s_cronjob_pod_environment_ingests(torchserve, database_url, tmp_path, unseen_images):
+    """The CronJob's command in the environment its pod gets (the image's ENV, then the container's
+    env, the Secret's values given), against a TorchServe with token authorization off as in the
+    cluster: every photo recorded."""
+    from ingest_helpers import assert_exactly_once, fill_inbox, summary_of
+
+    image_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for w, rest in dockerfile_instructions() if w == "ENV")))
+    cron = k8s_kind(k8s_docs("ingest-cronjob.yaml"), "CronJob")
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    pod_env = {**image_env}
+    for e in container["env"]:
+        if "value" in e:
+            pod_env[e["name"]] = e["value"]
+    secrets = {"DATABASE_URL": database_url, "PGPASSWORD": ""}  # the password is in the test URL
+    pod_env.update({name: secrets[name] for name in (e["name"] for e in container["env"] if "valueFrom" in e)})
+    pod_env["TORCHSERVE_URL"] = torchserve.inference_url  # the Service's name, resolved here to the test server
+    pod_env["RC_STATE_DIR"] = str(tmp_path / "state")  # the image's /app/.run, here
+    data = {"inbox": tmp_path / "data" / "inbox", "processed": tmp_path / "data" / "processed",
+            "quarantine": tmp_path / "data" / "quarantine"}
+    for folder in data.values():
+        folder.mkdir(parents=True)
+    originals = fill_inbox(data["inbox"], unseen_images)
+    command = [str(a) for a in container["command"]]
+    for flag, folder in (("--inbox", "inbox"), ("--processed", "processed"), ("--quarantine", "quarantine")):
+        command[command.index(flag) + 1] = str(data[folder])
+    assert command[:2] == ["python", "-m"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO_ROOT), "HOME": str(tmp_path), **pod_env}
+    result = subprocess.run([sys.executable, *command[1:], "--min-age", "0", "--settle", "0", "--log-format", "json", "--no-progress"],
+                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(result.stdout)
+    assert summary["processed"] + summary["duplicates"] == len(originals) and summary["failed"] == 0, summary
+    assert_exactly_once(database_url, data["inbox"], originals)
