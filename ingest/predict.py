@@ -1,11 +1,12 @@
 """Asking TorchServe, with retries: what the job does with serving.client's answers.
 
-A Transient answer (no connection, timeout, 5xx, 408/429, a refused token) is asked again, after an
-exponential backoff, up to `retries` attempts in all. When they run out: if TorchServe itself was
-down (`Transient.down`) the run stops (TorchServeDown, exit 3), else only this photo failed
-(FileFailed: it stays in the inbox for the next run). Refused stops the run at once (TorchServeRefused);
-Unexpected fails the photo at once. A stop (SIGTERM, or another photo's fatal error) wakes a
-sleeping retry and fails the photo instead of asking again.
+serving.client.ANSWERS says what an answer means. A verdict (a prediction, or the handler's
+rejection of the photo) is returned. A Transient answer is asked again, after an exponential
+backoff, up to `retries` attempts in all. When they run out: if TorchServe itself was down
+(`Transient.down`: no connection, 503, 507...) the run stops (TorchServeDown, exit 3), else only
+this photo failed (FileFailed: it stays in the inbox for the next run, never quarantined). Refused
+(no such model, no key file) stops the run at once (TorchServeRefused). A stop (SIGTERM, or
+another photo's fatal error) wakes a sleeping retry and fails the photo instead of asking again.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Callable
 
 from ingest.outcomes import FileFailed, TorchServeDown, TorchServeRefused
 from ingest.settings import Settings, SettingsError
-from serving.client import TOKEN_REQUIRED, Answer, Refused, TorchServeClient, Transient, Unexpected
+from serving.client import TOKEN_REQUIRED, Answer, Refused, TorchServeClient, Transient
 
 logger = logging.getLogger("ingest")
 
@@ -59,8 +60,6 @@ class Predictor:
                 return self.client.classify(self.s.model, data, timeout=(self.s.connect_timeout, self.s.timeout))
             except Refused as exc:
                 raise TorchServeRefused(str(exc)) from exc
-            except Unexpected as exc:
-                raise FileFailed(str(exc)) from exc
             except Transient as exc:
                 last = exc
                 if attempt == self.s.retries:

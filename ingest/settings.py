@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import yaml
 
+from serving.client import READ_TIMEOUT_S
+
 
 class SettingsError(ValueError):
     pass
@@ -91,9 +93,10 @@ FIELDS: list[Field] = [
     Field("management_url", str, None, "TorchServe management address, for renewing an expired key (default: config.properties)", "TORCHSERVE_MANAGEMENT_URL", "URL"),
     Field("key_file", _path, None, "TorchServe's key_file.json when token authorization is on (default: the local TorchServe's, if config.properties turns tokens on)", "TORCHSERVE_KEY_FILE", "FILE"),
     Field("database_url", str, None, "PostgreSQL libpq URL (default: the private cluster of `python -m serving up`)", "DATABASE_URL", "URL"),
-    Field("timeout", parse_duration, 60.0, "read timeout of one request (TorchServe's responseTimeout is 60s)", "INGEST_TIMEOUT", "DURATION"),
+    Field("timeout", parse_duration, READ_TIMEOUT_S, "read timeout of one request; keep it above TorchServe's responseTimeout "
+          "(120s), so that TorchServe answers a slow batch (e.g. 507, worker restarted) before the job gives up and sends it again", "INGEST_TIMEOUT", "DURATION"),
     Field("connect_timeout", parse_duration, 5.0, "connect timeout of one request", "INGEST_CONNECT_TIMEOUT", "DURATION"),
-    Field("retries", _positive_int, 8, "attempts per photo on connection errors, timeouts, 5xx and 503 before giving up", "INGEST_RETRIES", "N"),
+    Field("retries", _positive_int, 8, "attempts per photo for an answer that is not a verdict on it (no connection, timeout, 5xx, a 4xx without the handler's code) before giving up", "INGEST_RETRIES", "N"),
     Field("backoff", parse_duration, 0.5, "first retry delay; doubles per attempt, with jitter", "INGEST_BACKOFF", "DURATION"),
     Field("backoff_max", parse_duration, 15.0, "longest retry delay", "INGEST_BACKOFF_MAX", "DURATION"),
     Field("db_retry_for", parse_duration, 60.0, "how long to keep reconnecting to PostgreSQL before stopping the run", "INGEST_DB_RETRY_FOR", "DURATION"),

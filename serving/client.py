@@ -12,9 +12,13 @@ may have renewed), and if the key was unchanged renews it with the API key; then
 
 It also reads TorchServe's answers, in one place for every caller (ingestion, rollout's smoke test,
 the container healthcheck): `classify()` returns an `Answer` about the photo (a prediction, or the
-handler's rejection of that photo) or raises `Transient` (ask again later), `Refused` (not about the
-photo: no such model, or a token is required and there is no key file: stop) or `Unexpected`
-(an answer that is neither: give up on this photo). `ping()` returns a `Ping`.
+handler's rejection of that photo) or raises `Transient` (ask again later) or `Refused` (not about
+the photo, and asking again cannot help: stop), following `ANSWERS`, the one table of what an
+answer means. `ping()` returns a `Ping`.
+
+A key file may hold the inference key alone (the compose ingest container's copy, written by
+`python -m serving up --foreground`): such a client cannot renew a refused key itself; it re-reads
+the file, which follows TorchServe's renewals within seconds, and meanwhile the refusal is transient.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -36,6 +41,13 @@ class AuthError(RuntimeError):
 # No answer, but the server may well come back: a refused or dropped connection, a timeout, or a
 # key file that cannot be read (TorchServe rewrites it while it restarts).
 UNREACHABLE = (requests.ConnectionError, requests.Timeout, AuthError)
+
+# Read timeout of one request: above TorchServe's responseTimeout (120 s: handler/model-config.yaml,
+# config.properties' default_response_timeout), so that TorchServe, not the client, gives up on a slow
+# batch first. A client giving up sooner would send the photo again while the first request still
+# occupies the worker -- twice the work exactly when the worker is slowest -- and would read a
+# timeout where TorchServe answers what happened (a restarted worker, 507).
+READ_TIMEOUT_S = 150.0
 
 TOKEN_REQUIRED = ("TorchServe requires a token (400 InvalidKeyException): "
                   "give its key_file.json with --key-file or TORCHSERVE_KEY_FILE")
@@ -70,7 +82,7 @@ class Answer:
 
 class Transient(Exception):
     """No verdict now; asking again later may get one. down: TorchServe itself is unavailable
-    (unreachable, 503/507, 408/429, token refused), as opposed to a 5xx about this request."""
+    (see ANSWERS), as opposed to an answer about this one request."""
 
     def __init__(self, reason: str, *, down: bool):
         super().__init__(reason)
@@ -82,32 +94,75 @@ class Refused(Exception):
     and this client has no key file. Asking again with another photo gets the same."""
 
 
-class Unexpected(Exception):
-    """An answer that is neither a verdict on the photo nor a known server state."""
+@dataclass(frozen=True)
+class Rule:
+    """One row of ANSWERS: when TorchServe's answer is `what` (`matches`), it `means` one of:
+    ok / rejected  a verdict on the photo: record it (the photo leaves the inbox);
+    refused        about this run's settings, not the photo: stop the run now (Refused);
+    down           TorchServe is unavailable: ask again with backoff (Transient(down=True));
+    transient      no verdict now: ask again with backoff (Transient(down=False))."""
+
+    what: str
+    matches: Callable[[int, dict, bool], bool]  # (status code, body_of(response), has_key_file)
+    means: str
+
+
+def _handler_code(body: dict) -> bool:
+    """The handler's own rejection carries a string `code` and an `error`; TorchServe's frontend
+    answers with an integer `code`, a `type` and a `message` (ModelNotFoundException, ...)."""
+    return isinstance(body.get("code"), str) and "error" in body
+
+
+def _invalid_key(code: int, body: dict) -> bool:
+    return code == 400 and body.get("type") == "InvalidKeyException"
+
+
+# What TorchServe's answer to POST /predictions/MODEL means: the one rule, first matching row wins.
+# Only a 4xx carrying the handler's own `code`, or the frontend's 413 for an over-size request, is a
+# verdict on the photo (quarantine); a 200 with a label is the prediction. A missing model or a
+# missing key file stops the run. Every other answer is transient: asked again with backoff; when
+# the retries run out, `down` stops the run (TorchServe unavailable, exit 3) and `transient` leaves
+# the photo in the inbox for the next run (exit 1) -- never quarantined.
+# No answer at all (connection refused or dropped, a timeout, a key file that cannot be read or
+# holds no key to renew with) is `down` too: see TorchServeClient.classify.
+ANSWERS: tuple[Rule, ...] = (
+    Rule("200 with a label: the prediction",
+         lambda code, body, keyed: code == 200 and "label" in body, "ok"),
+    Rule("4xx with the handler's own string `code` and `error`: its rejection of this photo",
+         lambda code, body, keyed: 400 <= code < 500 and _handler_code(body), "rejected"),
+    Rule("413 from the frontend: the request is over max_request_size (the handler never saw it)",
+         lambda code, body, keyed: code == 413, "rejected"),
+    Rule("404: no such model or version",
+         lambda code, body, keyed: code == 404, "refused"),
+    Rule("400 InvalidKeyException and no key file: a token is required",
+         lambda code, body, keyed: _invalid_key(code, body) and not keyed, "refused"),
+    Rule("400 InvalidKeyException with a key file, already re-read (and renewed if it could be)",
+         lambda code, body, keyed: _invalid_key(code, body), "down"),
+    Rule("503 (no worker free, queue full), 507 (worker died, out of memory), 408, 429",
+         lambda code, body, keyed: code in (503, 507, 408, 429), "down"),
+    Rule("anything else: 500, 502, 504, a 4xx without the handler's code, a body that is not "
+         "TorchServe's, a 200 without a label",
+         lambda code, body, keyed: True, "transient"),
+)
 
 
 def read_answer(response: requests.Response, *, model: str, has_key_file: bool) -> Answer:
-    """Map TorchServe's answer to POST /predictions/`model` onto an Answer, or raise Transient,
-    Refused or Unexpected. The order of the checks matters: see each comment."""
+    """Map TorchServe's answer to POST /predictions/`model` onto an Answer, or raise Transient or
+    Refused, by the first row of ANSWERS that matches."""
     body, code = body_of(response), response.status_code
-    if code == 200 and "label" in body:
+    rule = next(r for r in ANSWERS if r.matches(code, body, has_key_file))
+    detail = body.get("message") or body.get("error") or body
+    if rule.means == "ok":
         return Answer(True, body)
-    if is_invalid_key(response):
-        # The client already re-read the key file and renewed the key: this is not about the photo.
-        if not has_key_file:
-            raise Refused(TOKEN_REQUIRED)
-        raise Transient(f"token refused: {body.get('message', body)}", down=True)
-    if code >= 500:  # 503: no worker free / model loading; 507: out of memory -- TorchServe is down for now
-        raise Transient(f"HTTP {code}: {body.get('message') or body.get('error') or body}", down=code in (503, 507))
-    if code == 404:
-        raise Refused(f"TorchServe has no model {model!r}: {body.get('message', body)}")
-    if code in (408, 429):
-        raise Transient(f"HTTP {code}", down=True)
-    if 400 <= code < 500 and isinstance(body.get("code"), str) and "error" in body:
-        return Answer(False, body)  # the handler's answer about this photo
-    if code == 413:  # TorchServe's own limit (max_request_size), before the handler sees it
-        return Answer(False, {"code": "too_large", "error": f"TorchServe refused the request as too large: {body.get('message', body)}"})
-    raise Unexpected(f"unexpected answer HTTP {code}: {str(body)[:300]}")
+    if rule.means == "rejected":
+        if _handler_code(body):
+            return Answer(False, body)
+        return Answer(False, {"code": "too_large", "error": f"TorchServe refused the request as too large: {detail}"})
+    if rule.means == "refused":
+        raise Refused(TOKEN_REQUIRED if _invalid_key(code, body) else f"TorchServe has no model {model!r}: {detail}")
+    if _invalid_key(code, body):
+        raise Transient(f"token refused: {detail}", down=True)
+    raise Transient(f"HTTP {code}: {str(detail)[:300]}", down=rule.means == "down")
 
 
 @dataclass(frozen=True)
@@ -126,7 +181,7 @@ class Ping:
 
 class TorchServeClient:
     def __init__(self, inference_url: str, management_url: str, *, key_file: Path | None = None,
-                 pool_size: int = 16, timeout_s: float = 60.0):
+                 pool_size: int = 16, timeout_s: float = READ_TIMEOUT_S):
         self.urls = {"inference": inference_url.rstrip("/"), "management": management_url.rstrip("/")}
         self.key_file = Path(key_file) if key_file else None
         self.timeout_s = timeout_s
@@ -152,7 +207,15 @@ class TorchServeClient:
         with self._lock:
             if self._keys is None:
                 self._keys = self._load_keys()
-            return self._keys[api]["key"]
+            return self._key_in(self._keys, api)
+
+    def _key_in(self, keys: dict, api: str) -> str:
+        """keys[api]["key"]; AuthError when the file holds none (an inference-only copy asked for management)."""
+        entry = keys.get(api) if isinstance(keys, dict) else None
+        key = entry.get("key") if isinstance(entry, dict) else None
+        if not isinstance(key, str) or not key:
+            raise AuthError(f"the key file {self.key_file} holds no {api} key")
+        return key
 
     def forget_keys(self) -> None:
         with self._lock:
@@ -163,12 +226,18 @@ class TorchServeClient:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def refresh_key(self, api: str, stale: str | None) -> None:
-        """Re-read the key file; if it still holds the stale key, ask TorchServe for a new one."""
+        """Re-read the key file; if it still holds the stale key, ask TorchServe for a new one with
+        the API key. A file without an API key (the inference key alone: a least-privilege copy that
+        follows TorchServe's own renewals) cannot renew: AuthError, which callers treat as transient."""
         with self._lock:
             self._keys = self._load_keys()
-            if self._keys[api]["key"] != stale:
+            if self._key_in(self._keys, api) != stale:
                 return  # someone else renewed it already
-            api_key = self._keys["API"]["key"]
+            try:
+                api_key = self._key_in(self._keys, "API")
+            except AuthError:
+                raise AuthError(f"TorchServe refused the {api} key in {self.key_file}, which holds no API key to "
+                                f"renew it with: awaiting a renewal by TorchServe's side (the copy follows it)") from None
             r = self.session.post(f"{self.urls['management']}/token", params={"type": api},
                                   headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout_s)
             if r.status_code != 200:
@@ -196,13 +265,13 @@ class TorchServeClient:
     # -- answers -------------------------------------------------------------------------
     def classify(self, model: str, data: bytes, *, timeout: float | tuple[float, float] | None = None) -> Answer:
         """POST one photo to predictions/`model` (NAME or NAME/VERSION): an Answer, or raises
-        Transient, Refused or Unexpected (see read_answer)."""
+        Transient or Refused (see ANSWERS)."""
         try:
             r = self.inference("POST", f"predictions/{model}", data=data,
                                headers={"Content-Type": "application/octet-stream"}, timeout=timeout or self.timeout_s)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise Transient(f"{type(exc).__name__}: {exc}", down=True) from exc
-        except AuthError as exc:  # e.g. the key file is rewritten while TorchServe restarts
+        except AuthError as exc:  # the key file is rewritten while TorchServe restarts, or holds no key to renew with
             raise Transient(f"authorization: {exc}", down=True) from exc
         return read_answer(r, model=model, has_key_file=self.key_file is not None)
 

@@ -44,7 +44,7 @@ import requests
 
 from serving import archive as archive_mod
 from serving.archive import Archive, ArchiveError, archive_name, archive_sample
-from serving.client import Refused, Transient, Unexpected
+from serving.client import Refused, Transient
 from serving.torchserve import MODEL_NAME, TorchServe, TorchServeError, archives, latest_archive, version_key
 
 STATE_SUFFIX = ".versions.json"
@@ -334,8 +334,8 @@ def score(ts: TorchServe, version: str, sample: list[Example], *, concurrency: i
 
     def ask(ex: Example):
         try:
-            return ex, ts.client.classify(f"{MODEL_NAME}/{version}", ex.data, timeout=120)
-        except (Transient, Refused, Unexpected, requests.RequestException) as exc:
+            return ex, ts.client.classify(f"{MODEL_NAME}/{version}", ex.data)
+        except (Transient, Refused, requests.RequestException) as exc:
             return ex, exc
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:  # fill the server-side batches

@@ -1,5 +1,5 @@
 """TorchServe's answers, read without a TorchServe: serving.client's mapping of HTTP answers onto
-Answer / Transient / Refused / Unexpected, its ping, the ingest job's retry loop on top of them
+Answer / Transient / Refused (the rule table, ANSWERS), its ping, the ingest job's retry loop on top of them
 (ingest.predict) and rollout's smoke-test counts. Fake responses and fake clients only: no services.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from ingest.outcomes import FileFailed, TorchServeDown, TorchServeRefused
 from ingest.predict import Predictor
 from ingest.settings import Settings
 from serving import rollout
-from serving.client import (TOKEN_REQUIRED, Answer, Ping, Refused, TorchServeClient, Transient, Unexpected,
-                            read_answer)
+from serving.client import (ANSWERS, READ_TIMEOUT_S, TOKEN_REQUIRED, Answer, AuthError, Ping, Refused, TorchServeClient,
+                            Transient, read_answer)
 
 PREDICTION = {"label": "Tshirts", "confidence": 0.91, "topk": [["Tshirts", 0.91]], "needs_review": False,
               "model": "refund_classifier", "version": "1"}
@@ -65,6 +65,15 @@ def test_a_5xx_that_is_not_json_is_transient_with_its_text():
         read(500, text="<html>oops</html>")
 
 
+def test_torchserves_worker_death_and_out_of_memory_are_down_not_a_verdict():
+    """What TorchServe 0.12 answers when the worker is killed mid-batch, or the handler raises MemoryError."""
+    for body in ({"code": 507, "type": "InternalServerException", "message": "Worker died."},
+                 {"code": 507, "type": "ServiceUnavailableException", "message": "Out of resources"}):
+        with pytest.raises(Transient) as info:
+            read(507, body)
+        assert info.value.down and info.value.reason == f"HTTP 507: {body['message']}"
+
+
 def test_unknown_model_is_refused_not_a_rejected_photo():
     with pytest.raises(Refused, match="no model 'refund_classifier'"):
         read(404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: refund_classifier"})
@@ -80,10 +89,40 @@ def test_invalid_key_is_refused_without_a_key_file_and_transient_with_one():
 
 
 @pytest.mark.parametrize("code, body", [(200, {"no": "label"}), (400, {"message": "bad request"}), (302, {}),
-                                        (400, ["not", "an", "object"]), (418, {"code": 418, "error": "teapot"})])
-def test_anything_else_is_unexpected(code, body):
-    with pytest.raises(Unexpected, match=f"unexpected answer HTTP {code}"):
+                                        (400, ["not", "an", "object"]), (418, {"code": 418, "error": "teapot"}),
+                                        (400, {"code": 400, "type": "BadRequestException", "message": "Parameter data is required"}),
+                                        (422, {"error": "no code"}), (415, {"code": "", "message": "x"}),
+                                        (401, {"code": 401, "type": "X", "message": "proxy auth"}), (403, {})])
+def test_an_answer_that_is_not_a_verdict_is_transient_and_not_down(code, body):
+    """Only the handler's own code makes a 4xx a verdict: a bare 400 from the frontend, a proxy's
+    403 or a 200 without a label says nothing about the photo. Asked again; after the retries the
+    photo stays in the inbox (never quarantined) and the run goes on."""
+    with pytest.raises(Transient) as info:
         read(code, body)
+    assert not info.value.down and info.value.reason.startswith(f"HTTP {code}: ")
+
+
+@pytest.mark.parametrize("code", [200, 302, 400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504, 507])
+@pytest.mark.parametrize("body", [{"code": "corrupt", "error": "truncated"}, {"code": 400, "type": "X", "message": "m"},
+                                  {"error": "<html>"}, {}])
+@pytest.mark.parametrize("has_key_file", [False, True])
+def test_the_rule_table_decides_every_answer(code, body, has_key_file):
+    """read_answer does what the first matching row of ANSWERS says, for any status and body, and a
+    verdict on the photo comes only from a 200 with a label, the handler's own 4xx or the frontend's 413."""
+    rule = next(r for r in ANSWERS if r.matches(code, body, has_key_file))
+    try:
+        outcome = read(code, body, has_key_file=has_key_file)
+    except Transient as exc:
+        means = "down" if exc.down else "transient"
+    except Refused:
+        means = "refused"
+    else:
+        means = "ok" if outcome.ok else "rejected"
+    assert means == rule.means, rule.what
+    verdict = means in ("ok", "rejected")
+    handlers = 400 <= code < 500 and isinstance(body.get("code"), str)
+    assert verdict == (handlers or code == 413), (code, body)
+    assert means != "refused" or code == 404
 
 
 # -- the client: transport errors and ping --------------------------------------------------
@@ -143,6 +182,50 @@ def test_ping():
         client_with(requests.exceptions.MissingSchema("no scheme")).ping()
 
 
+def test_an_inference_only_key_file_waits_for_a_renewal_instead_of_crashing(tmp_path):
+    """The compose ingest container's key file holds the inference key alone: a refused key cannot be
+    renewed from it; the client re-reads the file and says so (transient) until the copy changes."""
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "old", "expiration time": "x"}}))
+    client = client_with(response(400, INVALID_KEY), response(400, INVALID_KEY), key_file=key_file)
+    with pytest.raises(Transient, match="holds no API key to renew it with: awaiting a renewal") as info:
+        client.classify("m", b"x")
+    assert info.value.down
+    asked = [kw["headers"]["Authorization"] for _, _, kw in client.session.asked]
+    assert asked == ["Bearer old"]  # not sent again with the same key
+    key_file.write_text(json.dumps({"inference": {"key": "new", "expiration time": "y"}}))  # the copy follows
+    client.session = FakeSession(response(400, INVALID_KEY), response(200, PREDICTION))
+    assert client.classify("m", b"x") == Answer(True, PREDICTION)
+    assert [kw["headers"]["Authorization"] for _, _, kw in client.session.asked] == ["Bearer old", "Bearer new"]
+    with pytest.raises(AuthError, match="holds no management key"):
+        client.management("GET", "models")
+
+
+def _response_timeouts() -> dict[str, float]:
+    """TorchServe's responseTimeout as this repository configures it, per file."""
+    import yaml
+
+    from serving.paths import REPO_ROOT
+    from serving.torchserve import load_properties
+
+    found = {"handler/model-config.yaml": yaml.safe_load((REPO_ROOT / "handler/model-config.yaml").read_text())["responseTimeout"]}
+    for name in ("config.properties", "deploy/config.properties"):
+        found[name] = load_properties(REPO_ROOT / name)["default_response_timeout"]
+    return {k: float(v) for k, v in found.items()}
+
+
+def test_the_read_timeout_is_above_torchserves_response_timeout():
+    """TorchServe must give up on a slow batch (and say so) before the job does and sends it again."""
+    from ingest.settings import BY_NAME
+
+    timeouts = _response_timeouts()
+    assert timeouts and all(t > 0 for t in timeouts.values())
+    for default in (BY_NAME["timeout"].default, Settings(inbox=".", database_url="x").timeout,
+                    TorchServeClient("http://a", "http://b").timeout_s, READ_TIMEOUT_S):
+        assert default > max(timeouts.values()), (default, timeouts)
+    assert "responseTimeout" in BY_NAME["timeout"].help
+
+
 # -- the ingest job's retries ---------------------------------------------------------------
 
 class FakeClient:
@@ -195,15 +278,23 @@ def test_a_5xx_about_this_request_through_every_attempt_fails_only_the_photo(tmp
     assert client.calls == 4
 
 
-def test_refused_stops_at_once_and_unexpected_fails_the_photo_at_once(tmp_path):
+def test_refused_stops_at_once(tmp_path):
     client = FakeClient(Refused("TorchServe has no model 'm'"))
     with pytest.raises(TorchServeRefused, match="no model"):
         predictor(tmp_path, client)[0].predict(b"x", "a.jpg")
     assert client.calls == 1
-    client = FakeClient(Unexpected("unexpected answer HTTP 302: {}"))
-    with pytest.raises(FileFailed, match="unexpected answer HTTP 302"):
+
+
+def test_an_answer_that_is_not_a_verdict_is_asked_again_then_the_photo_fails(tmp_path):
+    """A 302 or a bare 400 is retried like a 500: the second attempt may well get the verdict."""
+    answer = Answer(True, PREDICTION)
+    client = FakeClient(Transient("HTTP 302: {}", down=False), Transient("HTTP 400: bad request", down=False), answer=answer)
+    p, retried = predictor(tmp_path, client)
+    assert p.predict(b"x", "a.jpg") == answer and len(retried) == 2
+    client = FakeClient(*[Transient("HTTP 400: bad request", down=False)] * 4)
+    with pytest.raises(FileFailed, match="HTTP 400: bad request"):
         predictor(tmp_path, client)[0].predict(b"x", "a.jpg")
-    assert client.calls == 1
+    assert client.calls == 4
 
 
 def test_a_stop_ends_the_retries(tmp_path):
