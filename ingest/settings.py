@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
+from serving.archive import MODEL_NAME
 from serving.client import READ_TIMEOUT_S
 
 
@@ -86,7 +87,7 @@ FIELDS: list[Field] = [
     Field("inbox", _path, None, "folder of photos to classify, read recursively", "INGEST_INBOX", "DIR"),
     Field("processed", _path, None, "where classified photos go, in YYYY-MM-DD/ subfolders (default: INBOX/../processed)", "INGEST_PROCESSED", "DIR"),
     Field("quarantine", _path, None, "where rejected photos go, in YYYY-MM-DD/ subfolders (default: INBOX/../quarantine)", "INGEST_QUARANTINE", "DIR"),
-    Field("model", str, "refund_classifier", "NAME or NAME/VERSION to ask TorchServe for", "INGEST_MODEL", "NAME[/VERSION]"),
+    Field("model", str, MODEL_NAME, "NAME or NAME/VERSION to ask TorchServe for", "INGEST_MODEL", "NAME[/VERSION]"),
     Field("batch_size", _positive_int, 64, "rows per database transaction", "INGEST_BATCH_SIZE", "N"),
     Field("concurrency", _positive_int, 32, "requests in flight to TorchServe (about 2 x batchSize x workers fills its batches)", "INGEST_CONCURRENCY", "N"),
     Field("torchserve_url", str, None, "TorchServe inference address (default: inference_address of config.properties)", "TORCHSERVE_URL", "URL"),
