@@ -177,6 +177,10 @@ class Job:
                     if entry is None:
                         exhausted = True
                         break
+                    if str(entry.path) in self.journal.stuck:
+                        inbox.skip(self.summary.skipped, entry.relative,
+                                   "pending_move (an earlier run's move of it could not be finished; see its ingest_files note)")
+                        continue
                     if not self._fits(entry):
                         upcoming = entry  # read once answers have freed memory
                         break

@@ -190,6 +190,7 @@ class Journal:
         self.store, self.s, self.hook = store, settings, hook
         self.run_id: int | None = None
         self._sources: dict[str, str] = {}  # source_path as stored -> the path it stands for, this run
+        self.stuck: set[str] = set()  # inbox paths whose earlier move recover() could not finish: not taken again
 
     # -- runs ----------------------------------------------------------------------------
     def start_run(self) -> int:
@@ -346,6 +347,7 @@ class Journal:
                 state, note = None, f"could not be finished now: {exc}"
             if state is None:
                 summary.recovery_failed += 1
+                self.stuck.add(str(src))  # taken again, it would get a second row and a second copy
                 logger.error("%s: its pending move to %s %s; left pending for the next run", src, dst, note,
                              extra={"event": "recovery_failed", "path": str(src)})
                 self.note([file_id], note)
