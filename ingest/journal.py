@@ -30,7 +30,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2.extras import Json, execute_values
 
-from ingest import db, files, inbox
+from ingest import db, files
 from ingest.outcomes import Item, Outcome, Summary
 from ingest.settings import Settings
 from ingest.store import Store
@@ -371,8 +371,8 @@ class Journal:
                 return None, "could not be finished now: the destination cannot be read to check its content"
             if dst_sha != sha:
                 if src_sha == sha:  # the photo is still in the inbox; let the next run move it afresh
-                    return "superseded", ("its destination holds other content; the photo stays in the inbox and "
-                                          "the next run moves it under a free name")
+                    return "superseded", ("its destination holds other content; the photo stays in the inbox, "
+                                          "to be taken again and moved under a free name")
                 return "missing", "the photo is not in the inbox, and its destination holds other content"
             if src_sha == sha:
                 os.unlink(src)  # killed between link and unlink: the photo is safe at dest

@@ -29,7 +29,8 @@ from ingest.store import Store
 from ingest_helpers import MODEL, assert_exactly_once, cli, fetch, fill_inbox, ingest_env, sha, snapshot, summary_of
 from serving.client import Answer
 
-TODAY = lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d")  # noqa: E731
+def today() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
 
 def settings_for(inbox: Path, url: str, ts_url: str, **kw) -> Settings:
@@ -116,7 +117,7 @@ def test_odd_names_cost_nothing_to_the_good_photos(torchserve, database_url, tmp
     latin1 = make_file(inbox, b"caf\xe9 photo.jpg", made[30])
     long_name = "x" * 246 + ".jpg"  # 250 bytes: with a ~sha8 tag it would pass NAME_MAX
     (inbox / long_name).write_bytes(made[31])
-    taken = tmp_path / "processed" / TODAY() / long_name  # someone else's file at its destination
+    taken = tmp_path / "processed" / today() / long_name  # someone else's file at its destination
     taken.parent.mkdir(parents=True)
     taken.write_bytes(b"not ours")
     originals = exact_snapshot(inbox)
@@ -132,7 +133,7 @@ def test_odd_names_cost_nothing_to_the_good_photos(torchserve, database_url, tmp
         where = assert_each_content_once(database_url, inbox, originals)
         assert set(where) == set(originals), "every photo leaves the inbox in the first run"
 
-    processed = os.fsencode(tmp_path / "processed" / TODAY())
+    processed = os.fsencode(tmp_path / "processed" / today())
     # The Latin-1 name: recorded and moved under its exact bytes; its text is a display form.
     assert where[b"caf\xe9 photo.jpg"] == os.path.join(processed, b"caf\xe9 photo.jpg")
     (text, raw, filename, status), = fetch(database_url, "SELECT original_path, original_path_bytes, filename, status "
