@@ -13,6 +13,11 @@ with its error row, or still in the inbox -- whatever is killed, and when.
 
 Overlapping runs: the whole run holds a PostgreSQL advisory lock; a second run exits at once.
 
+Unattended: whatever one file does (an odd name, an answer PostgreSQL cannot hold, a move the
+filesystem refuses) costs that file alone; any other unexpected error ends the run `failed` with
+the error recorded, never with its row left 'running'. Memory: the photos read and not yet answered
+stay under --max-in-flight-bytes (a single larger photo goes alone).
+
 This module only orchestrates; each concern has its own module:
   ingest.inbox     which files are taken (settled photos, read and hashed)
   ingest.predict   asking TorchServe, with retries (serving.client reads its answers)
@@ -33,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from ingest import db, files, inbox
 from ingest.hooks import Hooks
 from ingest.journal import Journal
-from ingest.outcomes import FileFailed, IngestError, Item, Outcome, Summary
+from ingest.outcomes import FileFailed, IngestError, Item, Outcome, RunFailed, Summary
 from ingest.predict import Predictor, build_client
 from ingest.settings import Settings
 from ingest.store import TRANSIENT, DatabaseDown, LockLost, Store
@@ -54,6 +59,8 @@ class Job:
         self.journal = Journal(self.store, settings, hook=self.hook)
         self.fatal: BaseException | None = None  # IngestError, DatabaseDown or LockLost: ends the run
         self.buffer: list[Outcome] = []
+        self.held = 0  # bytes of photos read and not yet answered (or dropped unsent)
+        self.most_held = 0
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): finish what is in flight, commit, move, and end the run."""
@@ -85,6 +92,9 @@ class Job:
                 self._loop()
             except (IngestError, DatabaseDown, LockLost) as exc:
                 self.fatal = self.fatal or exc
+            except Exception as exc:  # noqa: BLE001 - a bug or a surprise: record it, never leave the run 'running'
+                logger.exception("the run failed unexpectedly: %s: %s", type(exc).__name__, exc, extra={"event": "run_failed"})
+                self.fatal = self.fatal or RunFailed(f"unexpected {type(exc).__name__}: {exc}")
             self.summary.elapsed_s = time.monotonic() - started
             self.hook("before_finish")
             self._finish()
@@ -101,6 +111,9 @@ class Job:
             self.journal.finish_run(s.status, s.counts(), s.error)
         except (DatabaseDown, LockLost) as exc:
             s.conclude(exc, stopped=False)
+        except Exception as exc:  # noqa: BLE001 - the next run marks this one interrupted
+            logger.exception("recording the end of run %s failed", s.run_id, extra={"event": "finish_failed"})
+            s.conclude(RunFailed(f"recording the run's end failed: {type(exc).__name__}: {exc}"), stopped=False)
 
     def _loop(self) -> None:
         progress = _progress(self.s.progress)
@@ -115,42 +128,85 @@ class Job:
     def _predict(self, item: Item):
         return self.predictor.predict(item.data, item.entry.relative)
 
+    def _take(self, item: Item) -> None:
+        self.held += len(item.data) if item.data is not None else 0
+        self.most_held = max(self.most_held, self.held)
+
+    def _release(self, item: Item) -> None:
+        """The photo's bytes are not needed any more (answered, or not to be sent)."""
+        if item.data is not None:
+            self.held -= len(item.data)
+            item.data = None
+
+    def _fits(self, entry) -> bool:
+        """Whether reading entry keeps the bytes held under --max-in-flight-bytes; a photo larger
+        than the bound still goes, once nothing else is held."""
+        cost = inbox.cost(entry, self.s.max_bytes)
+        return cost == 0 or self.held == 0 or self.held + cost <= self.s.max_in_flight_bytes
+
+    def _incomplete(self, item: Item, code: str | None, error: str | None) -> bool:
+        """A rejection that a stalled upload gets, for a file modified within --incomplete-grace:
+        it stays in the inbox (skipped `incomplete`) instead of going to quarantine."""
+        if not (self.s.incomplete_grace > 0 and inbox.incomplete(code, error)
+                and inbox.young(item.entry, self.s.incomplete_grace)):
+            return False
+        inbox.skip(self.summary.skipped, item.entry.relative,
+                   f"incomplete (TorchServe: {code}; modified less than --incomplete-grace "
+                   f"{self.s.incomplete_grace:.0f}s ago: an upload may still resume)")
+        return True
+
     def _pump(self, pool: ThreadPoolExecutor, progress) -> None:
-        """Keep up to 2 x concurrency requests in flight, and record their answers in batches."""
+        """Keep up to 2 x concurrency requests in flight (and the photos read under
+        --max-in-flight-bytes), and record their answers in batches."""
         window = 2 * self.s.concurrency  # one server-side batch being computed while the next fills
         source = inbox.candidates(self.s, self.stop, self.summary.skipped)
         pending: dict[Future, Outcome] = {}
         waiting: dict[str, list[Item]] = defaultdict(list)  # same content as a request in flight
         in_flight: dict[str, Outcome] = {}
         exhausted = False
+        upcoming = None  # the next settled file, not read until there is room for it
         last_flush = time.monotonic()
         first_read = True
         while True:
             # keep the window full
             while (not exhausted and not self.stop.is_set() and self.fatal is None and len(pending) < window
-                   and len(self.buffer) < self.s.batch_size):
+                   and len(self.buffer) < self.s.batch_size and (upcoming is None or self._fits(upcoming))):
                 group = []
-                for item in source:
+                while len(group) < window - len(pending):
+                    entry, upcoming = upcoming or next(source, None), None
+                    if entry is None:
+                        exhausted = True
+                        break
+                    if str(entry.path) in self.journal.stuck:
+                        inbox.skip(self.summary.skipped, entry.relative,
+                                   "pending_move (an earlier run's move of it could not be finished; see its ingest_files note)")
+                        continue
+                    if not self._fits(entry):
+                        upcoming = entry  # read once answers have freed memory
+                        break
+                    item = inbox.load(entry, self.s.max_bytes, self.summary.skipped)
+                    if item is None:
+                        continue
+                    self._take(item)
                     group.append(item)
                     self.summary.taken += 1
                     if self.s.limit and self.summary.taken >= self.s.limit:
                         exhausted = True
                         break
-                    if len(group) >= window - len(pending):
-                        break
-                else:
-                    exhausted = True
                 if first_read and group:
                     first_read = False
                     self.hook("after_read")
                 known = self.journal.known(group)
                 for item in group:
                     if item.sha256 in known:
-                        item.data = None
-                        self.buffer.append(Outcome(item, known=known[item.sha256]))
+                        self._release(item)
+                        row = known[item.sha256]
+                        if row[1] == "rejected" and self._incomplete(item, row[2], row[3]):
+                            continue
+                        self.buffer.append(Outcome(item, known=row))
                         progress.update(1)
                     elif item.sha256 in in_flight:
-                        item.data = None  # never sent: it takes its leader's answer
+                        self._release(item)  # never sent: it takes its leader's answer
                         waiting[item.sha256].append(item)
                     elif item.data is None:  # over --max-bytes: TorchServe would refuse it unread
                         self.buffer.append(Outcome(item, ok=False, body={
@@ -165,6 +221,7 @@ class Job:
                 done, _ = wait(pending, timeout=self.s.flush_every, return_when=FIRST_COMPLETED)
             for fut in done:
                 o = pending.pop(fut)
+                self._release(o.item)
                 del in_flight[o.item.sha256]
                 followers = waiting.pop(o.item.sha256, [])
                 try:
@@ -181,8 +238,17 @@ class Job:
                         logger.error("stopping: %s", exc, extra={"event": "stopping"})
                         self.stop.set()  # wakes retries that are sleeping
                     continue
+                except Exception as exc:  # noqa: BLE001 - a surprise about one request costs that photo alone
+                    self.summary.failed += 1 + len(followers)
+                    logger.exception("%s: not classified, left in the inbox: unexpected %s: %s", o.item.entry.relative,
+                                     type(exc).__name__, exc, extra={"event": "failed", "path": o.item.entry.relative})
+                    continue
+                body = answer.body if isinstance(answer.body, dict) else {}
+                if not answer.ok and self._incomplete(o.item, body.get("code"), body.get("error")):
+                    for f in followers:
+                        inbox.skip(self.summary.skipped, f.entry.relative, "incomplete (the same content as a younger upload)")
+                    continue
                 o.ok, o.body = answer.ok, answer.body
-                o.item.data = None  # the bytes are not needed any more
                 self.buffer.append(o)
                 self.buffer.extend(Outcome(f, leader=o) for f in followers)
                 progress.update(1 + len(followers))
@@ -200,10 +266,14 @@ class Job:
         if not self.buffer:
             return
         outs, self.buffer = self.buffer, []
-        plan = self.journal.record(outs, before_commit=lambda: self.hook("before_commit"))
+        written = self.journal.record(outs, before_commit=lambda: self.hook("before_commit"))
         self.hook("after_commit")
+        for o, reason in written.left:
+            self.summary.failed += 1
+            logger.error("%s: its row could not be recorded (%s); left in the inbox for the next run",
+                         o.item.entry.relative, reason, extra={"event": "unrecorded", "path": o.item.entry.relative})
         moved = []
-        for n, (o, dest, destination, file_id) in enumerate(plan):
+        for n, (o, dest, destination, file_id) in enumerate(written.plan):
             try:
                 files.move(o.item.entry.path, dest, linked=(lambda: self.hook("mid_link")) if n == 1 else None)
             except OSError as exc:

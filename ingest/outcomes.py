@@ -28,6 +28,11 @@ class TorchServeRefused(IngestError):
     """Not about one photo: the model is missing, or the token is refused. Stops the run."""
 
 
+class RunFailed(IngestError):
+    """An unexpected error that is not about one photo: the run ends `failed` with it recorded
+    (exit 1; what is left waits for the next run), never with a run row left 'running'."""
+
+
 class FileFailed(Exception):
     """TorchServe could not classify this one photo (after retries); it stays in the inbox."""
 
@@ -43,7 +48,7 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
 EXIT_CODES = {
     EXIT_DONE: "done (rejected photos were quarantined: that is not an error)",
-    EXIT_LEFT: "some photos could not be classified or moved and stay for the next run",
+    EXIT_LEFT: "some photos could not be classified, recorded or moved and stay for the next run; or the run failed unexpectedly",
     EXIT_SETTINGS: "bad settings",
     EXIT_TORCHSERVE: "TorchServe unavailable or refusing",
     EXIT_DATABASE: "PostgreSQL unavailable",
@@ -110,6 +115,7 @@ class Summary:
     retried: int = 0
     recovered: int = 0
     move_failed: int = 0
+    recovery_failed: int = 0  # an earlier run's moves that could not be finished now: left pending
     skipped: Counter = field(default_factory=Counter)
     elapsed_s: float = 0.0
     error: str | None = None
@@ -123,14 +129,16 @@ class Summary:
     def counts(self) -> dict:
         return {"taken": self.taken, "processed": self.processed, "duplicates": self.duplicates,
                 "quarantined": self.quarantined, "failed": self.failed, "retried": self.retried,
-                "recovered": self.recovered, "move_failed": self.move_failed, "skipped": dict(self.skipped),
+                "recovered": self.recovered, "move_failed": self.move_failed,
+                "recovery_failed": self.recovery_failed, "skipped": dict(self.skipped),
                 "elapsed_s": round(self.elapsed_s, 3), "images_per_s": round(self.images_per_s, 2)}
 
     def line(self) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "0"
         return (f"run {self.run_id} {self.status}: {self.processed} processed, {self.duplicates} duplicates, "
                 f"{self.quarantined} quarantined, {self.failed} failed (left in the inbox), {self.retried} retried, "
-                f"{self.recovered} recovered from an earlier run; skipped: {skipped}; "
+                f"{self.recovered} recovered from an earlier run"
+                f"{f' ({self.recovery_failed} left pending)' if self.recovery_failed else ''}; skipped: {skipped}; "
                 f"{self.elapsed_s:.1f}s, {self.images_per_s:.1f} images/s")
 
     def conclude(self, fatal: BaseException | None, *, stopped: bool) -> None:
@@ -142,4 +150,4 @@ class Summary:
             self.status, self.exit_code = "stopped", EXIT_DONE
         else:
             self.status = "succeeded"
-            self.exit_code = EXIT_LEFT if (self.failed or self.move_failed) else EXIT_DONE
+            self.exit_code = EXIT_LEFT if (self.failed or self.move_failed or self.recovery_failed) else EXIT_DONE

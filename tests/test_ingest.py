@@ -38,7 +38,10 @@ from training.catalogue import read_styles
 
 
 def settings_for(inbox: Path, url: str, ts_url: str, **kw) -> Settings:
-    base = dict(inbox=inbox, database_url=url, torchserve_url=ts_url, min_age=0, settle=0, batch_size=5, concurrency=4, progress=False)
+    # incomplete_grace=0: the truncated and empty photos these tests write are quarantined at once
+    # (test_ingest_poison.py tests the grace).
+    base = dict(inbox=inbox, database_url=url, torchserve_url=ts_url, min_age=0, settle=0, batch_size=5, concurrency=4,
+                incomplete_grace=0, progress=False)
     return Settings(**{**base, **kw})
 
 

@@ -34,6 +34,7 @@ CREATE TABLE predictions (
     status         text NOT NULL CHECK (status IN ('ok', 'rejected')),
     error          text,
     error_code     text,
+    original_path_bytes bytea,  -- the exact bytes of original_path when it is not valid UTF-8
     CONSTRAINT predictions_once_per_model UNIQUE (sha256, model_name, model_version),
     CONSTRAINT predictions_ok_has_label CHECK (status <> 'ok' OR label IS NOT NULL)
 );
@@ -57,6 +58,8 @@ CREATE TABLE ingest_files (
     created_at     timestamptz NOT NULL DEFAULT now(),
     moved_at       timestamptz,
     note           text,
+    source_path_bytes bytea,  -- the exact bytes of source_path / dest_path when not valid UTF-8
+    dest_path_bytes   bytea,
     CONSTRAINT ingest_files_once_per_run UNIQUE (run_id, source_path)
 );
 CREATE INDEX ingest_files_pending ON ingest_files (id) WHERE state = 'pending';
