@@ -21,6 +21,10 @@ except ImportError:  # in the repository, as the `handler` package
 
 META_FILE = "model_meta.json"
 INDEX_TO_NAME_FILE = "index_to_name.json"
+# The class a model learns from catalogue photos outside the refund categories (training.train
+# --other class): its answer is "not a refund category". The one definition training and the
+# handler share; serving.archive.OTHER_LABEL repeats it for the torch-free side.
+OTHER_LABEL = "other"
 # Keys under which a multipart form or a JSON body may carry the image.
 PAYLOAD_KEYS = ("data", "body", "file", "image", "b64")
 
@@ -97,11 +101,17 @@ def prepare_batch(requests: list[dict], image_size: tuple[int, int], *, max_pixe
 def format_prediction(
     probs: torch.Tensor, classes: list[str], *, topk: int, review_threshold: float, model: str, version: str
 ) -> dict:
-    """probs: (num_classes,) calibrated probabilities for one image."""
+    """probs: (num_classes,) calibrated probabilities for one image.
+
+    A model with the `other` output (OTHER_LABEL among its classes) answers it like any class,
+    plus `in_category`: false for "not a refund category", true otherwise. needs_review is the
+    same rule for every answer: a confident "other" is answered "other", an unconfident one goes
+    to review like an unconfident category. A model without that output answers as it always did
+    (no `in_category`)."""
     k = min(topk, probs.numel())
     p, idx = probs.topk(k)
     top = [{"label": classes[j], "p": round(float(q), 6)} for q, j in zip(p.tolist(), idx.tolist())]
-    return {
+    answer = {
         "label": top[0]["label"],
         "confidence": top[0]["p"],
         "topk": top,
@@ -109,6 +119,9 @@ def format_prediction(
         "model": model,
         "version": version,
     }
+    if OTHER_LABEL in classes:
+        answer["in_category"] = answer["label"] != OTHER_LABEL
+    return answer
 
 
 def error_response(exc: ImageError, *, model: str, version: str) -> dict:

@@ -27,6 +27,10 @@ import yaml
 # The TorchServe model name: URLs (/predictions/refund_classifier), archive file names, the
 # rollout state file. ingest/settings.py keeps its own default literal (ingest stays apart).
 MODEL_NAME = "refund_classifier"
+# The label of the "not a refund category" output (handler/refund_inference.py's OTHER_LABEL,
+# repeated here so serving stays torch-free; a test holds them equal). A rollout sample's
+# images labelled so are out-of-category photos.
+OTHER_LABEL = "other"
 
 # Where an archive may carry its sample (see docs/ROLLOUTS.md): a Kaggle-layout folder
 # `sample/` (sample/styles.csv + sample/images/<id>.jpg), or `sample.csv` at the top with the
