@@ -3,8 +3,10 @@
 Each class is a PIL drawing with its own shape, colour family and texture, jittered in
 position, size and hue, on an off-white background, at the real catalogue's 60x80 px.
 It is the embedded default for the demo and the tests: a model learns it in about a minute.
+--outside-per-class adds products of article types outside the refund categories (sunglasses,
+wallets, perfume), as the real catalogue has them.
 
-    python -m training.make_sample_catalogue --out runs/sample --per-class 40 --seed 0
+    python -m training.make_sample_catalogue --out runs/sample --per-class 40 --seed 0 [--outside-per-class 20]
 """
 from __future__ import annotations
 
@@ -81,6 +83,28 @@ def draw_socks(d: ImageDraw.ImageDraw, rng: random.Random) -> None:
         d.rectangle((x0, y, x0 + (x1 - x0) // 2, y + 3), fill=stripe)
 
 
+def draw_sunglasses(d: ImageDraw.ImageDraw, rng: random.Random) -> None:
+    x0, y0, x1, y1 = _box(rng, 0.9, 0.2)
+    mid = (x0 + x1) // 2
+    lens = _jitter(rng, (20, 20, 20), 15)
+    d.ellipse((x0, y0, mid - 3, y1), fill=lens)
+    d.ellipse((mid + 3, y0, x1, y1), fill=lens)
+    d.line((mid - 4, y0 + 3, mid + 4, y0 + 3), fill=lens, width=2)  # bridge
+
+
+def draw_wallet(d: ImageDraw.ImageDraw, rng: random.Random) -> None:
+    x0, y0, x1, y1 = _box(rng, 0.7, 0.35)
+    d.rectangle((x0, y0, x1, y1), fill=_jitter(rng, (110, 30, 120)), outline=(20, 20, 20))
+    d.line((x0, (y0 + y1) // 2, x1, (y0 + y1) // 2), fill=_jitter(rng, (220, 220, 220), 10), width=2)  # the fold
+
+
+def draw_perfume(d: ImageDraw.ImageDraw, rng: random.Random) -> None:
+    x0, y0, x1, y1 = _box(rng, 0.4, 0.6)
+    cx = (x0 + x1) // 2
+    d.rectangle((cx - 4, y0, cx + 4, y0 + 8), fill=_jitter(rng, (200, 170, 40)))  # cap
+    d.rounded_rectangle((x0, y0 + 8, x1, y1), radius=6, fill=_jitter(rng, (120, 200, 220)), outline=(60, 90, 110))
+
+
 DRAWERS = {
     "Tshirts": ("Apparel", "Topwear", draw_tshirt),
     "Watches": ("Accessories", "Watches", draw_watch),
@@ -89,24 +113,34 @@ DRAWERS = {
     "Handbags": ("Accessories", "Bags", draw_handbag),
     "Socks": ("Apparel", "Innerwear", draw_socks),
 }
+# Article types the refund department does not take (not in training/categories.txt).
+OUTSIDE_DRAWERS = {
+    "Sunglasses": ("Accessories", "Eyewear", draw_sunglasses),
+    "Wallets": ("Accessories", "Wallets", draw_wallet),
+    "Perfume and Body Mist": ("Personal Care", "Fragrance", draw_perfume),
+}
+ALL_DRAWERS = DRAWERS | OUTSIDE_DRAWERS
 
 
 def draw_product(article_type: str, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (WIDTH, HEIGHT), _jitter(rng, (245, 245, 245), 8))
-    DRAWERS[article_type][2](ImageDraw.Draw(img), rng)
+    ALL_DRAWERS[article_type][2](ImageDraw.Draw(img), rng)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6)))
 
 
-def write_catalogue(out: Path, *, per_class: int, seed: int, first_id: int = 10000) -> list[dict]:
-    """Write styles.csv and images/<id>.jpg under `out`; returns the rows written."""
+def write_catalogue(out: Path, *, per_class: int, seed: int, first_id: int = 10000, outside_per_class: int = 0) -> list[dict]:
+    """Write styles.csv and images/<id>.jpg under `out`; returns the rows written. The refund
+    categories' images do not depend on outside_per_class (theirs are drawn first)."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     next_id = first_id
-    for article_type, (master, sub, _) in DRAWERS.items():
-        for _ in range(per_class):
+    counts = [(t, per_class) for t in DRAWERS] + [(t, outside_per_class) for t in OUTSIDE_DRAWERS]
+    for article_type, n in counts:
+        master, sub, _ = ALL_DRAWERS[article_type]
+        for _ in range(n):
             img = draw_product(article_type, rng)
             img.save(out / "images" / f"{next_id}.jpg", quality=90)
             rows.append({
@@ -130,12 +164,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-class", type=int, default=40, help="images per class")
     parser.add_argument("--seed", type=int, default=0, help="random seed; another seed gives unseen images")
     parser.add_argument("--first-id", type=int, default=10000, help="id of the first product")
+    parser.add_argument("--outside-per-class", type=int, default=0,
+                        help=f"images per article type outside the refund categories ({', '.join(OUTSIDE_DRAWERS)})")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    rows = write_catalogue(args.out, per_class=args.per_class, seed=args.seed, first_id=args.first_id)
-    print(f"wrote {len(rows)} images in {len(DRAWERS)} classes to {args.out}")
+    rows = write_catalogue(args.out, per_class=args.per_class, seed=args.seed, first_id=args.first_id,
+                           outside_per_class=args.outside_per_class)
+    kinds = len(DRAWERS) + (len(OUTSIDE_DRAWERS) if args.outside_per_class else 0)
+    print(f"wrote {len(rows)} images of {kinds} article types to {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,16 @@ rows whose image is missing, unreadable or truncated and the images that are byt
 duplicates of another, keeps the configured categories (default: training/categories.txt),
 drops categories with fewer than --min-per-class images, and writes into --out:
   train.csv, val.csv, test.csv  (id,label,path,sha256; the images are not copied)
-  outside.csv                   (readable images whose label is not a kept category)
+  outside-train.csv, outside-val.csv, outside-test.csv
+                                (readable images whose label is not a kept category, split the
+                                 same way, stratified by their own articleType: training.train
+                                 learns them as the class `other`, evaluate measures on -val/-test)
+  outside.csv                   (the three outside splits together, for older readers)
   classes.json                  (the kept categories, sorted: index = class id)
-  prepare.json                  (arguments, counts kept and dropped by reason, per-class split sizes)
-The split is stratified per class and deterministic for a seed.
+  prepare.json                  (format, arguments, counts kept and dropped by reason, per-class split sizes)
+The split is stratified per class and deterministic for a seed. `format` in prepare.json is
+PREPARE_FORMAT: training.train redoes a folder of an older format that it prepared itself, and
+refuses one it was given (`is_current`).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from handler.refund_inference import OTHER_LABEL
 from handler.refund_preprocess import ImageError, decode_image
 from training.catalogue import CatalogueError, read_styles
 
@@ -33,6 +40,9 @@ DEFAULT_CATEGORIES = Path(__file__).resolve().parent / "categories.txt"
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("id", "label", "path", "sha256")
 PREPARED_MARKERS = ("classes.json", "train.csv", "val.csv", "test.csv")
+OUTSIDE_SPLITS = tuple(f"outside-{s}.csv" for s in SPLITS)
+# 2: the out-of-category images split into outside-{train,val,test}.csv (1: one outside.csv).
+PREPARE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,24 @@ def read_categories(path: Path) -> list[str]:
 
 
 def is_prepared(data_dir: Path) -> bool:
+    """A folder training.prepare wrote, of any format: readable for evaluation."""
     return all((Path(data_dir) / name).is_file() for name in PREPARED_MARKERS)
+
+
+def prepared_format(data_dir: Path) -> int:
+    """prepare.json's `format`; 1 for a folder written before it was recorded."""
+    info = Path(data_dir) / "prepare.json"
+    try:
+        return int(json.loads(info.read_text()).get("format", 1))
+    except (OSError, ValueError, AttributeError):
+        return 1
+
+
+def is_current(data_dir: Path) -> bool:
+    """Prepared by this format: the out-of-category images are split too (what training needs)."""
+    data_dir = Path(data_dir)
+    return (is_prepared(data_dir) and prepared_format(data_dir) >= PREPARE_FORMAT
+            and all((data_dir / name).is_file() for name in OUTSIDE_SPLITS))
 
 
 def check_image(path: Path) -> tuple[str | None, str | None]:
@@ -148,11 +175,15 @@ def read_manifest(path: Path) -> list[Record]:
 
 
 def manifest_hash(data_dir: Path) -> str:
-    """sha256 over classes.json and the three split manifests: what a checkpoint was trained on."""
+    """sha256 over classes.json, the three split manifests and the outside splits where the folder
+    has them: what a checkpoint was trained on. (A folder of format 1 keeps its old hash.)"""
     h = hashlib.sha256()
-    for name in PREPARED_MARKERS:
+    for name in PREPARED_MARKERS + OUTSIDE_SPLITS:
+        path = Path(data_dir) / name
+        if name in OUTSIDE_SPLITS and not path.is_file():
+            continue
         h.update(name.encode())
-        h.update((Path(data_dir) / name).read_bytes())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -171,6 +202,8 @@ def prepare(
         raise CatalogueError(f"Invalid --val-frac {val_frac} / --test-frac {test_frac}: each in [0, 1), their sum < 1")
     records, dropped = scan(data_dir)
     wanted = set(read_categories(categories)) if categories else None
+    if wanted is not None and OTHER_LABEL in wanted:
+        raise CatalogueError(f"{categories} lists {OTHER_LABEL!r}, the name reserved for the out-of-category output; rename it")
     inside = [r for r in records if wanted is None or r.label in wanted]
     outside = [r for r in records if wanted is not None and r.label not in wanted]
     counts: dict[str, int] = {}
@@ -189,20 +222,26 @@ def prepare(
     if not classes:
         raise CatalogueError(f"no category of {categories} has >= {min_per_class} usable images in {data_dir}")
     splits = stratified_split(kept, val_frac=val_frac, test_frac=test_frac, seed=seed)
+    # The same cut per articleType: every kind of out-of-category product is in all three, and
+    # outside-test is never trained or tuned on.
+    outside_splits = stratified_split(outside, val_frac=val_frac, test_frac=test_frac, seed=seed)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         write_manifest(out / f"{split}.csv", splits[split])
+        write_manifest(out / f"outside-{split}.csv", outside_splits[split])
     write_manifest(out / "outside.csv", sorted(outside, key=lambda r: int(r.id)))
     (out / "classes.json").write_text(json.dumps(classes, indent=1))
     summary = {
+        "format": PREPARE_FORMAT,
         "data_dir": str(Path(data_dir).resolve()),
         "categories": str(categories) if categories else None,
         "min_per_class": min_per_class, "val_frac": val_frac, "test_frac": test_frac, "seed": seed,
         "usable_images": len(records),
         "dropped": dict(sorted(dropped.items())),
         "outside_categories": len(outside),
+        "outside_split_sizes": {s: len(outside_splits[s]) for s in SPLITS},
         "categories_below_min": too_small,
         "missing_categories": absent,
         "classes": len(classes),
@@ -240,7 +279,8 @@ def main(args: argparse.Namespace) -> dict:
                           val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
     except CatalogueError as exc:
         raise SystemExit(f"prepare: {exc}") from exc
-    print(json.dumps({k: summary[k] for k in ("usable_images", "dropped", "outside_categories", "classes", "split_sizes")}))
+    print(json.dumps({k: summary[k] for k in ("usable_images", "dropped", "outside_categories", "outside_split_sizes",
+                                              "classes", "split_sizes")}))
     return summary
 
 
