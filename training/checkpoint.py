@@ -1,17 +1,23 @@
 """The run folder and its checkpoint format: the one place that writes and reads them.
 
 A run folder (`training.train --out RUN`) holds:
-  checkpoint.pt  the best epoch: a dict of state_dicts + plain config, never a pickled model:
+  checkpoint.pt  the kept epoch (--keep best: the best by val macro-F1; last: the annealed end):
+                 a dict of state_dicts + plain config, never a pickled model:
                    model           the state_dict (CPU tensors)
+                   ema             the EMA of the weights at that epoch (--ema-decay > 0 only)
                    model_config    {"arch", "num_classes"}: build_model(**model_config) rebuilds it
-                   classes         class names, index order
-                   preprocess      {"image_size": [H, W], "mean": [...], "std": [...]}
+                   classes         class names, index order; the out-of-category class OTHER_LABEL
+                                   last when the run learned it (--other class)
+                   preprocess      {"image_size": [H, W], "mean": [...], "std": [...]}: the training size
                    calibration     defaults; training.evaluate fits the real ones into calibration.json
                    manifest_hash, data_dir   the prepared split it was trained on (training.prepare)
-                   epoch, best, history, args
-  last.pt        the same plus optimizer state, step, time used and RNG states, for --resume
+                   class_counts    training images per class and epoch (the prior calibration uses)
+                   epoch, best, last, keep, ema_decay, history, args
+                 Runs from before `ema`, `class_counts`, `keep` and `last` lack them and load as before.
+  last.pt        the latest epoch plus optimizer state, step, time used and RNG states, for --resume
   history.csv / history.json   one row per epoch
   calibration.json             written by training.evaluate, read by training.export
+  eval-sizes/metrics.json      training.evaluate --sizes: the val sweep over served sizes
 
 Loading is always `torch.load(..., map_location="cpu", weights_only=True)` and a rebuild from
 `model_config` with the handler's `build_model`, so a run loads on any machine and with any
@@ -33,7 +39,10 @@ from serving.archive import read_archive
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
 CALIBRATION = "calibration.json"
+SIZE_SWEEP = Path("eval-sizes") / "metrics.json"
 DEFAULT_CALIBRATION = {"temperature": 1.0, "review_threshold": 0.5}
+# Which of a checkpoint's state_dicts to use: auto = the EMA where the run kept one.
+EMA_CHOICES = ("auto", "on", "off")
 
 
 class CheckpointError(RuntimeError):
@@ -51,8 +60,9 @@ def preprocess_dict(image_size, mean, std) -> dict:
 
 
 def checkpoint_dict(model, *, model_config, classes, image_size, mean, std, manifest_hash, data_dir, history, args,
-                    epoch, best) -> dict:
-    return {
+                    epoch, best, ema: nn.Module | None = None, extra: dict | None = None) -> dict:
+    """`extra`: plain values stored as they are (class_counts, keep, ema_decay, last)."""
+    out = {
         "model": cpu_state_dict(model),
         "model_config": model_config,
         "classes": classes,
@@ -64,7 +74,11 @@ def checkpoint_dict(model, *, model_config, classes, image_size, mean, std, mani
         "best": best,
         "history": history,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **(extra or {}),
     }
+    if ema is not None:
+        out["ema"] = cpu_state_dict(ema)
+    return out
 
 
 def untrained_checkpoint_dict(model, *, model_config, classes, image_size, mean, std, note: str) -> dict:
@@ -116,11 +130,40 @@ def model_from(model_config: dict, state: dict) -> nn.Module:
     return model.eval()
 
 
-def load_run(run: Path) -> tuple[dict, nn.Module]:
-    """-> (checkpoint dict, its model in eval mode, channels_last) of a run folder."""
+def weights_key(ckpt: dict, ema: str = "auto") -> str:
+    """The state_dict to use: "ema" (on, or auto where the run kept one) or "model"."""
+    if ema not in EMA_CHOICES:
+        raise CheckpointError(f"Invalid --ema {ema!r}; choose one of: {', '.join(EMA_CHOICES)}")
+    if ema == "on" and "ema" not in ckpt:
+        raise CheckpointError("--ema on: this run kept no EMA weights (train with --ema-decay D > 0)")
+    return "ema" if ema == "on" or (ema == "auto" and "ema" in ckpt) else "model"
+
+
+def load_run(run: Path, *, ema: str = "auto") -> tuple[dict, nn.Module]:
+    """-> (checkpoint dict, its model in eval mode, channels_last) of a run folder; the EMA weights
+    where the run kept them (ema="auto") or asked for ("on"). ckpt["weights"] says which: raw | ema."""
     ckpt = load_checkpoint(Path(run) / CHECKPOINT)
-    model = model_from(ckpt["model_config"], ckpt["model"])
+    key = weights_key(ckpt, ema)
+    model = model_from(ckpt["model_config"], ckpt[key])
+    ckpt["weights"] = "ema" if key == "ema" else "raw"
     return ckpt, model.to(memory_format=torch.channels_last)
+
+
+def size_sweep(run: Path) -> dict | None:
+    """RUN/eval-sizes/metrics.json (training.evaluate --sizes), None when the run has none."""
+    path = Path(run) / SIZE_SWEEP
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def served_size(run: Path, ckpt: dict, serve_size=None) -> tuple[int, int]:
+    """The input size to calibrate, evaluate and serve at: `serve_size` (--serve-size), else the
+    best on val of a recorded size sweep, else the training size."""
+    if serve_size:
+        return tuple(int(v) for v in serve_size)
+    sweep = size_sweep(run)
+    if sweep and sweep.get("best"):
+        return tuple(int(v) for v in sweep["best"])
+    return tuple(ckpt["preprocess"]["image_size"])
 
 
 def fitted_calibration(run: Path) -> dict | None:
