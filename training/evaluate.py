@@ -1,23 +1,36 @@
-"""Evaluate a training run: accuracy, per-class figures, calibration and the review threshold.
+"""Evaluate a training run: accuracy, per-class figures, calibration, the review threshold, and
+what happens to photos outside the refund categories.
 
     python -m training.evaluate --run runs/real                     # the run's own test split
+    python -m training.evaluate --run runs/real --split val         # its val split (for choosing)
     python -m training.evaluate --run runs/real --data-dir FOLDER   # any Kaggle-layout folder
+    python -m training.evaluate --run runs/real --outside-dir FOLDER   # + out-of-category photos
+    python -m training.evaluate --run runs/real --sizes 80x60 96x72 112x84   # served size sweep, val only
     python -m training.evaluate --score --data-dir PREPARED --run RUN [RUN ...] [--out summary.json]
 
 Writes into --out (default RUN/eval-<name of the data>):
-  metrics.json          top-1, top-5, macro-F1, per-class precision/recall/F1/support, the review
-                        threshold's coverage and precision, the out-of-category images, and top-1
-                        on the images whose product name contradicts their label (label_audit)
+  metrics.json          over the refund categories: top-1, top-5, macro-F1, per-class
+                        precision/recall/F1/support (an `other` answer on an in-category photo is
+                        wrong; its share is `in_category_answered_other`); the review threshold's
+                        coverage and precision; label-conflict top-1 (label_audit); and for the
+                        out-of-category photos (`outside`: outside-test.csv with test, outside-val.csv
+                        with val; `outside_dirs`: each --outside-dir) the shares answered "other",
+                        sent to review, their sum (`handled_share`) and accepted as a category
   confusion_matrix.png  row-normalized, labelled
   curves.png            loss, accuracy and macro-F1 per epoch (from the run's history)
 and into RUN/calibration.json the temperature, the per-class logit bias (a fitted multiple of
-the log class prior) and the review threshold, all fitted on the run's validation split;
-`training.export` puts them into the model archive and the handler applies them.
+the log class prior) and the review threshold, all fitted on the run's validation split (and
+its out-of-category photos, for the NLL fit of a model with `other`), at the served size and
+for the weights evaluated (EMA or raw); `training.export` puts them into the model archive.
 
-Models run in float32, as the handler serves them. Images whose label is not one of the
-model's classes count as errors in top-1/top-5 and are also reported on their own: how
-many, and the share the review threshold routes to a person. For the run's own test split
-(which holds only the model's classes) they come from the prepared `outside.csv`.
+The served decision: the answer is the calibrated argmax, `other` included; needs_review is
+confidence < threshold whatever the answer, so a confident "other" is answered "other" and an
+unconfident one goes to review. The threshold is the lowest confidence at which accepted answers
+on in-category val photos are >= 98 % right, so it means what it meant for 30-class models.
+
+The served size is --serve-size, else the best on val of a recorded --sizes sweep
+(RUN/eval-sizes/metrics.json), else the training size. Models run in float32, as the handler
+serves them (the sweep's speed: bf16 where the CPU has it natively, batch 32).
 
 --score is the light version for several runs trained on one prepared split, on any device (a
 lent GPU holds only the split's images): top-1 and macro-F1 on val and test, and the coverage at
@@ -36,11 +49,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from handler.refund_inference import calibrated_probs
+from handler.refund_inference import OTHER_LABEL, calibrated_probs
 from handler.refund_model import cpu_supports_bf16
 from training import label_audit
 from training import prepare as prepare_mod
-from training.checkpoint import CALIBRATION, CHECKPOINT, CheckpointError, load_run
+from training.checkpoint import CALIBRATION, CHECKPOINT, EMA_CHOICES, SIZE_SWEEP, CheckpointError, load_run, served_size
 from training.engine import load_images, predict
 from training.metrics import confusion, macro_f1, per_class
 
@@ -116,20 +129,51 @@ def at_threshold(confidence: torch.Tensor, correct: torch.Tensor, threshold: flo
 
 # -- data ------------------------------------------------------------------------------------
 
-def records_to_evaluate(ckpt: dict, data_dir: Path | None) -> tuple[str, list, list, dict]:
-    """-> (name, records, outside records evaluated on their own, dropped-by-reason)."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def prepared_outside(prepared: Path, split: str) -> tuple[str, list]:
+    """The prepared out-of-category photos that go with `split` (outside-val.csv with val,
+    outside-test.csv with test); a folder of format 1 has only outside.csv, used whole for test."""
+    path = Path(prepared) / f"outside-{split}.csv"
+    if path.is_file():
+        return path.name, prepare_mod.read_manifest(path)
+    if split == "test" and (Path(prepared) / "outside.csv").is_file():
+        return "outside.csv", prepare_mod.read_manifest(Path(prepared) / "outside.csv")
+    return path.name, []
+
+
+def records_to_evaluate(ckpt: dict, data_dir: Path | None, split: str = "test") -> tuple[str, list, tuple[str, list], dict]:
+    """-> (name, records, (source, outside records evaluated on their own), dropped-by-reason)."""
     if data_dir is None or prepare_mod.is_prepared(data_dir):
         prepared = Path(data_dir or ckpt["data_dir"])
         if not prepare_mod.is_prepared(prepared):
             raise EvaluateError(f"the run's prepared data {prepared} is gone: pass --data-dir")
-        outside_csv = prepared / "outside.csv"
-        outside = prepare_mod.read_manifest(outside_csv) if outside_csv.is_file() else []
-        name = "test" if data_dir is None else f"{Path(data_dir).name}-test"
-        return name, prepare_mod.read_manifest(prepared / "test.csv"), outside, {}
+        name = split if data_dir is None else f"{Path(data_dir).name}-{split}"
+        return name, prepare_mod.read_manifest(prepared / f"{split}.csv"), prepared_outside(prepared, split), {}
     if not (Path(data_dir) / "styles.csv").is_file():
         raise EvaluateError(f"--data-dir {data_dir} is neither a Kaggle-layout folder (styles.csv + images/) nor a prepared one")
     records, dropped = prepare_mod.scan(data_dir)
-    return Path(data_dir).resolve().name, records, [], dropped
+    return Path(data_dir).resolve().name, records, ("", []), dropped
+
+
+def outside_folder(folder: Path, categories: set[str]) -> tuple[list, dict]:
+    """--outside-dir: a Kaggle-layout folder (its rows whose label is not one of `categories`) or
+    a plain folder of images (all of them); unreadable images are dropped and counted."""
+    folder = Path(folder)
+    if (folder / "styles.csv").is_file():
+        records, dropped = prepare_mod.scan(folder)
+        return [r for r in records if r.label not in categories], dropped
+    if not folder.is_dir():
+        raise EvaluateError(f"--outside-dir {folder} is neither a Kaggle-layout folder nor a folder of images")
+    records, dropped = [], {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        digest, reason = prepare_mod.check_image(path)
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        records.append(prepare_mod.Record(id=str(path.relative_to(folder)), label="", path=path, sha256=digest))
+    return records, dropped
 
 
 def catalogue_of(ckpt: dict, data_dir: Path | None) -> Path | None:
@@ -141,6 +185,33 @@ def catalogue_of(ckpt: dict, data_dir: Path | None) -> Path | None:
         return None
     catalogue = Path(json.loads(info.read_text())["data_dir"])
     return catalogue if (catalogue / "styles.csv").is_file() else None
+
+
+def other_index(classes: list[str]) -> int | None:
+    """Index of the out-of-category output, None for a model without one."""
+    return classes.index(OTHER_LABEL) if OTHER_LABEL in classes else None
+
+
+def routing(probs: torch.Tensor, threshold: float, classes: list[str]) -> dict:
+    """What the served decision does with out-of-category photos, as shares that add up to 1:
+    answered `other` (confidently), sent to review (any answer under the threshold), accepted as
+    one of the refund categories. handled = answered other + sent to review."""
+    conf, pred = probs.max(1)
+    n = max(len(conf), 1)
+    review = conf < threshold
+    other = other_index(classes)
+    is_other = (pred == other) & ~review if other is not None else torch.zeros_like(review)
+    accepted = ~review & ~is_other
+    counts = torch.bincount(pred[accepted], minlength=len(classes))
+    return {
+        "count": len(conf),
+        "answered_other_share": float(is_other.sum()) / n,
+        "routed_to_review_share": float(review.sum()) / n,
+        "handled_share": float((is_other | review).sum()) / n,
+        "accepted_as_category_share": float(accepted.sum()) / n,
+        "accepted_as_some_category": int(accepted.sum()),
+        "most_accepted_as": {classes[i]: int(counts[i]) for i in counts.argsort(descending=True)[:5] if counts[i] > 0},
+    }
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -202,26 +273,54 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 # -- main --------------------------------------------------------------------------------------
 
-def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size: int) -> dict:
-    """Temperature and review threshold fitted on the run's validation split (float32, as served)."""
-    prepared = Path(ckpt["data_dir"])
-    val_csv = prepared / "val.csv"
-    if not val_csv.is_file():
-        raise EvaluateError(f"the run's validation split {val_csv} is gone: cannot calibrate")
+def train_log_prior(ckpt: dict, prepared: Path) -> torch.Tensor:
+    """log of each class's share of what training showed an epoch: the checkpoint's class_counts
+    (`other` counted at its per-epoch draw), or, for older runs, train.csv's labels."""
     classes = ckpt["classes"]
-    to_index = {c: i for i, c in enumerate(classes)}
-    recs = prepare_mod.read_manifest(val_csv)
-    x = load_images(recs, image_size, desc="decode val")
-    y = torch.tensor([to_index[r.label] for r in recs])
-    train_y = torch.tensor([to_index[r.label] for r in prepare_mod.read_manifest(prepared / "train.csv")])
-    log_prior = log_class_prior(train_y, len(classes))
-    logits = predict(model, x, batch_size=batch_size, device=torch.device("cpu"), amp=False, mean=mean, std=std)
-    temperature, prior_weight = fit_calibration(logits, y, log_prior)
+    counts = ckpt.get("class_counts")
+    if counts is None:
+        to_index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([to_index[r.label] for r in prepare_mod.read_manifest(Path(prepared) / "train.csv")])
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    return log_class_prior(torch.repeat_interleave(torch.arange(len(classes)), torch.tensor(counts)), len(classes))
+
+
+def split_logits(ckpt: dict, model, split: str, *, image_size, mean, std, batch_size: int, desc: str = ""):
+    """float32 logits of the run's prepared `split` (in-category: logits, labels) and of the
+    out-of-category photos that go with it (outside-<split>.csv): (logits, labels, outside logits)."""
+    prepared = Path(ckpt["data_dir"])
+    path = prepared / f"{split}.csv"
+    if not path.is_file():
+        raise EvaluateError(f"the run's {split} split {path} is gone")
+    to_index = {c: i for i, c in enumerate(ckpt["classes"])}
+    recs = prepare_mod.read_manifest(path)
+    infer = dict(batch_size=batch_size, device=torch.device("cpu"), amp=False, mean=mean, std=std)
+    logits = predict(model, load_images(recs, image_size, desc=f"decode {split}{desc}"), **infer)
+    _, outside = prepared_outside(prepared, split)
+    out_logits = predict(model, load_images(outside, image_size, desc=f"decode outside {split}{desc}"), **infer) \
+        if outside else torch.empty(0, len(to_index))
+    return logits, torch.tensor([to_index[r.label] for r in recs]), out_logits
+
+
+def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, classes: list[str],
+               log_prior: torch.Tensor) -> dict:
+    """The served decision fitted on val: T and the prior weight by NLL (on the out-of-category
+    photos too, labelled `other`, where the model has that output), then the review threshold:
+    the lowest confidence at which accepted answers on in-category photos are >= 98 % right (an
+    `other` answer on one is wrong). The threshold does not depend on how many out-of-category
+    photos val happens to hold; what it does to them is reported beside it (`val_outside`)."""
+    other = other_index(classes)
+    fit_x, fit_y = logits, y
+    if other is not None and len(out_logits):
+        fit_x = torch.cat([logits, out_logits])
+        fit_y = torch.cat([y, torch.full((len(out_logits),), other)])
+    temperature, prior_weight = fit_calibration(fit_x, fit_y, log_prior)
     bias = prior_weight * log_prior
     probs = calibrated_probs(logits, temperature, bias)
     conf, pred = probs.max(1)
     review = review_threshold(conf, pred == y)
     raw_pred = logits.argmax(1)
+    fit_probs = calibrated_probs(fit_x, temperature, bias)
     result = {
         "temperature": temperature, "prior_weight": prior_weight, "class_bias": [round(float(b), 6) for b in bias],
         "review_threshold": review["threshold"],
@@ -230,13 +329,31 @@ def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size
         "val_top1": float((pred == y).double().mean()), "val_macro_f1": macro_f1(confusion(pred, y, len(classes))),
         "val_top1_uncorrected": float((raw_pred == y).double().mean()),
         "val_macro_f1_uncorrected": macro_f1(confusion(raw_pred, y, len(classes))),
-        "val_nll_before": float(F.cross_entropy(logits, y)),
-        "val_nll_after": float(F.nll_loss(probs.clamp(min=1e-12).log(), y)),
-        "manifest_hash": ckpt.get("manifest_hash"),
+        "val_nll_before": float(F.cross_entropy(fit_x, fit_y)),
+        "val_nll_after": float(F.nll_loss(fit_probs.clamp(min=1e-12).log(), fit_y)),
     }
+    if other is not None:
+        result["val_in_category_answered_other"] = float((pred == other).double().mean())
+    if len(out_logits):
+        result["val_outside"] = routing(calibrated_probs(out_logits, temperature, bias), review["threshold"], classes)
+    return result
+
+
+def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size: int) -> dict:
+    """Temperature, class bias and review threshold fitted on the run's validation split (and its
+    out-of-category photos) at `image_size`, float32, as served; written to RUN/calibration.json."""
+    prepared = Path(ckpt["data_dir"])
+    if not (prepared / "val.csv").is_file():
+        raise EvaluateError(f"the run's validation split {prepared / 'val.csv'} is gone: cannot calibrate")
+    logits, y, out_logits = split_logits(ckpt, model, "val", image_size=image_size, mean=mean, std=std, batch_size=batch_size)
+    result = fit_served(logits, y, out_logits, ckpt["classes"], train_log_prior(ckpt, prepared))
+    result |= {"image_size": list(image_size), "weights": ckpt.get("weights", "raw"), "manifest_hash": ckpt.get("manifest_hash")}
     if cpu_supports_bf16():  # how far training's bf16 is from serving's float32
+        x = load_images(prepare_mod.read_manifest(prepared / "val.csv"), image_size, desc="decode val")
         bf16 = predict(model, x, batch_size=batch_size, device=torch.device("cpu"), amp=True, mean=mean, std=std)
-        bf16_pred = calibrated_probs(bf16, temperature, bias).argmax(1)
+        bias = torch.tensor(result["class_bias"])
+        pred = calibrated_probs(logits, result["temperature"], bias).argmax(1)
+        bf16_pred = calibrated_probs(bf16, result["temperature"], bias).argmax(1)
         result["val_bf16_fp32_top1_agreement"] = float((bf16_pred == pred).double().mean())
         result["val_top1_bf16"] = float((bf16_pred == y).double().mean())
     (Path(run) / CALIBRATION).write_text(json.dumps(result, indent=1))
@@ -244,49 +361,64 @@ def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size
     return result
 
 
-def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = None, batch_size: int = 256) -> dict:
+def calibration_fits(calib: dict | None, ckpt: dict, image_size) -> bool:
+    """Whether RUN/calibration.json was fitted for these weights, data and size (older files:
+    the raw weights at the training size)."""
+    return (calib is not None and "class_bias" in calib and calib.get("manifest_hash") == ckpt.get("manifest_hash")
+            and list(calib.get("image_size", ckpt["preprocess"]["image_size"])) == list(image_size)
+            and calib.get("weights", "raw") == ckpt.get("weights", "raw"))
+
+
+def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = None, batch_size: int = 256,
+                 split: str = "test", ema: str = "auto", serve_size=None, outside_dirs=()) -> dict:
     run = Path(run)
-    ckpt, model = load_run(run)
+    ckpt, model = load_run(run, ema=ema)
     classes = ckpt["classes"]
+    other = other_index(classes)
     pre = ckpt["preprocess"]
-    image_size, mean, std = tuple(pre["image_size"]), tuple(pre["mean"]), tuple(pre["std"])
+    image_size, mean, std = served_size(run, ckpt, serve_size), tuple(pre["mean"]), tuple(pre["std"])
     calib_path = run / CALIBRATION
     calib = json.loads(calib_path.read_text()) if calib_path.is_file() else None
-    if calib is None or calib.get("manifest_hash") != ckpt.get("manifest_hash") or "class_bias" not in calib:
+    if not calibration_fits(calib, ckpt, image_size):
         calib = calibrate(run, ckpt, model, image_size=image_size, mean=mean, std=std, batch_size=batch_size)
     temperature, threshold = calib["temperature"], calib["review_threshold"]
     bias = torch.tensor(calib["class_bias"])
 
-    name, records, outside, dropped = records_to_evaluate(ckpt, data_dir)
+    name, records, (outside_source, outside), dropped = records_to_evaluate(ckpt, data_dir, split)
     out = Path(out) if out else run / f"eval-{name}"
     out.mkdir(parents=True, exist_ok=True)
     if not records:
         raise EvaluateError(f"no usable images to evaluate in {data_dir or ckpt['data_dir']}")
-    to_index = {c: i for i, c in enumerate(classes)}
+    to_index = {c: i for i, c in enumerate(classes) if i != other}  # no photo is labelled `other`
     infer = dict(batch_size=batch_size, device=torch.device("cpu"), amp=False, mean=mean, std=std)
     x = load_images(records, image_size, desc=f"decode {name}")
-    logits = predict(model, x, **infer)
-    probs = calibrated_probs(logits, temperature, bias)
+    probs = calibrated_probs(predict(model, x, **infer), temperature, bias)
     conf, pred = probs.max(1)
     known = torch.tensor([r.label in to_index for r in records])
     y = torch.tensor([to_index.get(r.label, -1) for r in records])
-    correct = (pred == y) & known  # an out-of-category image is never right
+    correct = (pred == y) & known  # an out-of-category photo is never right, an `other` answer neither
     top5 = (probs.topk(min(5, len(classes)), 1).indices == y[:, None]).any(1) & known
     cm = confusion(pred[known], y[known], len(classes))
     stats = per_class(cm)
     metrics = {
         "run": str(run), "data": str(data_dir or ckpt["data_dir"]), "split": name,
+        "served": {"image_size": list(image_size), "trained_image_size": list(pre["image_size"]),
+                   "weights": ckpt["weights"], "classes": len(classes), "other_output": other is not None},
         "images": len(records), "in_category": int(known.sum()), "outside_category": int((~known).sum()),
         "dropped": dropped,
         "top1": float(correct.double().mean()), "top5": float(top5.double().mean()),
-        "macro_f1": macro_f1(cm),  # over the model's classes, on the in-category images
+        "macro_f1": macro_f1(cm),  # over the refund categories, on the in-category images
         "top1_in_category": float(correct[known].double().mean()) if known.any() else float("nan"),
         "calibration": calib,
         "review": {"threshold": threshold, "temperature": temperature, "prior_weight": calib.get("prior_weight", 0.0),
-                   **at_threshold(conf, correct, threshold)},
+                   **at_threshold(conf[known], correct[known], threshold)},
         "per_class": {c: {"precision": float(stats["precision"][i]), "recall": float(stats["recall"][i]),
-                          "f1": float(stats["f1"][i]), "support": int(stats["support"][i])} for i, c in enumerate(classes)},
+                          "f1": float(stats["f1"][i]), "support": int(stats["support"][i])}
+                      for i, c in enumerate(classes) if i != other},
     }
+    if other is not None and known.any():  # in-category photos the model calls "not a refund category"
+        metrics["in_category_answered_other"] = float((pred[known] == other).double().mean())
+        metrics["in_category_accepted_as_other"] = float(((pred[known] == other) & (conf[known] >= threshold)).double().mean())
     catalogue = catalogue_of(ckpt, data_dir)
     conflicts = set(label_audit.audit(catalogue, classes)["conflict_ids"]) if catalogue is not None else set()
     conflict = torch.tensor([r.id in conflicts for r in records])
@@ -294,30 +426,88 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
         metrics["label_conflicts"] = {"count": int(conflict.sum()),
                                       "top1_on_them": float(correct[conflict].double().mean()),
                                       "top1_on_the_rest": float(correct[~conflict].double().mean())}
-    outside_conf = conf[~known]
-    outside_preds = pred[~known]
-    if outside:  # the prepared out-of-category images, evaluated on their own
-        ox = load_images(outside, image_size, desc="decode outside")
-        oprobs = calibrated_probs(predict(model, ox, **infer), temperature, bias)
-        outside_conf, outside_preds = oprobs.max(1)
-    if len(outside_conf):
-        routed = outside_conf < threshold
-        counts = torch.bincount(outside_preds, minlength=len(classes))
-        metrics["outside"] = {
-            "source": "outside.csv" if outside else name, "count": len(outside_conf),
-            "routed_to_review_share": float(routed.double().mean()),
-            "accepted_as_some_category": int((~routed).sum()),
-            "most_predicted_as": {classes[i]: int(counts[i]) for i in counts.argsort(descending=True)[:5] if counts[i] > 0},
-        }
+    if outside:  # the prepared out-of-category photos of this split, evaluated on their own
+        oprobs = calibrated_probs(predict(model, load_images(outside, image_size, desc="decode outside"), **infer),
+                                  temperature, bias)
+        metrics["outside"] = {"source": outside_source, **routing(oprobs, threshold, classes)}
+    elif (~known).any():
+        metrics["outside"] = {"source": name, **routing(probs[~known], threshold, classes)}
+    for folder in outside_dirs:
+        recs, folder_dropped = outside_folder(folder, set(to_index))
+        if not recs:
+            raise EvaluateError(f"--outside-dir {folder} holds no readable out-of-category image")
+        fprobs = calibrated_probs(predict(model, load_images(recs, image_size, desc=f"decode {Path(folder).name}"), **infer),
+                                  temperature, bias)
+        metrics.setdefault("outside_dirs", {})[str(folder)] = {**routing(fprobs, threshold, classes), "dropped": folder_dropped}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_confusion(cm, classes, out / "confusion_matrix.png",
                    f"{name}: top-1 {metrics['top1_in_category']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (row-normalized)")
     if ckpt.get("history"):
         plot_curves(ckpt["history"], out / "curves.png")
-    logger.info("%s: top-1 %.4f, top-5 %.4f, macro-F1 %.4f; at threshold %.3f: coverage %.4f, precision %.4f; wrote %s",
-                name, metrics["top1"], metrics["top5"], metrics["macro_f1"], threshold,
-                metrics["review"]["coverage"], metrics["review"]["precision_accepted"], out)
+    logger.info("%s at %s, %s weights: top-1 %.4f, top-5 %.4f, macro-F1 %.4f; at threshold %.3f: coverage %.4f, "
+                "precision %.4f; out-of-category handled %s; wrote %s", name, "x".join(map(str, image_size)), ckpt["weights"],
+                metrics["top1"], metrics["top5"], metrics["macro_f1"], threshold, metrics["review"]["coverage"],
+                metrics["review"]["precision_accepted"],
+                f"{metrics['outside']['handled_share']:.4f}" if "outside" in metrics else "-", out)
     return metrics
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"96x72" -> (96, 72): height x width."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"Invalid size {text!r}: use HxW, e.g. 96x72") from exc
+    if h < 8 or w < 8:
+        raise argparse.ArgumentTypeError(f"Invalid size {text!r}: at least 8x8")
+    return h, w
+
+
+def sweep_sizes(run: Path, sizes, *, ema: str = "auto", batch_size: int = 256, seconds: float = 4.0,
+                speed_batch: int = 32) -> dict:
+    """--sizes: the model evaluated at other input sizes than it was trained on (Touvron et al.
+    2019, "Fixing the train-test resolution discrepancy"), on val only, calibrated afresh at each
+    size as export would serve it; with the in-process serving speed of each size (batch 32, bf16
+    where the CPU has it natively, as the handler's `precision: auto`). The best by val macro-F1
+    (ties: the fewer pixels) is what evaluate and export use by default afterwards."""
+    from bench.ceiling import measure  # the project's one timing loop
+
+    run = Path(run)
+    ckpt, model = load_run(run, ema=ema)
+    classes, pre = ckpt["classes"], ckpt["preprocess"]
+    mean, std = tuple(pre["mean"]), tuple(pre["std"])
+    prior = train_log_prior(ckpt, Path(ckpt["data_dir"]))
+    bf16 = cpu_supports_bf16()
+    rows = []
+    for size in sizes:
+        logits, y, out_logits = split_logits(ckpt, model, "val", image_size=size, mean=mean, std=std,
+                                             batch_size=batch_size, desc=f" {size[0]}x{size[1]}")
+        fit = fit_served(logits, y, out_logits, classes, prior)
+        x = torch.randn(speed_batch, 3, *size).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        speed = measure(model, x, bf16=bf16, seconds=seconds)
+        row = {"image_size": list(size), "val_top1": fit["val_top1"], "val_macro_f1": fit["val_macro_f1"],
+               "val_top1_uncorrected": fit["val_top1_uncorrected"], "val_coverage": fit["val_coverage"],
+               "review_threshold": fit["review_threshold"],
+               "val_in_category_answered_other": fit.get("val_in_category_answered_other"),
+               "val_outside_handled_share": fit["val_outside"]["handled_share"] if "val_outside" in fit else None,
+               "images_per_s": speed["images_per_s"], "batch_ms": speed["batch_ms"]}
+        rows.append(row)
+        logger.info("size %dx%d: %s", *size, row)
+    trained = list(pre["image_size"])
+    base = next((r for r in rows if r["image_size"] == trained), None)
+    for r in rows:
+        r["speed_vs_trained_size"] = round(r["images_per_s"] / base["images_per_s"], 3) if base else None
+    best = max(rows, key=lambda r: (round(r["val_macro_f1"], 6), -r["image_size"][0] * r["image_size"][1]))
+    result = {"run": str(run), "split": "val", "weights": ckpt["weights"], "trained_image_size": trained,
+              "criterion": "val macro-F1 of the served (calibrated) answer; ties: fewer pixels",
+              "speed": {"batch_size": speed_batch, "precision": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
+                        "seconds": seconds},
+              "sizes": rows, "best": best["image_size"]}
+    path = run / SIZE_SWEEP
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    logger.info("best served size on val: %s (wrote %s)", "x".join(map(str, best["image_size"])), path)
+    return result
 
 
 def score_run(run: Path, data_dir: Path, *, device: torch.device, batch_size: int = 512) -> dict:
@@ -367,10 +557,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", type=Path, nargs="+", required=True,
                         help="run folder written by training.train (with --score: one or more)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="Kaggle-layout or prepared folder (default: the run's test split); with --score: the prepared split")
+                        help="Kaggle-layout or prepared folder (default: the run's own split); with --score: the prepared split")
+    parser.add_argument("--split", type=str, default="test", choices=["test", "val"],
+                        help="which split of the run's (or --data-dir's prepared) data; val for choosing, test for the record")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: RUN/eval-<data name>); with --score: a JSON file for the figures")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 256; --score: 512)")
+    parser.add_argument("--ema", type=str, default="auto", choices=list(EMA_CHOICES),
+                        help="evaluate the run's EMA weights (auto: when it kept them)")
+    parser.add_argument("--serve-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="input size to calibrate and evaluate at (default: the best of a recorded --sizes sweep, "
+                             "else the training size)")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=None, metavar="HxW",
+                        help="sweep: val figures and serving speed at each size (e.g. 80x60 96x72 112x84); "
+                             "writes RUN/eval-sizes/metrics.json and nothing else")
+    parser.add_argument("--speed-seconds", type=float, default=4.0, help="with --sizes: timed seconds per size")
+    parser.add_argument("--outside-dir", type=Path, action="append", default=[],
+                        help="photos outside the model's categories (a Kaggle-layout folder: its rows not in them; "
+                             "or a plain folder of images): shares answered other / sent to review; repeatable")
     parser.add_argument("--score", action="store_true",
                         help="light scoring of the runs on --data-dir's val and test splits, on a GPU when there is one")
     return parser
@@ -383,10 +587,17 @@ def main(args: argparse.Namespace) -> dict:
             return score_runs(args.run, args.data_dir, out=args.out, batch_size=args.batch_size or 512)
         if len(args.run) != 1:
             raise EvaluateError(f"--run takes one run folder (several only with --score); got {len(args.run)}")
-        metrics = evaluate_run(args.run[0], data_dir=args.data_dir, out=args.out, batch_size=args.batch_size or 256)
+        if args.sizes:
+            result = sweep_sizes(args.run[0], args.sizes, ema=args.ema, batch_size=args.batch_size or 256,
+                                 seconds=args.speed_seconds)
+            print(json.dumps({"best": result["best"], "sizes": result["sizes"]}))
+            return result
+        metrics = evaluate_run(args.run[0], data_dir=args.data_dir, out=args.out, batch_size=args.batch_size or 256,
+                               split=args.split, ema=args.ema, serve_size=args.serve_size, outside_dirs=args.outside_dir)
     except (EvaluateError, CheckpointError, prepare_mod.CatalogueError) as exc:
         raise SystemExit(f"evaluate: {exc}") from exc
-    print(json.dumps({k: metrics[k] for k in ("split", "images", "top1", "top5", "macro_f1", "review", "outside",
+    print(json.dumps({k: metrics[k] for k in ("split", "served", "images", "top1", "top5", "macro_f1",
+                                              "in_category_answered_other", "review", "outside", "outside_dirs",
                                               "label_conflicts") if k in metrics}))
     return metrics
 

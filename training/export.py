@@ -3,10 +3,15 @@
     python -m training.export --run runs/demo --version 1
 
 -> model_store/refund_classifier-1.mar holding the handler files from handler/, the
-state_dict (weights.pt), index_to_name.json, model_meta.json (arch, preprocessing, and the
-temperature, class bias and review threshold that `training.evaluate` fitted into
-RUN/calibration.json)
-and model-config.yaml (batching, workers, handler settings).
+state_dict (weights.pt: the run's EMA weights where it kept them, see --ema), index_to_name.json
+(the classes; `other` last for a model that learned it), model_meta.json (arch, preprocessing
+at the served size, and the temperature, class bias and review threshold that
+`training.evaluate` fitted into RUN/calibration.json for that size and those weights),
+model-config.yaml (batching, workers, handler settings) and the rollout sample.
+
+The served size (model_meta.json `image_size`, which the handler resizes to) is --serve-size,
+else the best on val of a recorded size sweep (training.evaluate --sizes), else the training
+size. The calibration must have been fitted at that size: export refuses otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import torch
 
 from serving.archive import MODEL_NAME, archive_name
 from training import prepare as prepare_mod
-from training.checkpoint import CALIBRATION, CHECKPOINT, load_checkpoint
+from handler.refund_inference import OTHER_LABEL
+from training.checkpoint import CALIBRATION, CHECKPOINT, EMA_CHOICES, CheckpointError, load_checkpoint, served_size, weights_key
 
 logger = logging.getLogger("training.export")
 
@@ -47,7 +53,10 @@ def archive_path(model_store: Path, version: str, model_name: str = MODEL_NAME) 
 
 
 def write_sample(ckpt: dict, out: Path, *, per_class: int) -> int:
-    """Up to `per_class` test-split images per class as a Kaggle-layout folder out/sample/, for rollouts.
+    """Up to `per_class` test-split images per class as a Kaggle-layout folder out/sample/, for
+    rollouts, and up to 3 x per_class of the out-of-category test photos (outside-test.csv,
+    spread over it evenly) labelled `other`, whatever the model: a rollout scores top-1 on the
+    first and reports what each version does with the second.
 
     `serving rollout` smoke-tests a new version on the sample its archive carries. The images
     are the run's own test split (never trained or tuned on), copied as they are.
@@ -66,12 +75,18 @@ def write_sample(ckpt: dict, out: Path, *, per_class: int) -> int:
         taken[record.label] = taken.get(record.label, 0) + 1
         shutil.copy(record.path, out / "sample" / "images" / f"{record.id}.jpg")
         rows.append(f"{record.id},{record.label}\n")
+    outside_csv = data_dir / "outside-test.csv"
+    outside = [r for r in prepare_mod.read_manifest(outside_csv) if Path(r.path).is_file()] if outside_csv.is_file() else []
+    n = min(len(outside), 3 * per_class)
+    for record in (outside[k * len(outside) // n] for k in range(n)):
+        shutil.copy(record.path, out / "sample" / "images" / f"{record.id}.jpg")
+        rows.append(f"{record.id},{OTHER_LABEL}\n")
     (out / "sample" / "styles.csv").write_text("id,articleType\n" + "".join(rows))
     return len(rows)
 
 
 def export(run: Path, version: str, *, model_store: Path, model_name: str = MODEL_NAME, force: bool = False,
-           sample_per_class: int = 10) -> Path:
+           sample_per_class: int = 10, serve_size=None, ema: str = "auto") -> Path:
     if not VERSION_RE.match(version):
         raise ExportError(f"Invalid --version {version!r}: use letters, digits, '.', '_' or '-' (e.g. 1, 1.2, 2026-11-26)")
     ckpt_path = Path(run) / CHECKPOINT
@@ -81,12 +96,24 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
     if target.exists() and not force:
         raise ExportError(f"{target} exists; versions are immutable: export a new --version (or pass --force)")
     ckpt = load_checkpoint(ckpt_path)
+    try:
+        key = weights_key(ckpt, ema)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
+    weights = "ema" if key == "ema" else "raw"
+    size = list(served_size(run, ckpt, serve_size))
     calibration = dict(ckpt.get("calibration", {}))
     calib_path = Path(run) / CALIBRATION
     if calib_path.is_file():  # written by training.evaluate: fitted on the run's validation split
         fitted = json.loads(calib_path.read_text())
         if fitted.get("manifest_hash") not in (None, ckpt.get("manifest_hash")):
             raise ExportError(f"{calib_path} was fitted for other data than {ckpt_path}: rerun training.evaluate --run {run}")
+        fitted_for = (list(fitted.get("image_size", ckpt["preprocess"]["image_size"])), fitted.get("weights", "raw"))
+        if fitted_for != (size, weights):
+            raise ExportError(
+                f"{calib_path} was fitted for the {fitted_for[1]} weights at {'x'.join(map(str, fitted_for[0]))}; "
+                f"this export serves the {weights} weights at {'x'.join(map(str, size))}: run python -m "
+                f"training.evaluate --run {run} --serve-size {size[0]} {size[1]} --ema {'on' if weights == 'ema' else 'off'} first")
         served = ("temperature", "review_threshold", "class_bias", "prior_weight")  # what the handler applies
         calibration = {k: fitted[k] for k in served if k in fitted}
         calibration["calibration"] = {k: v for k, v in fitted.items() if k not in served}
@@ -96,6 +123,9 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
     meta = {
         **ckpt["model_config"],
         **ckpt["preprocess"],
+        "image_size": size,  # what the handler resizes to
+        "trained_image_size": list(ckpt["preprocess"]["image_size"]),
+        "weights": weights,
         **calibration,
         "manifest_hash": ckpt.get("manifest_hash"),
         "trained_epoch": ckpt.get("epoch"),
@@ -104,7 +134,7 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
     Path(model_store).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         staging = Path(tmp)
-        torch.save(ckpt["model"], staging / "weights.pt")
+        torch.save(ckpt[key], staging / "weights.pt")
         (staging / "model_meta.json").write_text(json.dumps(meta, indent=1))
         (staging / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(ckpt["classes"])}, indent=1))
         shutil.copy(MODEL_CONFIG, staging / "model-config.yaml")
@@ -142,6 +172,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-store", type=Path, default=Path("model_store"), help="where to write the .mar")
     parser.add_argument("--sample-per-class", type=int, default=10,
                         help="test-split images per class the archive carries for `serving rollout` (0: none)")
+    parser.add_argument("--serve-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="input size the handler resizes to (default: the best on val of training.evaluate --sizes "
+                             "if recorded, else the training size); calibration.json must be fitted at it")
+    parser.add_argument("--ema", type=str, default="auto", choices=list(EMA_CHOICES),
+                        help="serve the run's EMA weights (auto: when it kept them)")
     parser.add_argument("--model-name", type=str, default=MODEL_NAME, help="TorchServe model name")
     parser.add_argument("--force", action="store_true", help="overwrite an existing archive of this version")
     return parser
@@ -150,7 +185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> Path:
     try:
         path = export(args.run, args.version, model_store=args.model_store, model_name=args.model_name, force=args.force,
-                      sample_per_class=args.sample_per_class)
+                      sample_per_class=args.sample_per_class, serve_size=args.serve_size, ema=args.ema)
     except ExportError as exc:
         raise SystemExit(f"export: {exc}") from exc
     print(f"wrote {path}")
