@@ -43,7 +43,7 @@ from typing import Iterator
 import requests
 
 from serving import archive as archive_mod
-from serving.archive import Archive, ArchiveError, archive_name, archive_sample
+from serving.archive import OTHER_LABEL, Archive, ArchiveError, archive_name, archive_sample
 from serving.client import Refused, Transient
 from serving.torchserve import MODEL_NAME, TorchServe, TorchServeError, archives, latest_archive, version_key
 
@@ -316,20 +316,37 @@ def finish_interrupted_switch(ts: TorchServe | None, state: State, log=print, *,
 
 @dataclass
 class Score:
+    """Top-1 over the sample's in-category images; what happened to its out-of-category ones
+    (labelled `other`) apart, so that versions with and without the `other` output compare like
+    with like: the same images in the top-1 of both."""
+
     version: str
     n: int = 0
-    correct: int = 0
+    correct: int = 0  # in-category images answered their label
     rejected: int = 0  # the handler refused the image (serving.client.Answer with ok False)
     failed: int = 0  # no verdict (5xx, no answer, no such version: see serving.client.read_answer), or another version answered
     errors: list[str] = field(default_factory=list)
+    outside: int = 0  # out-of-category images (of n)
+    outside_other: int = 0  # ... answered "other" without needs_review
+    outside_review: int = 0  # ... sent to review (needs_review, whatever the label)
+
+    @property
+    def in_category(self) -> int:
+        return self.n - self.outside
 
     @property
     def accuracy(self) -> float:
-        return self.correct / self.n if self.n else 0.0
+        return self.correct / self.in_category if self.in_category else 0.0
+
+    @property
+    def outside_handled(self) -> float:
+        """Share of the out-of-category images answered "other" or sent to review."""
+        return (self.outside_other + self.outside_review) / self.outside if self.outside else float("nan")
 
 
 def score(ts: TorchServe, version: str, sample: list[Example], *, concurrency: int = 8) -> Score:
-    """Top-1 of `version` on the sample, asked through its versioned endpoint."""
+    """Top-1 of `version` on the sample's in-category images, and the routing of its images
+    labelled `other`, asked through its versioned endpoint."""
     result = Score(version)
 
     def ask(ex: Example):
@@ -341,6 +358,8 @@ def score(ts: TorchServe, version: str, sample: list[Example], *, concurrency: i
     with ThreadPoolExecutor(max_workers=concurrency) as pool:  # fill the server-side batches
         for ex, answer in pool.map(ask, sample):
             result.n += 1
+            outside = ex.label == OTHER_LABEL
+            result.outside += outside
             if isinstance(answer, Exception):  # no verdict on the image: the version does not work
                 result.failed += 1
                 result.errors.append(f"{ex.name}: {answer}")
@@ -349,16 +368,25 @@ def score(ts: TorchServe, version: str, sample: list[Example], *, concurrency: i
             elif str(answer.body.get("version")) != version:
                 result.failed += 1
                 result.errors.append(f"{ex.name}: answered by version {answer.body.get('version')!r}, not {version!r}")
+            elif outside:
+                review = answer.body.get("needs_review") is True
+                result.outside_review += review
+                result.outside_other += answer.body.get("label") == OTHER_LABEL and not review
             else:
                 result.correct += answer.body.get("label") == ex.label
     return result
 
 
 def comparison_table(candidate: Score, default: Score | None) -> str:
-    rows = [("version", "role", "correct", "top-1", "rejected", "failed")]
+    head = ("version", "role", "correct", "top-1", "rejected", "failed")
+    with_outside = candidate.outside or (default is not None and default.outside)
+    rows = [head + (("outside: other / review",) if with_outside else ())]
     for s, role in ((default, "default"), (candidate, "candidate")):
         if s is not None:
-            rows.append((s.version, role, f"{s.correct}/{s.n}", f"{s.accuracy:.3f}", str(s.rejected), str(s.failed)))
+            row = (s.version, role, f"{s.correct}/{s.in_category}", f"{s.accuracy:.3f}", str(s.rejected), str(s.failed))
+            if with_outside:
+                row += (f"{s.outside_other} / {s.outside_review} of {s.outside}",)
+            rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
 
