@@ -359,3 +359,40 @@ def test_smoke_test_counts_correct_rejected_and_failed():
     assert (score.n, score.correct, score.rejected, score.failed) == (6, 2, 1, 3)
     assert any("answered by version '1'" in e for e in score.errors)
     assert any("busy.jpg: HTTP 503: busy" == e for e in score.errors)
+
+
+def test_smoke_test_compares_like_with_like_on_out_of_category_images():
+    """A candidate with the `other` output against a default without it, on a sample holding
+    out-of-category images (labelled other): top-1 over the in-category images only, for both;
+    what each did with the others is counted apart."""
+    def answers(version, other: bool):
+        class Answers:
+            def classify(self, model, data, *, timeout=None):
+                kind = data.decode()
+                body = {**PREDICTION, "version": version}
+                if kind == "shirt":
+                    return Answer(True, body)
+                if kind == "shirt-wrong":
+                    return Answer(True, {**body, "label": "other" if other else "Tops"})
+                if kind == "sure-outside":  # the default can only call it some category
+                    return Answer(True, {**body, "label": "other", "in_category": False} if other else body)
+                return Answer(True, {**body, "label": "Wallets" if not other else "other", "needs_review": True})
+
+        class FakeTorchServe:
+            client = Answers()
+
+        return FakeTorchServe()
+
+    sample = [rollout.Example(f"{i}.jpg", label, kind.encode()) for i, (label, kind) in enumerate(
+        [("Tshirts", "shirt"), ("Tshirts", "shirt"), ("Tshirts", "shirt"), ("Tshirts", "shirt-wrong"),
+         ("other", "sure-outside"), ("other", "sure-outside"), ("other", "unsure-outside")])]
+    candidate = rollout.score(answers("2", other=True), "2", sample)
+    default = rollout.score(answers("1", other=False), "1", sample)
+    for s in (candidate, default):
+        assert (s.n, s.in_category, s.outside, s.correct, s.accuracy) == (7, 4, 3, 3, 0.75)
+    assert (candidate.outside_other, candidate.outside_review, candidate.outside_handled) == (2, 1, 1.0)
+    assert (default.outside_other, default.outside_review) == (0, 1) and default.outside_handled == pytest.approx(1 / 3)
+    promoted, reason = rollout.judge(candidate, default, 0.0)
+    assert promoted and "0.750 vs the default's 0.750" in reason
+    table = rollout.comparison_table(candidate, default)
+    assert "outside: other / review" in table and "2 / 1 of 3" in table and "0 / 1 of 3" in table and "3/4" in table

@@ -54,3 +54,38 @@ def test_report_never_changes_the_schema(empty_database, capsys):
     assert main(["migrate", "--database-url", empty_database]) == 0
     assert "applied 001_" in capsys.readouterr().out
     assert main(["report", "--database-url", empty_database, "--format", "json"]) == 0
+
+
+@pytest.mark.integration
+def test_other_is_recorded_and_reported_as_its_own_outcome(database_url, tmp_path):
+    """Answers of a model with the `other` output: recorded as they come (label "other"), shown in
+    the report as a category of its own, and an unconfident one in the review queue like any other."""
+    import hashlib
+
+    from ingest import files
+    from ingest.journal import Journal, answer_problem
+    from ingest.outcomes import Item, Outcome
+    from ingest.settings import Settings
+    from ingest.store import Store
+
+    def outcome(name: str, body: dict) -> Outcome:
+        data = name.encode()
+        entry = files.Entry(tmp_path / "inbox" / name, name, len(data), 0, 0)
+        return Outcome(Item(entry, None, hashlib.sha256(data).hexdigest(), len(data), datetime.now(timezone.utc)),
+                       body=body, ok=True)
+
+    answer = {"confidence": 0.97, "topk": [{"label": "other", "p": 0.97}], "needs_review": False,
+              "model": "refund_classifier", "version": "2"}
+    sure = {**answer, "label": "other", "in_category": False}
+    unsure = {**sure, "confidence": 0.4, "needs_review": True}
+    shirt = {**answer, "label": "Tshirts", "in_category": True}
+    assert answer_problem(True, sure) is None and answer_problem(True, unsure) is None
+    journal = Journal(Store(database_url), Settings(inbox=tmp_path / "inbox", database_url=database_url))
+    journal.start_run()
+    written = journal.record([outcome("a.jpg", sure), outcome("b.jpg", unsure), outcome("c.jpg", shirt)])
+    assert not written.left and {p.destination for p in written.plan} == {"processed"}
+    data = report.collect(database_url, since=datetime(2000, 1, 1, tzinfo=timezone.utc), limit=10,
+                          sections=["by_day", "review_queue"])
+    by_day = {row[3]: tuple(row[4:6]) for row in data["by_day"]["rows"]}  # category -> (images, needs_review)
+    assert by_day == {"other": (2, 1), "Tshirts": (1, 0)}
+    assert [(row[2], row[3]) for row in data["review_queue"]["rows"]] == [("b.jpg", "other")]
