@@ -123,13 +123,35 @@ def test_train_learns_other_as_a_last_class_with_an_ema(other_run):
     assert load_run(other_run)[0]["weights"] == "ema" and load_run(other_run, ema="off")[0]["weights"] == "raw"
 
 
-def test_other_per_epoch_draws_a_share_and_keep_last(catalogue, tmp_path):
-    run = train_tiny(catalogue, tmp_path / "r", "--other-per-epoch", "10", "--keep", "last", epochs=3)
+def test_other_per_epoch_draws_a_share(catalogue, tmp_path):
+    run = train_tiny(catalogue, tmp_path / "r", "--other-per-epoch", "10", epochs=2)
     history = json.loads((run / "history.json").read_text())
-    assert [h["train_images"] for h in history] == [132 + 10] * 3
+    assert [h["train_images"] for h in history] == [132 + 10] * 2
     ckpt = load_checkpoint(run)
-    assert ckpt["class_counts"][-1] == 10 and ckpt["epoch"] == 3 and ckpt["keep"] == "last" and "ema" not in ckpt
-    assert ckpt["last"]["epoch"] == 3 and 1 <= ckpt["best"]["epoch"] <= 3
+    assert ckpt["class_counts"][-1] == 10 and "ema" not in ckpt
+
+
+@pytest.mark.parametrize("keep, kept_epoch", [("best", 1), ("last", 3)])
+def test_keep_best_or_last(catalogue, tmp_path, monkeypatch, keep, kept_epoch):
+    """Val macro-F1 made to fall epoch after epoch: best is the first epoch, last the third; both
+    figures are recorded whichever is kept."""
+    from training import train as train_mod
+
+    real, calls = train_mod.evaluate, []
+
+    def falling(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) | {"val_macro_f1": 1.0 / len(calls)}
+
+    monkeypatch.setattr(train_mod, "evaluate", falling)
+    run = train_tiny(catalogue, tmp_path / "r", "--keep", keep, "--other-per-epoch", "10", epochs=3)
+    ckpt, last = load_checkpoint(run), load_checkpoint(run / "last.pt")
+    assert ckpt["keep"] == keep and ckpt["epoch"] == kept_epoch
+    assert ckpt["best"]["epoch"] == 1 and ckpt["best"]["val_macro_f1"] == 1.0
+    assert ckpt["last"]["epoch"] == 3 and ckpt["last"]["val_macro_f1"] == pytest.approx(1 / 3)
+    assert all(torch.equal(ckpt["model"][k], last["model"][k]) for k in last["model"]) is (keep == "last")
+    rows = json.loads((run / "history.json").read_text())
+    assert [(r["best_epoch"], r["best_val_macro_f1"]) for r in rows] == [(1, 1.0)] * 3
 
 
 def test_epoch_subset_is_fresh_each_epoch():
