@@ -45,7 +45,8 @@ def run_source(run: Path) -> dict:
     calib = fitted_calibration(run) or ckpt.get("calibration", {})  # training.evaluate's, as exported into the archive
     return {
         "model": model, "arch": ckpt["model_config"]["arch"], "classes": ckpt["classes"],
-        "image_size": tuple(ckpt["preprocess"]["image_size"]), "mean": tuple(ckpt["preprocess"]["mean"]),
+        # the size the calibration was fitted (and the archive is served) at; older files: the training size
+        "image_size": tuple(calib.get("image_size", ckpt["preprocess"]["image_size"])), "mean": tuple(ckpt["preprocess"]["mean"]),
         "std": tuple(ckpt["preprocess"]["std"]), "calibration": calib, "splits": splits,
     }
 
