@@ -29,6 +29,23 @@ def test_train_on_cuda_then_resume(sample_catalogue, tmp_path):
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())
 
 
+def test_train_other_and_ema_on_cuda(tmp_path):
+    """The out-of-category class and the EMA with the cache on the GPU; CPU-loadable state_dicts."""
+    from training import make_sample_catalogue
+
+    catalogue = tmp_path / "catalogue"
+    make_sample_catalogue.write_catalogue(catalogue, per_class=30, seed=0, outside_per_class=30)
+    run = tmp_path / "run"
+    common = ["--data-dir", str(catalogue), "--out", str(run), "--device", "cuda", "--ema-decay", "0.9",
+              "--other-per-epoch", "20", "--patience", "99", *TINY]
+    run_train(*common, "--epochs", "2")
+    run_train(*common, "--epochs", "3", "--resume", str(run))
+    ckpt = load_checkpoint(run)
+    assert ckpt["classes"][-1] == "other" and [h["train_images"] for h in ckpt["history"]] == [132 + 20] * 3
+    assert all(t.device.type == "cpu" for sd in (ckpt["model"], ckpt["ema"]) for t in sd.values())
+    assert "ema_val_outside_answered_other" in ckpt["history"][-1]
+
+
 def test_handler_on_cuda_agrees_with_cpu(extracted_archive, unseen_images):
     gpu, gpu_ctx = make_handler(extracted_archive, "0")
     cpu, cpu_ctx = make_handler(extracted_archive, None)

@@ -154,6 +154,18 @@ def test_keep_best_or_last(catalogue, tmp_path, monkeypatch, keep, kept_epoch):
     assert [(r["best_epoch"], r["best_val_macro_f1"]) for r in rows] == [(1, 1.0)] * 3
 
 
+def test_resume_keeps_the_ema(catalogue, tmp_path):
+    run = tmp_path / "r"
+    common = ("--ema-decay", "0.9", "--other-per-epoch", "10", "--patience", "99")
+    train_tiny(catalogue, run, *common, epochs=2)
+    first = load_checkpoint(run / "last.pt")
+    assert first["ema_updates"] == first["step"] == 2 * 9  # (132 + 10) / 16 a step
+    train_tiny(catalogue, run, *common, "--resume", str(run), epochs=3)
+    last = load_checkpoint(run / "last.pt")
+    assert last["ema_updates"] == last["step"] == 3 * 9 and [h["epoch"] for h in last["history"]] == [1, 2, 3]
+    assert any(not torch.equal(first["ema"][k], last["ema"][k]) for k in first["ema"])
+
+
 def test_epoch_subset_is_fresh_each_epoch():
     from training.engine import epoch_subset
 
