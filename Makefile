@@ -28,8 +28,8 @@ $(STAMP): requirements.txt requirements-test.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m training.make_sample_catalogue --out $(DEMO)/catalogue --per-class 60 --seed 0
-	$(PY) -m training.make_sample_catalogue --out $(DEMO)/unseen --per-class 5 --seed 12345 --first-id 90000
+	$(PY) -m training.make_sample_catalogue --out $(DEMO)/catalogue --per-class 60 --outside-per-class 30 --seed 0
+	$(PY) -m training.make_sample_catalogue --out $(DEMO)/unseen --per-class 5 --outside-per-class 2 --seed 12345 --first-id 90000
 	$(PY) -m training.train --data-dir $(DEMO)/catalogue --out $(DEMO)/run --epochs 8 --image-size 64 48
 	$(PY) -m training.export --run $(DEMO)/run --version $(VERSION) --force
 	$(PY) -m serving down >/dev/null
