@@ -291,10 +291,14 @@ class Job:
         progress.update(1 + len(followers))
 
     def flush(self) -> None:
-        """Steps 1-3 of the module docstring for what the buffer holds: commit, move, mark moved."""
-        if not self.buffer:
-            return
-        outs, self.buffer = self.buffer, []
+        """Steps 1-3 of the module docstring for what the buffer holds, --batch-size rows at a time
+        (one request's answers may bring several photos at once)."""
+        while self.buffer:
+            outs, self.buffer = self.buffer[:self.s.batch_size], self.buffer[self.s.batch_size:]
+            self._record(outs)
+
+    def _record(self, outs: list[Outcome]) -> None:
+        """Steps 1-3 for these outcomes: commit, move, mark moved."""
         written = self.journal.record(outs, before_commit=lambda: self.hook("before_commit"))
         self.hook("after_commit")
         for o, reason in written.left:
