@@ -126,8 +126,8 @@ class RefundClassifierHandler(BaseHandler):
         for code, n in rejects.items():
             emit(metrics, METRIC_REJECTS, n, "count", "counter", Reason=code)
         emit(metrics, METRIC_PREPROCESS, time.perf_counter() - started, "seconds", "histogram")
-        logger.info("batch of %d requests, %d photos: %d rejected %s", len(data), prepared.size,
-                    len(prepared.errors), rejects or "")
+        logger.info("batch of %d: %d rejected %s(%d requests)", prepared.size, len(prepared.errors),
+                    f"{rejects} " if rejects else "", len(data))
         return expanded
 
     def inference(self, expanded: Expanded, *args, **kwargs):
