@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -86,6 +87,31 @@ def test_ingest_records_one_row_per_image(torchserve, database_url, tmp_path, un
     assert status == "succeeded" and counts["processed"] == n and counts["quarantined"] == 1
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     assert (tmp_path / "processed" / day / "batch-a").is_dir()
+
+
+@pytest.mark.integration
+def test_several_photos_per_request_each_keep_their_own_outcome(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=10)
+    photos = sorted((inbox / "batch-a").iterdir())
+    data = photos[4].read_bytes()
+    (inbox / "batch-a" / photos[4].name).write_bytes(data[: len(data) // 2])  # truncated, amid good ones
+    (inbox / "batch-a" / "zz copy.jpg").write_bytes(photos[0].read_bytes())  # a duplicate in flight
+    originals = snapshot(inbox)
+    log = torchserve.log_dir / "model_log.log"
+    start = log.stat().st_size
+
+    run = cli(inbox, ingest_env(torchserve.inference_url, database_url), "--photos-per-request", "4")
+    assert run.returncode == 0, run.stderr[-2000:]
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert where["quarantine"] == {f"batch-a/{photos[4].name}"} and not where["inbox"]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (summary["processed"], summary["duplicates"], summary["quarantined"], summary["failed"]) == (9, 1, 1, 0)
+    (code,), = fetch(database_url, "SELECT error_code FROM predictions WHERE status = 'rejected'")
+    assert code == "corrupt"
+    # the photos went several to a request: the handler saw more photos than requests
+    batches = [(int(n), int(r)) for n, r in re.findall(r"batch of (\d+): .*?\((\d+) requests\)", log.read_text()[start:])]
+    assert sum(n for n, _ in batches) == 10 and sum(r for _, r in batches) <= 3, batches
 
 
 @pytest.mark.integration

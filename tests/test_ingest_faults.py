@@ -27,13 +27,17 @@ def bad_and_duplicate(inbox: Path) -> None:
     (inbox / "batch-a" / "zz broken.jpg").write_bytes(photos[1].read_bytes()[:300])
 
 
-@pytest.mark.parametrize("point", ["after_read", "before_commit", "after_commit#2", "mid_move#2", "mid_link#2", "after_moves", "before_finish"])
-def test_sigkill_then_rerun_is_exactly_once(point, torchserve, database_url, tmp_path, unseen_images):
+# per_request None: the default --photos-per-request (several photos to a request); 1: one photo per request.
+@pytest.mark.parametrize("point, per_request", [
+    *((point, None) for point in ["after_read", "before_commit", "after_commit#2", "mid_move#2", "mid_link#2", "after_moves", "before_finish"]),
+    ("before_commit", "1"), ("mid_move#2", "1"),
+])
+def test_sigkill_then_rerun_is_exactly_once(point, per_request, torchserve, database_url, tmp_path, unseen_images):
     inbox = tmp_path / "inbox"
     fill_inbox(inbox, unseen_images, n=10)
     bad_and_duplicate(inbox)
     originals = snapshot(inbox)
-    env = ingest_env(torchserve.inference_url, database_url)
+    env = ingest_env(torchserve.inference_url, database_url, **({"INGEST_PHOTOS_PER_REQUEST": per_request} if per_request else {}))
 
     killed = cli(inbox, {**env, "INGEST_TEST_HOOK": f"crash@{point}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
