@@ -87,7 +87,9 @@ def test_torchserve_restart_mid_run(secured_torchserve, database_url, tmp_path, 
     env = ingest_env(secured_torchserve.inference_url, database_url, TORCHSERVE_KEY_FILE=str(secured_torchserve.key_file),
                      TORCHSERVE_MANAGEMENT_URL=secured_torchserve.management_url,
                      INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
-    proc = start_cli(inbox, env, "--retries", "40", "--backoff", "0.2", "--backoff-max", "2")
+    # 2 requests of 2 photos in flight: most photos are still to be sent when TorchServe goes away
+    proc = start_cli(inbox, env, "--retries", "40", "--backoff", "0.2", "--backoff-max", "2",
+                     "--concurrency", "1", "--photos-per-request", "2")
     out, err = restart_while_paused(proc, hooks, stop=secured_torchserve.stop,
                                     start=lambda: secured_torchserve.start(["refund_classifier=refund_classifier-1.mar"]))  # new keys
     assert proc.returncode == 0, err[-3000:]
