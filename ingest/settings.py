@@ -89,8 +89,9 @@ FIELDS: list[Field] = [
     Field("quarantine", _path, None, "where rejected photos go, in YYYY-MM-DD/ subfolders (default: INBOX/../quarantine)", "INGEST_QUARANTINE", "DIR"),
     Field("model", str, MODEL_NAME, "NAME or NAME/VERSION to ask TorchServe for", "INGEST_MODEL", "NAME[/VERSION]"),
     Field("batch_size", _positive_int, 64, "rows per database transaction", "INGEST_BATCH_SIZE", "N"),
-    Field("photos_per_request", _positive_int, 8, "photos sent in one request (multipart; 1: one photo per request, "
-          "the form every TorchServe handler reads); a request also stays under --max-request-bytes", "INGEST_PHOTOS_PER_REQUEST", "N"),
+    Field("photos_per_request", _positive_int, 8, "photos sent in one request (multipart; at most the handler's max_photos, 64; "
+          "1: one photo per request, the form every TorchServe handler reads); a request also stays under --max-request-bytes",
+          "INGEST_PHOTOS_PER_REQUEST", "N"),
     Field("max_request_bytes", _positive_int, 24 * 1024 * 1024, "bytes of photos in one request of several; keep it under "
           "TorchServe's max_request_size (27 MiB in config.properties); a single larger photo goes alone", "INGEST_MAX_REQUEST_BYTES", "BYTES"),
     Field("concurrency", _positive_int, 32, "requests in flight to TorchServe (about 2 x batchSize x workers fills its batches)", "INGEST_CONCURRENCY", "N"),
