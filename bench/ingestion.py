@@ -226,7 +226,7 @@ def source_of(sources: list[Path]) -> str:
 # -- all of it ---------------------------------------------------------------------------------------
 
 def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_images: int, extra: list[str],
-        tuned_concurrency: int, memory_archive: Path | None) -> dict:
+        tuned_concurrency: int, memory_archive: Path | None, per_request: list[int] = ()) -> dict:
     """Throughput on `archive`; the inbox-size memory runs on `memory_archive` (the job's memory does not
     depend on the model, and a small model keeps the 10,000-file run short); then the naive baseline."""
     info = read_archive(archive)
@@ -238,6 +238,9 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
         try:
             with common.TreeRSS(ts.pid()) as rss:
                 throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, extra=extra))
+                for n in per_request:  # the same inbox and TorchServe, several photos per request or one
+                    throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, tag=f"_ppr{n}",
+                                                   extra=[*extra, "--photos-per-request", str(n)]))
                 if tuned_concurrency and "--concurrency" in cli_options():
                     # What more requests in flight give: the job's own knob, not a code change.
                     tuned = bench_ingest(images, sources, work, pg=pg, ts=ts, extra=[*extra, "--concurrency", str(tuned_concurrency)], tag="_tuned")
@@ -285,7 +288,7 @@ def add_ratios(res: dict, serving: dict | None) -> dict:
 def print_results(res: dict) -> None:
     def row(label, r):
         return [label, r["images_per_s"], r.get("images_per_cpu_s"), r["rows"], r.get("moved"), r["left_in_inbox"], r.get("peak_rss_mib"), r.get("exit_code")]
-    rows = [row(f"ingest N={r['images']}", r) for r in res["results"]]
+    rows = [row(f"ingest N={r['images']} {' '.join(r['extra_args'])}".strip(), r) for r in res["results"]]
     if res.get("tuned"):
         rows.append(row(f"ingest N={res['tuned']['images']} {' '.join(res['tuned']['extra_args'])}", res["tuned"]))
     rows += [row(f"ingest N={r['images']} ({res['memory_archive_arch']})", r) for r in res["memory_runs"]]
@@ -311,6 +314,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-arch", type=str, default="tinynet", help="model of the memory runs' archive ('same': the bench archive)")
     parser.add_argument("--baseline-images", type=int, default=200, help="images for the naive baseline (0: skip it)")
     parser.add_argument("--tuned-concurrency", type=int, default=32, help="one more throughput run with this --concurrency (0: skip)")
+    parser.add_argument("--per-request", type=int, nargs="*", default=[],
+                        help="after the throughput run, one more each with this --photos-per-request (e.g. 1 8)")
     parser.add_argument("--ingest-arg", action="append", default=[], help="extra argument for `python -m ingest run` (repeatable)")
     parser.add_argument("--serving", type=Path, default=None, help="serving.json of the same run, for the ratio")
     parser.add_argument("--out", type=Path, default=None, help="folder for ingestion.json (default: runs/bench/<time>)")
@@ -328,7 +333,7 @@ def main(args: argparse.Namespace) -> dict:
             memory_archive = common.make_bench_archive(Path(tmp) / "memory", arch=args.memory_arch,
                                                        image_size=tuple(read_archive(archive).meta["image_size"]))
         res = run(archive, Path(tmp), images=images, sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
-                  tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive)
+                  tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive, per_request=args.per_request)
     res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))
     res |= common.run_context(quick=args.quick)
     print_results(res)

@@ -3,8 +3,11 @@
 Thin: TorchServe wants exactly one class in this module, so the logic lives in plain
 functions in refund_inference.py and refund_preprocess.py.
 
+A request carries one photo or several (refund_requests.py): TorchServe batches requests, so
+preprocess lays the batch out as photos and postprocess folds their answers back, one per request.
+
 Handler settings come from the `handler:` section of the archive's model-config.yaml
-(precision, threads, topk, max_pixels, max_bytes); calibration (temperature, per-class
+(precision, threads, topk, max_pixels, max_bytes, max_photos); calibration (temperature, per-class
 logit bias, review_threshold) comes from model_meta.json, written by training.export.
 """
 from __future__ import annotations
@@ -18,17 +21,18 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
-    from refund_inference import (Prepared, calibrated_probs, calibration, class_bias, error_response, error_status,
-                                  format_prediction, load_meta, prepare_batch, reject_counts, resolve_precision,
-                                  threads_per_worker)
+    from refund_inference import (calibrated_probs, calibration, class_bias, error_response, format_prediction,
+                                  load_meta, reject_counts, resolve_precision, threads_per_worker)
     from refund_model import build_model, cpu_supports_bf16
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
+    from refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 except ImportError:  # in the repository, as the `handler` package
-    from handler.refund_inference import (Prepared, calibrated_probs, calibration, class_bias, error_response,
-                                          error_status, format_prediction, load_meta, prepare_batch, reject_counts,
-                                          resolve_precision, threads_per_worker)
+    from handler.refund_inference import (calibrated_probs, calibration, class_bias, error_response,
+                                          format_prediction, load_meta, reject_counts, resolve_precision,
+                                          threads_per_worker)
     from handler.refund_model import build_model, cpu_supports_bf16
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
+    from handler.refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class RefundClassifierHandler(BaseHandler):
         self.topk = int(settings.get("topk", 5))
         self.max_pixels = int(settings.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_bytes = int(settings.get("max_bytes", DEFAULT_MAX_BYTES))
+        self.max_photos = int(settings.get("max_photos", DEFAULT_MAX_PHOTOS))
 
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
@@ -109,20 +114,26 @@ class RefundClassifierHandler(BaseHandler):
 
     def preprocess(self, data):
         started = time.perf_counter()
-        prepared = prepare_batch(data, self.image_size, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+        expanded = prepare_requests(data, self.image_size, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                                    max_photos=self.max_photos)
+        prepared = expanded.images
         metrics = self.context.metrics
-        emit(metrics, METRIC_IMAGES, len(data), "count", "counter")
-        emit(metrics, METRIC_BATCH_SIZE, len(data), "count", "histogram")
+        emit(metrics, METRIC_IMAGES, prepared.size, "count", "counter")
+        emit(metrics, METRIC_BATCH_SIZE, prepared.size, "count", "histogram")
         rejects = reject_counts(prepared)
+        for exc in request_errors(expanded):  # a malformed request counts once, under its own code
+            rejects[exc.code] = rejects.get(exc.code, 0) + 1
         for code, n in rejects.items():
             emit(metrics, METRIC_REJECTS, n, "count", "counter", Reason=code)
         emit(metrics, METRIC_PREPROCESS, time.perf_counter() - started, "seconds", "histogram")
-        logger.info("batch of %d: %d rejected %s", len(data), len(prepared.errors), rejects or "")
-        return prepared
+        logger.info("batch of %d: %d rejected %s(%d requests)", prepared.size, len(prepared.errors),
+                    f"{rejects} " if rejects else "", len(data))
+        return expanded
 
-    def inference(self, prepared: Prepared, *args, **kwargs):
+    def inference(self, expanded: Expanded, *args, **kwargs):
+        prepared = expanded.images
         if prepared.batch is None:
-            return prepared, None
+            return expanded, None
         started = time.perf_counter()
         with torch.inference_mode():
             x = normalize(prepared.batch, mean=self.mean, std=self.std)  # (G, 3, H, W)
@@ -131,17 +142,23 @@ class RefundClassifierHandler(BaseHandler):
                 logits = self.model(x)
             probs = calibrated_probs(logits, self.temperature, self.class_bias).cpu()  # (G, num_classes)
         emit(self.context.metrics, METRIC_INFERENCE, time.perf_counter() - started, "seconds", "histogram")
-        return prepared, probs
+        return expanded, probs
 
     def postprocess(self, data):
-        prepared, probs = data
-        out: list[dict] = [None] * prepared.size  # type: ignore[list-item]
+        expanded, probs = data
+        prepared = expanded.images
+        answers: list[dict] = [None] * prepared.size  # type: ignore[list-item]  # one per photo
         for row, i in enumerate(prepared.good):
-            out[i] = format_prediction(
+            answers[i] = format_prediction(
                 probs[row], self.classes, topk=self.topk, review_threshold=self.review_threshold,
                 model=self.model_name, version=self.model_version,
             )
         for i, exc in prepared.errors.items():
-            out[i] = error_response(exc, model=self.model_name, version=self.model_version)
-            self.context.set_response_status(code=error_status(exc), phrase=exc.code, idx=i)
+            answers[i] = error_response(exc, model=self.model_name, version=self.model_version)
+        out = []  # one per request
+        for idx, (response, status) in enumerate(fold_answers(expanded, answers, model=self.model_name,
+                                                              version=self.model_version)):
+            if status != 200:
+                self.context.set_response_status(code=status, phrase=response["code"], idx=idx)
+            out.append(response)
         return out

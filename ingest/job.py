@@ -42,6 +42,7 @@ from ingest.outcomes import FileFailed, IngestError, Item, Outcome, RunFailed, S
 from ingest.predict import Predictor, build_client
 from ingest.settings import Settings
 from ingest.store import TRANSIENT, DatabaseDown, LockLost, Store
+from serving.client import MULTIPART_PART_OVERHEAD
 
 logger = logging.getLogger("ingest")
 
@@ -125,8 +126,24 @@ class Job:
                 raise
         progress.close()
 
-    def _predict(self, item: Item):
-        return self.predictor.predict(item.data, item.entry.relative)
+    def _predict(self, items: list[Item]):
+        """One request's photos -> one result per photo (see Predictor.predict_many)."""
+        return self.predictor.predict_many([item.data for item in items], [item.entry.relative for item in items])
+
+    def _requests(self, outcomes: list[Outcome]) -> list[list[Outcome]]:
+        """Photos to send -> requests of up to --photos-per-request photos and --max-request-bytes
+        (framing included); a photo that fills a request alone goes alone, as today's single request."""
+        out: list[list[Outcome]] = []
+        size = 0
+        for o in outcomes:
+            cost = len(o.item.data) + MULTIPART_PART_OVERHEAD
+            if out and len(out[-1]) < self.s.photos_per_request and size + cost <= self.s.max_request_bytes:
+                out[-1].append(o)
+                size += cost
+            else:
+                out.append([o])
+                size = cost
+        return out
 
     def _take(self, item: Item) -> None:
         self.held += len(item.data) if item.data is not None else 0
@@ -156,11 +173,11 @@ class Job:
         return True
 
     def _pump(self, pool: ThreadPoolExecutor, progress) -> None:
-        """Keep up to 2 x concurrency requests in flight (and the photos read under
-        --max-in-flight-bytes), and record their answers in batches."""
+        """Keep up to 2 x concurrency requests of up to --photos-per-request photos in flight (and the
+        photos read under --max-in-flight-bytes), and record their answers in batches."""
         window = 2 * self.s.concurrency  # one server-side batch being computed while the next fills
         source = inbox.candidates(self.s, self.stop, self.summary.skipped)
-        pending: dict[Future, Outcome] = {}
+        pending: dict[Future, list[Outcome]] = {}  # a request in flight -> its photos
         waiting: dict[str, list[Item]] = defaultdict(list)  # same content as a request in flight
         in_flight: dict[str, Outcome] = {}
         exhausted = False
@@ -172,7 +189,7 @@ class Job:
             while (not exhausted and not self.stop.is_set() and self.fatal is None and len(pending) < window
                    and len(self.buffer) < self.s.batch_size and (upcoming is None or self._fits(upcoming))):
                 group = []
-                while len(group) < window - len(pending):
+                while len(group) < (window - len(pending)) * self.s.photos_per_request:
                     entry, upcoming = upcoming or next(source, None), None
                     if entry is None:
                         exhausted = True
@@ -197,6 +214,7 @@ class Job:
                     first_read = False
                     self.hook("after_read")
                 known = self.journal.known(group)
+                fresh: list[Outcome] = []
                 for item in group:
                     if item.sha256 in known:
                         self._release(item)
@@ -215,43 +233,22 @@ class Job:
                     else:
                         o = Outcome(item)
                         in_flight[item.sha256] = o
-                        pending[pool.submit(self._predict, item)] = o
+                        fresh.append(o)
+                for request in self._requests(fresh):
+                    pending[pool.submit(self._predict, [o.item for o in request])] = request
             done = set()
             if pending:
                 done, _ = wait(pending, timeout=self.s.flush_every, return_when=FIRST_COMPLETED)
             for fut in done:
-                o = pending.pop(fut)
-                self._release(o.item)
-                del in_flight[o.item.sha256]
-                followers = waiting.pop(o.item.sha256, [])
+                request = pending.pop(fut)
                 try:
-                    answer = fut.result()
-                except FileFailed as exc:
-                    self.summary.failed += 1 + len(followers)
-                    logger.error("%s: not classified, left in the inbox: %s", o.item.entry.relative, exc,
-                                 extra={"event": "failed", "path": o.item.entry.relative})
-                    continue
-                except IngestError as exc:
-                    self.summary.failed += 1 + len(followers)
-                    if self.fatal is None:
-                        self.fatal = exc
-                        logger.error("stopping: %s", exc, extra={"event": "stopping"})
-                        self.stop.set()  # wakes retries that are sleeping
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a surprise about one request costs that photo alone
-                    self.summary.failed += 1 + len(followers)
-                    logger.exception("%s: not classified, left in the inbox: unexpected %s: %s", o.item.entry.relative,
-                                     type(exc).__name__, exc, extra={"event": "failed", "path": o.item.entry.relative})
-                    continue
-                body = answer.body if isinstance(answer.body, dict) else {}
-                if not answer.ok and self._incomplete(o.item, body.get("code"), body.get("error")):
-                    for f in followers:
-                        inbox.skip(self.summary.skipped, f.entry.relative, "incomplete (the same content as a younger upload)")
-                    continue
-                o.ok, o.body = answer.ok, answer.body
-                self.buffer.append(o)
-                self.buffer.extend(Outcome(f, leader=o) for f in followers)
-                progress.update(1 + len(followers))
+                    results = fut.result()
+                except Exception as exc:  # noqa: BLE001 - a surprise about one request costs its photos alone
+                    logger.exception("a request of %d photos failed unexpectedly: %s: %s", len(request),
+                                     type(exc).__name__, exc, extra={"event": "failed"})
+                    results = [exc] * len(request)
+                for o, result in zip(request, results):
+                    self._answered(o, result, waiting.pop(o.item.sha256, []), in_flight, progress)
             if (len(self.buffer) >= self.s.batch_size or not pending
                     or (self.buffer and time.monotonic() - last_flush >= self.s.flush_every)):
                 self.flush()
@@ -261,11 +258,47 @@ class Job:
         for items in waiting.values():  # their leader never answered
             self.summary.failed += len(items)
 
-    def flush(self) -> None:
-        """Steps 1-3 of the module docstring for what the buffer holds: commit, move, mark moved."""
-        if not self.buffer:
+    def _answered(self, o: Outcome, result, followers: list[Item], in_flight: dict[str, Outcome], progress) -> None:
+        """A photo's result (an Answer, or the error it ended with) -> the buffer, or the counts and log."""
+        self._release(o.item)
+        del in_flight[o.item.sha256]
+        if isinstance(result, FileFailed):
+            self.summary.failed += 1 + len(followers)
+            logger.error("%s: not classified, left in the inbox: %s", o.item.entry.relative, result,
+                         extra={"event": "failed", "path": o.item.entry.relative})
             return
-        outs, self.buffer = self.buffer, []
+        if isinstance(result, IngestError):
+            self.summary.failed += 1 + len(followers)
+            if self.fatal is None:
+                self.fatal = result
+                logger.error("stopping: %s", result, extra={"event": "stopping"})
+                self.stop.set()  # wakes retries that are sleeping
+            return
+        if isinstance(result, BaseException):  # a surprise about one request costs its photos alone
+            self.summary.failed += 1 + len(followers)
+            logger.error("%s: not classified, left in the inbox: unexpected %s: %s", o.item.entry.relative,
+                         type(result).__name__, result, extra={"event": "failed", "path": o.item.entry.relative})
+            return
+        answer = result
+        body = answer.body if isinstance(answer.body, dict) else {}
+        if not answer.ok and self._incomplete(o.item, body.get("code"), body.get("error")):
+            for f in followers:
+                inbox.skip(self.summary.skipped, f.entry.relative, "incomplete (the same content as a younger upload)")
+            return
+        o.ok, o.body = answer.ok, answer.body
+        self.buffer.append(o)
+        self.buffer.extend(Outcome(f, leader=o) for f in followers)
+        progress.update(1 + len(followers))
+
+    def flush(self) -> None:
+        """Steps 1-3 of the module docstring for what the buffer holds, --batch-size rows at a time
+        (one request's answers may bring several photos at once)."""
+        while self.buffer:
+            outs, self.buffer = self.buffer[:self.s.batch_size], self.buffer[self.s.batch_size:]
+            self._record(outs)
+
+    def _record(self, outs: list[Outcome]) -> None:
+        """Steps 1-3 for these outcomes: commit, move, mark moved."""
         written = self.journal.record(outs, before_commit=lambda: self.hook("before_commit"))
         self.hook("after_commit")
         for o, reason in written.left:

@@ -7,6 +7,11 @@ backoff, up to `retries` attempts in all. When they run out: if TorchServe itsel
 this photo failed (FileFailed: it stays in the inbox for the next run, never quarantined). Refused
 (no such model, no key file) stops the run at once (TorchServeRefused). A stop (SIGTERM, or
 another photo's fatal error) wakes a sleeping retry and fails the photo instead of asking again.
+
+`predict_many` asks for several photos in one request, by the same rules photo by photo: a photo
+with a verdict is done, and the next attempt asks again for the others alone; what each photo
+ends with (its Answer, or the FileFailed / TorchServeDown / TorchServeRefused it would have
+raised alone) is returned in its place, so one photo's fate never decides another's.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import random
 import threading
 from typing import Callable
 
-from ingest.outcomes import FileFailed, TorchServeDown, TorchServeRefused
+from ingest.outcomes import FileFailed, IngestError, TorchServeDown, TorchServeRefused
 from ingest.settings import Settings, SettingsError
 from serving.client import TOKEN_REQUIRED, Answer, Refused, TorchServeClient, Transient
 
@@ -75,6 +80,53 @@ class Predictor:
         if last is not None and last.down:
             raise self._down(last.reason)
         raise FileFailed(last.reason if last else "no answer")
+
+    def predict_many(self, photos: list[bytes], names: list[str]) -> list[Answer | FileFailed | IngestError]:
+        """For each photo, in order: its Answer, or the error `predict` would have raised for it
+        alone (FileFailed, TorchServeDown, TorchServeRefused). One photo goes as a request of one."""
+        if len(photos) == 1:
+            try:
+                return [self.predict(photos[0], names[0])]
+            except (FileFailed, IngestError) as exc:
+                return [exc]
+        results: list[Answer | FileFailed | IngestError | None] = [None] * len(photos)
+        last: dict[int, Transient] = {}
+        todo = list(range(len(photos)))
+        for attempt in range(1, self.s.retries + 1):
+            if self.stop.is_set() and attempt > 1:
+                break
+            try:
+                got = self.client.classify_many(self.s.model, [photos[i] for i in todo],
+                                                timeout=(self.s.connect_timeout, self.s.timeout))
+            except Refused as exc:
+                for i in todo:
+                    results[i] = TorchServeRefused(str(exc))
+                return results  # type: ignore[return-value]
+            still = []
+            for i, answer in zip(todo, got):
+                if isinstance(answer, Answer):
+                    results[i] = answer
+                else:
+                    last[i] = answer
+                    still.append(i)
+            todo = still
+            if not todo or attempt == self.s.retries:
+                break
+            delay = self._backoff(attempt)
+            for i in todo:
+                self.on_retry()
+                logger.warning("%s: %s; retry %d/%d in %.1fs", names[i], last[i].reason, attempt,
+                               self.s.retries - 1, delay, extra={"event": "retry", "path": names[i]})
+            if self.stop.wait(delay):
+                break
+        for i in todo:
+            if self.stop.is_set():
+                results[i] = FileFailed(f"stopped before an answer ({last[i].reason if i in last else 'not sent'})")
+            elif last[i].down:
+                results[i] = self._down(last[i].reason)
+            else:
+                results[i] = FileFailed(last[i].reason)
+        return results  # type: ignore[return-value]
 
     def ping(self) -> None:
         """Wait (with the same retries) until TorchServe answers /ping as healthy, or raise

@@ -89,6 +89,11 @@ FIELDS: list[Field] = [
     Field("quarantine", _path, None, "where rejected photos go, in YYYY-MM-DD/ subfolders (default: INBOX/../quarantine)", "INGEST_QUARANTINE", "DIR"),
     Field("model", str, MODEL_NAME, "NAME or NAME/VERSION to ask TorchServe for", "INGEST_MODEL", "NAME[/VERSION]"),
     Field("batch_size", _positive_int, 64, "rows per database transaction", "INGEST_BATCH_SIZE", "N"),
+    Field("photos_per_request", _positive_int, 8, "photos sent in one request (multipart; at most the handler's max_photos, 64; "
+          "1: one photo per request, the form every TorchServe handler reads); a request also stays under --max-request-bytes",
+          "INGEST_PHOTOS_PER_REQUEST", "N"),
+    Field("max_request_bytes", _positive_int, 24 * 1024 * 1024, "bytes of photos in one request of several; keep it under "
+          "TorchServe's max_request_size (27 MiB in config.properties); a single larger photo goes alone", "INGEST_MAX_REQUEST_BYTES", "BYTES"),
     Field("concurrency", _positive_int, 32, "requests in flight to TorchServe (about 2 x batchSize x workers fills its batches)", "INGEST_CONCURRENCY", "N"),
     Field("torchserve_url", str, None, "TorchServe inference address (default: inference_address of config.properties)", "TORCHSERVE_URL", "URL"),
     Field("management_url", str, None, "TorchServe management address, for renewing an expired key (default: config.properties)", "TORCHSERVE_MANAGEMENT_URL", "URL"),
@@ -132,6 +137,8 @@ class Settings:
     quarantine: Path | None = _default("quarantine")
     model: str = _default("model")
     batch_size: int = _default("batch_size")
+    photos_per_request: int = _default("photos_per_request")
+    max_request_bytes: int = _default("max_request_bytes")
     concurrency: int = _default("concurrency")
     torchserve_url: str | None = _default("torchserve_url")
     management_url: str | None = _default("management_url")
@@ -173,7 +180,8 @@ class Settings:
 
     def public(self) -> dict:
         """What a run records about its settings: no URLs (they may hold passwords)."""
-        keep = ("inbox", "processed", "quarantine", "model", "batch_size", "concurrency", "timeout", "retries", "min_age", "limit")
+        keep = ("inbox", "processed", "quarantine", "model", "batch_size", "photos_per_request", "concurrency", "timeout",
+                "retries", "min_age", "limit")
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in ((k, getattr(self, k)) for k in keep)}
 
 

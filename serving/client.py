@@ -14,7 +14,8 @@ It also reads TorchServe's answers, in one place for every caller (ingestion, ro
 the container healthcheck): `classify()` returns an `Answer` about the photo (a prediction, or the
 handler's rejection of that photo) or raises `Transient` (ask again later) or `Refused` (not about
 the photo, and asking again cannot help: stop), following `ANSWERS`, the one table of what an
-answer means. `ping()` returns a `Ping`.
+answer means. `classify_many()` sends several photos in one request and reads each item of the
+list it gets through the same table (`read_answers`). `ping()` returns a `Ping`.
 
 A key file may hold the inference key alone (the compose ingest container's copy, written by
 `python -m serving up --foreground`): such a client cannot renew a refused key itself; it re-reads
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -125,6 +127,9 @@ def _invalid_key(code: int, body: dict) -> bool:
 # the photo in the inbox for the next run (exit 1) -- never quarantined.
 # No answer at all (connection refused or dropped, a timeout, a key file that cannot be read or
 # holds no key to renew with) is `down` too: see TorchServeClient.classify.
+# A request carrying several photos (classify_many) is answered with a list, and each item goes
+# through these same rows on its own; an answer that is not that list is about the whole request
+# and a verdict on none of its photos (read_answers).
 ANSWERS: tuple[Rule, ...] = (
     Rule("200 with a label: the prediction",
          lambda code, body, keyed: code == 200 and "label" in body, "ok"),
@@ -149,7 +154,11 @@ ANSWERS: tuple[Rule, ...] = (
 def read_answer(response: requests.Response, *, model: str, has_key_file: bool) -> Answer:
     """Map TorchServe's answer to POST /predictions/`model` onto an Answer, or raise Transient or
     Refused, by the first row of ANSWERS that matches."""
-    body, code = body_of(response), response.status_code
+    return _answer(response.status_code, body_of(response), model=model, has_key_file=has_key_file)
+
+
+def _answer(code: int, body: dict, *, model: str, has_key_file: bool) -> Answer:
+    """(status, body) -> an Answer, or Transient or Refused, by the first row of ANSWERS that matches."""
     rule = next(r for r in ANSWERS if r.matches(code, body, has_key_file))
     detail = body.get("message") or body.get("error") or body
     if rule.means == "ok":
@@ -163,6 +172,74 @@ def read_answer(response: requests.Response, *, model: str, has_key_file: bool) 
     if _invalid_key(code, body):
         raise Transient(f"token refused: {detail}", down=True)
     raise Transient(f"HTTP {code}: {str(detail)[:300]}", down=rule.means == "down")
+
+
+def read_answers(response: requests.Response, n: int, *, model: str, has_key_file: bool) -> list[Answer | Transient]:
+    """TorchServe's answer to a request carrying `n` photos -> one Answer or Transient per photo, in
+    order; raises Refused (about the run, not the photos).
+
+    A 200 with a list of n items is read item by item through ANSWERS, each with its own `status`
+    (200 when absent: the handler gives every error item the status it would have got alone), so
+    that a per-item rejection is a verdict on that photo exactly as it would be alone. Any other
+    answer is about the request as a whole: Refused stops the run as it would for one photo, and
+    everything else -- a rejection of the whole request (bad_request, too_many_photos, the
+    frontend's 413 for a request over max_request_size) included -- is a verdict on none of its
+    photos: Transient for every one of them (down when ANSWERS says TorchServe is down)."""
+    code = response.status_code
+    try:
+        items = response.json()
+    except ValueError:
+        items = None
+    if code == 200 and isinstance(items, list) and len(items) == n:
+        out: list[Answer | Transient] = []
+        for item in items:
+            if not isinstance(item, dict):
+                out.append(Transient(f"an item of the answer is not an object: {str(item)[:200]}", down=False))
+                continue
+            status = item.get("status", 200)
+            try:
+                out.append(_answer(status if isinstance(status, int) else 0, item, model=model, has_key_file=has_key_file))
+            except Transient as exc:
+                out.append(exc)
+            except Refused as exc:  # an item cannot stop the run: not an answer we understand
+                out.append(Transient(f"an item of the answer is not a verdict: {exc}", down=False))
+        return out
+    try:
+        answer = read_answer(response, model=model, has_key_file=has_key_file)
+        reason = (f"HTTP {code} for the whole request of {n} photos, a verdict on none of them: "
+                  f"{str(answer.body.get('error') or answer.body)[:300]}")
+        return [Transient(reason, down=False)] * n
+    except Transient as exc:
+        if code == 200:
+            return [Transient(f"a 200 that is not a list of {n} answers: {exc.reason}", down=False)] * n
+        return [exc] * n
+
+
+class MultipartPhotos:
+    """A multipart/form-data body with one part per photo, named photos[0], photos[1], ... (the
+    handler's multi-photo form, handler/refund_requests.py), sent from the photos' own bytes: no
+    copy of them is made, so the job's --max-in-flight-bytes bound holds. Re-iterable (a request
+    sent again after a key renewal sends it whole) and sized (Content-Length, not chunked)."""
+
+    def __init__(self, photos: list[bytes]):
+        boundary = uuid.uuid4().hex
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        self._chunks: list[bytes] = []
+        for i, data in enumerate(photos):
+            self._chunks += [(f'--{boundary}\r\nContent-Disposition: form-data; name="photos[{i}]"; filename="{i}"\r\n'
+                              f"Content-Type: application/octet-stream\r\n\r\n").encode(), data, b"\r\n"]
+        self._chunks.append(f"--{boundary}--\r\n".encode())
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
+    def __iter__(self):
+        return iter(self._chunks)
+
+
+# Bytes of framing a part adds to a MultipartPhotos body, rounded up (boundary and headers take
+# about 180): callers keep sum(len(photo) + this) under TorchServe's max_request_size.
+MULTIPART_PART_OVERHEAD = 256
 
 
 @dataclass(frozen=True)
@@ -274,6 +351,20 @@ class TorchServeClient:
         except AuthError as exc:  # the key file is rewritten while TorchServe restarts, or holds no key to renew with
             raise Transient(f"authorization: {exc}", down=True) from exc
         return read_answer(r, model=model, has_key_file=self.key_file is not None)
+
+    def classify_many(self, model: str, photos: list[bytes], *,
+                      timeout: float | tuple[float, float] | None = None) -> list[Answer | Transient]:
+        """POST several photos in one request (multipart, parts photos[0..n-1]) to predictions/`model`:
+        one Answer or Transient per photo, in order (see read_answers); raises Refused."""
+        body = MultipartPhotos(photos)
+        try:
+            r = self.inference("POST", f"predictions/{model}", data=body,
+                               headers={"Content-Type": body.content_type}, timeout=timeout or self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            return [Transient(f"{type(exc).__name__}: {exc}", down=True)] * len(photos)
+        except AuthError as exc:
+            return [Transient(f"authorization: {exc}", down=True)] * len(photos)
+        return read_answers(r, len(photos), model=model, has_key_file=self.key_file is not None)
 
     def ping(self, *, timeout: float | tuple[float, float] | None = None) -> Ping:
         """GET /ping. No answer (UNREACHABLE) is a Ping too; any other requests error (e.g. a URL

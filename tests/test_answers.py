@@ -15,8 +15,8 @@ from ingest.outcomes import FileFailed, TorchServeDown, TorchServeRefused
 from ingest.predict import Predictor
 from ingest.settings import Settings
 from serving import rollout
-from serving.client import (ANSWERS, READ_TIMEOUT_S, TOKEN_REQUIRED, Answer, AuthError, Ping, Refused, TorchServeClient,
-                            Transient, read_answer)
+from serving.client import (ANSWERS, READ_TIMEOUT_S, TOKEN_REQUIRED, Answer, AuthError, MultipartPhotos, Ping, Refused,
+                            TorchServeClient, Transient, read_answer, read_answers)
 
 PREDICTION = {"label": "Tshirts", "confidence": 0.91, "topk": [["Tshirts", 0.91]], "needs_review": False,
               "model": "refund_classifier", "version": "1"}
@@ -123,6 +123,72 @@ def test_the_rule_table_decides_every_answer(code, body, has_key_file):
     handlers = 400 <= code < 500 and isinstance(body.get("code"), str)
     assert verdict == (handlers or code == 413), (code, body)
     assert means != "refused" or code == 404
+
+
+# -- several photos in one request ------------------------------------------------------------
+
+CORRUPT = {"error": "the image data is truncated", "code": "corrupt", "status": 400, "model": "refund_classifier", "version": "1"}
+TOO_BIG = {"error": "too many pixels", "code": "too_many_pixels", "status": 413, "model": "refund_classifier", "version": "1"}
+
+
+def read_many(code: int, body=None, n: int = 3, *, text: str | None = None, has_key_file: bool = False):
+    return read_answers(response(code, body, text=text), n, model="refund_classifier", has_key_file=has_key_file)
+
+
+def test_each_item_of_a_list_is_read_by_the_same_rules_as_a_single_answer():
+    items = [PREDICTION, CORRUPT, TOO_BIG, {"no": "label"}, {"code": "corrupt", "error": "x", "status": 500}, "text"]
+    got = read_many(200, items, n=6)
+    assert got[:3] == [Answer(True, PREDICTION), Answer(False, CORRUPT), Answer(False, TOO_BIG)]
+    # the same item alone, with the status it carries, means the same thing
+    for item, answer in zip(items[:5], got):
+        try:
+            alone = read(item.get("status", 200), item)
+        except Transient as exc:
+            alone = exc
+        assert type(alone) is type(answer) and (not isinstance(alone, Answer) or alone == answer), item
+    assert all(isinstance(a, Transient) and not a.down for a in got[3:])
+
+
+@pytest.mark.parametrize("code, body, down", [
+    (400, {"code": "bad_request", "error": "the parts photos[i] must be numbered 0..2"}, False),  # the handler, whole request
+    (413, {"code": 413, "type": "TooLongFrameException", "message": "too large"}, False),         # the frontend, whole request
+    (200, PREDICTION, False),                       # one answer for three photos
+    (200, [PREDICTION, PREDICTION], False),         # a list of the wrong length
+    (500, {"message": "boom"}, False),
+    (503, {"message": "busy"}, True),
+    (507, {"message": "worker died"}, True),
+])
+def test_an_answer_about_the_whole_request_is_a_verdict_on_none_of_its_photos(code, body, down):
+    got = read_many(code, body, n=3)
+    assert len(got) == 3 and all(isinstance(a, Transient) and a.down == down for a in got), got
+
+
+def test_no_such_model_for_a_request_of_several_is_refused():
+    with pytest.raises(Refused, match="no model"):
+        read_many(404, {"code": 404, "type": "ModelNotFoundException", "message": "Model not found"})
+
+
+def test_classify_many_posts_one_multipart_part_per_photo():
+    client = client_with(response(200, [PREDICTION, CORRUPT]))
+    assert client.classify_many("refund_classifier/2", [b"jpeg one", b"\r\n--two"], timeout=(1, 2)) == \
+        [Answer(True, PREDICTION), Answer(False, CORRUPT)]
+    (method, url, kw), = client.session.asked
+    assert (method, url, kw["timeout"]) == ("POST", "http://ts.invalid:8080/predictions/refund_classifier/2", (1, 2))
+    body = kw["data"]
+    assert isinstance(body, MultipartPhotos) and kw["headers"]["Content-Type"] == body.content_type
+    raw = b"".join(body)
+    assert len(raw) == len(body) and b"".join(body) == raw  # sized, and sent whole again on a retry
+    # parsed back by the standard library's multipart reader: the parts, named by index, bytes intact
+    from email.parser import BytesParser
+    from email.policy import HTTP
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + body.content_type.encode() + b"\r\n\r\n" + raw)
+    parts = [(p.get_param("name", header="content-disposition"), p.get_payload(decode=True)) for p in msg.iter_parts()]
+    assert parts == [("photos[0]", b"jpeg one"), ("photos[1]", b"\r\n--two")]
+
+
+def test_classify_many_without_a_connection_is_transient_and_down_for_every_photo():
+    got = client_with(requests.ConnectionError("refused")).classify_many("m", [b"a", b"b"])
+    assert len(got) == 2 and all(isinstance(a, Transient) and a.down for a in got)
 
 
 # -- the client: transport errors and ping --------------------------------------------------
@@ -304,6 +370,51 @@ def test_a_stop_ends_the_retries(tmp_path):
     with pytest.raises(FileFailed, match=r"stopped before an answer \(HTTP 503: busy\)"):
         predictor(tmp_path, client, stop=stop)[0].predict(b"x", "a.jpg")
     assert client.calls == 1
+
+
+class FakeManyClient:
+    """classify_many() gives the given per-photo lists in order (or raises); records how many photos each request carried."""
+
+    def __init__(self, *answers, key_file=None):
+        self.answers, self.key_file, self.sent = list(answers), key_file, []
+
+    def classify_many(self, model, photos, *, timeout=None):
+        self.sent.append(list(photos))
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def test_a_request_of_several_asks_again_only_for_the_photos_without_a_verdict(tmp_path):
+    ok, rejected = Answer(True, PREDICTION), Answer(False, CORRUPT)
+    client = FakeManyClient([ok, Transient("HTTP 200: an item that is not a verdict", down=False), rejected],
+                            [Transient("HTTP 503: busy", down=True)] * 1, [ok])
+    p, retried = predictor(tmp_path, client)
+    assert p.predict_many([b"a", b"b", b"c"], ["a.jpg", "b.jpg", "c.jpg"]) == [ok, ok, rejected]
+    assert client.sent == [[b"a", b"b", b"c"], [b"b"], [b"b"]] and len(retried) == 2
+
+
+def test_a_request_of_several_ends_each_photo_as_it_would_alone(tmp_path):
+    ok = Answer(True, PREDICTION)
+    down, boom = Transient("HTTP 503: busy", down=True), Transient("HTTP 500: boom", down=False)
+    client = FakeManyClient([ok, down, boom], *[[down, boom]] * 3)
+    got = predictor(tmp_path, client)[0].predict_many([b"a", b"b", b"c"], ["a.jpg", "b.jpg", "c.jpg"])
+    assert got[0] == ok
+    assert isinstance(got[1], TorchServeDown) and "after 4 attempts: HTTP 503" in str(got[1])
+    assert isinstance(got[2], FileFailed) and "HTTP 500: boom" in str(got[2])
+    client = FakeManyClient(Refused("TorchServe has no model 'm'"))
+    got = predictor(tmp_path, client)[0].predict_many([b"a", b"b"], ["a.jpg", "b.jpg"])
+    assert all(isinstance(g, TorchServeRefused) for g in got) and len(client.sent) == 1
+
+
+def test_a_request_of_one_photo_is_a_single_photo_request(tmp_path):
+    answer = Answer(True, PREDICTION)
+    client = FakeClient(Transient("HTTP 500: boom", down=False), answer=answer)
+    assert predictor(tmp_path, client)[0].predict_many([b"x"], ["a.jpg"]) == [answer] and client.calls == 2
+    client = FakeClient(*[Transient("HTTP 500: boom", down=False)] * 4)
+    got, = predictor(tmp_path, client)[0].predict_many([b"x"], ["a.jpg"])
+    assert isinstance(got, FileFailed)
 
 
 def test_backoff_doubles_up_to_the_longest_with_equal_jitter(monkeypatch):

@@ -22,6 +22,8 @@ import pytest
 import requests
 import yaml
 
+from ingest.settings import BY_NAME
+from serving.client import MULTIPART_PART_OVERHEAD
 from serving.paths import REPO_ROOT
 from serving.torchserve import TorchServe, free_port, load_properties
 
@@ -449,6 +451,19 @@ def test_k8s_torchserve_replicas_behind_a_service():
     inference_rule = next(r for r in policy["spec"]["ingress"] if r["ports"] == [{"protocol": "TCP", "port": 8080}])
     cron_pod = k8s_kind(k8s_docs("ingest-cronjob.yaml"), "CronJob")["spec"]["jobTemplate"]["spec"]["template"]
     assert inference_rule["from"][0]["podSelector"]["matchLabels"].items() <= cron_pod["metadata"]["labels"].items()
+    # a request of several photos stays under this TorchServe's max_request_size (with the framing)
+    env = {e["name"]: e.get("value") for e in cron_pod["spec"]["containers"][0]["env"]}
+    per_request = int(env.get("INGEST_PHOTOS_PER_REQUEST") or BY_NAME["photos_per_request"].default)
+    max_request_bytes = int(env.get("INGEST_MAX_REQUEST_BYTES") or BY_NAME["max_request_bytes"].default)
+    assert max_request_bytes + per_request * MULTIPART_PART_OVERHEAD < int(props["max_request_size"])
+
+
+def test_a_request_of_several_photos_fits_every_torchserve_config():
+    """The job's default request (--photos-per-request photos, --max-request-bytes, the framing)
+    stays under max_request_size of the local and the compose TorchServe."""
+    most = BY_NAME["max_request_bytes"].default + BY_NAME["photos_per_request"].default * MULTIPART_PART_OVERHEAD
+    for config in (REPO_ROOT / "config.properties", DEPLOY_CONFIG):
+        assert most < int(load_properties(config)["max_request_size"]), config
 
 
 def test_k8s_ingestion_cronjob_one_runner_per_inbox():

@@ -263,6 +263,68 @@ def test_batch_of_only_bad_inputs(handler):
     assert [o["code"] for o in out] == ["empty", "not_an_image"] and set(ctx.statuses) == {0, 1}
 
 
+# -- several photos per request ---------------------------------------------------------------
+
+def test_a_request_of_several_photos_gets_a_list_in_order(handler, unseen_images):
+    h, ctx = handler
+    ctx.statuses.clear()
+    good = sorted((unseen_images / "images").glob("*.jpg"))[:2]
+    corrupt = good[1].read_bytes()[: good[1].stat().st_size // 2]
+    # multipart parts in any order: the index in the name is the place in the answer
+    request = {"photos[2]": bytearray(good[1].read_bytes()), "photos[0]": bytearray(good[0].read_bytes()),
+               "photos[1]": bytearray(corrupt)}
+    out = h.handle([request], ctx)
+    assert len(out) == 1 and isinstance(out[0], list) and len(out[0]) == 3
+    first, bad, last = out[0]
+    assert ctx.statuses == {}  # the request itself is fine: 200, errors are per item
+    assert bad["code"] == "corrupt" and bad["status"] == 400 and "truncated" in bad["error"]
+    for item, path in ((first, good[0]), (last, good[1])):
+        alone = h.handle([{"body": path.read_bytes()}], ctx)[0]
+        assert "status" not in item and item["label"] == alone["label"]
+        assert abs(item["confidence"] - alone["confidence"]) < 5e-3
+
+
+def test_several_photo_and_single_photo_requests_in_one_batch(handler, unseen_images):
+    h, ctx = handler
+    ctx.statuses.clear()
+    ctx.metrics.recorded.clear()
+    good = [p.read_bytes() for p in sorted((unseen_images / "images").glob("*.jpg"))[:3]]
+    b64 = [base64.b64encode(g).decode() for g in good]
+    data = [{"body": good[0]},                                                  # one photo, raw
+            {"body": {"instances": [b64[1], {"b64": b64[2]}, "", "not base64!"]}},  # JSON, 4 photos
+            {"body": b""},                                                      # one photo, empty
+            {"body": [b64[0]]},                                                 # a bare JSON list of one
+            {"photos[0]": good[2], "photos[1]": png_header(8000, 7000)}]        # multipart, 2 photos
+    out = h.handle(data, ctx)
+    assert len(out) == 5
+    assert "label" in out[0] and out[2]["code"] == "empty"
+    assert [i.get("label") is not None for i in out[1]] == [True, True, False, False]
+    assert [(i["code"], i["status"]) for i in out[1][2:]] == [("empty", 400), ("bad_base64", 400)]
+    assert isinstance(out[3], list) and out[3][0]["label"] == out[0]["label"]
+    assert "label" in out[4][0] and (out[4][1]["code"], out[4][1]["status"]) == ("too_many_pixels", 413)
+    assert ctx.statuses == {2: (400, "empty")}  # only the single-photo request has a status of its own
+    assert ctx.metrics.values(METRIC_IMAGES) == [9]  # photos, not requests
+    assert ctx.metrics.values(METRIC_REJECTS, Reason="empty") == [2]
+
+
+@pytest.mark.parametrize("request_, code", [
+    ({"body": {"instances": "photo"}}, "bad_request"),
+    ({"body": {"instances": []}}, "bad_request"),
+    ({"body": []}, "bad_request"),
+    ({"photos[0]": b"x", "photos[2]": b"y"}, "bad_request"),  # photos[1] is missing
+    ({"photos[1]": b"x"}, "bad_request"),
+    ({"body": {"instances": ["x"] * 65}}, "too_many_photos"),
+])
+def test_a_malformed_request_of_several_photos_gets_one_clear_error(handler, unseen_images, request_, code):
+    h, ctx = handler
+    ctx.statuses.clear()
+    good = next((unseen_images / "images").glob("*.jpg")).read_bytes()
+    out = h.handle([{"body": good}, request_], ctx)
+    assert "label" in out[0]  # its batch-mate is answered as usual
+    assert isinstance(out[1], dict) and out[1]["code"] == code and ctx.statuses == {1: (400, code)}
+    assert out[1]["error"]
+
+
 def test_metrics_per_batch(handler, unseen_images):
     h, ctx = handler
     ctx.metrics.recorded.clear()

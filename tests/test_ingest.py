@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -27,11 +28,12 @@ from ingest import db
 from ingest import report as report_mod
 from ingest.job import Job
 from ingest.journal import FileRow, PredictionRow
-from ingest.outcomes import EXIT_CODES, IngestError, Summary, TorchServeDown, TorchServeRefused, exit_code_for
+from ingest.outcomes import EXIT_CODES, IngestError, Item, Outcome, Summary, TorchServeDown, TorchServeRefused, exit_code_for
 from ingest.schedule import Cron, CronError, next_due
 from ingest.settings import FIELDS, Settings, SettingsError, add_arguments, resolve, settings_fields
 from ingest.store import DatabaseDown, LockBusy, LockLost
 from ingest_helpers import FAST, assert_exactly_once, cli, fetch, fill_inbox, ingest_env, sha, snapshot, start_cli, wait_for
+from serving.client import MULTIPART_PART_OVERHEAD
 from serving.paths import REPO_ROOT
 from serving.torchserve import free_port
 from training.catalogue import read_styles
@@ -86,6 +88,31 @@ def test_ingest_records_one_row_per_image(torchserve, database_url, tmp_path, un
     assert status == "succeeded" and counts["processed"] == n and counts["quarantined"] == 1
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     assert (tmp_path / "processed" / day / "batch-a").is_dir()
+
+
+@pytest.mark.integration
+def test_several_photos_per_request_each_keep_their_own_outcome(torchserve, database_url, tmp_path, unseen_images):
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=10)
+    photos = sorted((inbox / "batch-a").iterdir())
+    data = photos[4].read_bytes()
+    (inbox / "batch-a" / photos[4].name).write_bytes(data[: len(data) // 2])  # truncated, amid good ones
+    (inbox / "batch-a" / "zz copy.jpg").write_bytes(photos[0].read_bytes())  # a duplicate in flight
+    originals = snapshot(inbox)
+    log = torchserve.log_dir / "model_log.log"
+    start = log.stat().st_size
+
+    run = cli(inbox, ingest_env(torchserve.inference_url, database_url), "--photos-per-request", "4")
+    assert run.returncode == 0, run.stderr[-2000:]
+    where = assert_exactly_once(database_url, inbox, originals)
+    assert where["quarantine"] == {f"batch-a/{photos[4].name}"} and not where["inbox"]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (summary["processed"], summary["duplicates"], summary["quarantined"], summary["failed"]) == (9, 1, 1, 0)
+    (code,), = fetch(database_url, "SELECT error_code FROM predictions WHERE status = 'rejected'")
+    assert code == "corrupt"
+    # the photos went several to a request: the handler saw more photos than requests
+    batches = [(int(n), int(r)) for n, r in re.findall(r"batch of (\d+): .*?\((\d+) requests\)", log.read_text()[start:])]
+    assert sum(n for n, _ in batches) == 10 and sum(r for _, r in batches) <= 3, batches
 
 
 @pytest.mark.integration
@@ -363,6 +390,22 @@ def test_settings_defaults_are_the_fields_defaults(tmp_path):
     assert {f.name for f in FIELDS} == settings_fields() - {"extra"}
     with pytest.raises(SettingsError, match="no TorchServe address"):
         Job(Settings(inbox=tmp_path / "inbox", database_url="x"))
+
+
+def test_requests_stay_under_the_photo_count_and_the_byte_cap(tmp_path):
+    kib = 1024
+    s = Settings(inbox=tmp_path / "inbox", database_url="x", torchserve_url="http://ts.invalid",
+                 photos_per_request=4, max_request_bytes=3 * (10 * kib + MULTIPART_PART_OVERHEAD))
+    job = Job(s)
+
+    def photo(size: int) -> Outcome:
+        return Outcome(Item(None, b"\0" * size, str(size), size, datetime.now(timezone.utc)))
+    sizes = [kib] * 6 + [10 * kib] * 4 + [40 * kib] + [kib]  # 40 KiB: over the cap alone
+    requests = [[o.item.size for o in r] for r in job._requests([photo(n) for n in sizes])]
+    assert requests == [[kib] * 4, [kib, kib, 10 * kib, 10 * kib], [10 * kib, 10 * kib], [40 * kib], [kib]]
+    assert [[o.item.size for o in r] for r in Job(Settings(**{**s.__dict__, "photos_per_request": 1}))._requests(
+        [photo(n) for n in sizes[:3]])] == [[kib]] * 3  # 1: today's one photo per request
+    assert resolve(_parse([]), {"INGEST_PHOTOS_PER_REQUEST": "2"})["photos_per_request"] == 2
 
 
 def test_exit_codes_are_decided_in_one_table():

@@ -27,13 +27,17 @@ def bad_and_duplicate(inbox: Path) -> None:
     (inbox / "batch-a" / "zz broken.jpg").write_bytes(photos[1].read_bytes()[:300])
 
 
-@pytest.mark.parametrize("point", ["after_read", "before_commit", "after_commit#2", "mid_move#2", "mid_link#2", "after_moves", "before_finish"])
-def test_sigkill_then_rerun_is_exactly_once(point, torchserve, database_url, tmp_path, unseen_images):
+# per_request None: the default --photos-per-request (several photos to a request); 1: one photo per request.
+@pytest.mark.parametrize("point, per_request", [
+    *((point, None) for point in ["after_read", "before_commit", "after_commit#2", "mid_move#2", "mid_link#2", "after_moves", "before_finish"]),
+    ("before_commit", "1"), ("mid_move#2", "1"),
+])
+def test_sigkill_then_rerun_is_exactly_once(point, per_request, torchserve, database_url, tmp_path, unseen_images):
     inbox = tmp_path / "inbox"
     fill_inbox(inbox, unseen_images, n=10)
     bad_and_duplicate(inbox)
     originals = snapshot(inbox)
-    env = ingest_env(torchserve.inference_url, database_url)
+    env = ingest_env(torchserve.inference_url, database_url, **({"INGEST_PHOTOS_PER_REQUEST": per_request} if per_request else {}))
 
     killed = cli(inbox, {**env, "INGEST_TEST_HOOK": f"crash@{point}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -83,7 +87,9 @@ def test_torchserve_restart_mid_run(secured_torchserve, database_url, tmp_path, 
     env = ingest_env(secured_torchserve.inference_url, database_url, TORCHSERVE_KEY_FILE=str(secured_torchserve.key_file),
                      TORCHSERVE_MANAGEMENT_URL=secured_torchserve.management_url,
                      INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
-    proc = start_cli(inbox, env, "--retries", "40", "--backoff", "0.2", "--backoff-max", "2")
+    # 2 requests of 2 photos in flight: most photos are still to be sent when TorchServe goes away
+    proc = start_cli(inbox, env, "--retries", "40", "--backoff", "0.2", "--backoff-max", "2",
+                     "--concurrency", "1", "--photos-per-request", "2")
     out, err = restart_while_paused(proc, hooks, stop=secured_torchserve.stop,
                                     start=lambda: secured_torchserve.start(["refund_classifier=refund_classifier-1.mar"]))  # new keys
     assert proc.returncode == 0, err[-3000:]

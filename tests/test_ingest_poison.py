@@ -367,7 +367,8 @@ class Blob(bytearray):
     """A photo's bytes that can be watched (bytes takes no weak reference)."""
 
 
-def test_photos_held_in_memory_stay_under_the_byte_bound(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_request", [1, 4])
+def test_photos_held_in_memory_stay_under_the_byte_bound(per_request, tmp_path, monkeypatch):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     mib = 1 << 20
@@ -376,7 +377,8 @@ def test_photos_held_in_memory_stay_under_the_byte_bound(tmp_path, monkeypatch):
     (inbox / "10-large.jpg").write_bytes(os.urandom(5 * mib))  # larger than the bound: goes alone
     bound = 3 * mib + mib // 2
     s = Settings(inbox=inbox, database_url="postgresql://unused.invalid/x", torchserve_url="http://unused.invalid",
-                 min_age=0, settle=0, concurrency=8, batch_size=64, max_in_flight_bytes=bound, progress=False)
+                 min_age=0, settle=0, concurrency=8, batch_size=64, max_in_flight_bytes=bound, progress=False,
+                 photos_per_request=per_request)
     job = Job(s)
 
     live: list[weakref.ref] = []
@@ -392,10 +394,13 @@ def test_photos_held_in_memory_stay_under_the_byte_bound(tmp_path, monkeypatch):
         return blob, digest, size
     monkeypatch.setattr(files, "read", read)
 
+    requests = []
+
     class Predictor:
-        def predict(self, data, name):
+        def predict_many(self, photos, names):
+            requests.append(len(photos))
             time.sleep(0.02)
-            return Answer(True, {**GOOD})
+            return [Answer(True, {**GOOD}) for _ in photos]
     recorded = []
     job.predictor = Predictor()
     job.journal.known = lambda group: {}
@@ -407,6 +412,7 @@ def test_photos_held_in_memory_stay_under_the_byte_bound(tmp_path, monkeypatch):
         assert held == 0 if size > bound else held + size <= bound, (size, held)
     assert max(held + size for size, held in seen if size <= bound) > 2 * mib  # the bound, not a crawl, set the pace
     assert job.held == 0
+    assert max(requests) == min(per_request, 3) and sum(requests) == 21  # 3 photos of 1 MiB fill the bound
 
 
 # -- an upload that stalls ------------------------------------------------------------------------

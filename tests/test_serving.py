@@ -165,6 +165,31 @@ def test_a_bad_image_in_a_batch_fails_alone(torchserve, unseen_images):
     pytest.fail(f"no batch mixed good and bad images: {batches}")
 
 
+def test_several_photos_in_one_request_get_a_list_in_order(torchserve, unseen_images):
+    good = [p.read_bytes() for p in unseen(unseen_images)[:3]]
+    url = f"{torchserve.inference_url}/{PREDICT}"
+    alone = [requests.post(url, data=g, timeout=60).json() for g in good]
+    corrupt = good[1][: len(good[1]) // 2]
+    # multipart, parts photos[i], sent out of order: the index decides the place
+    files = [("photos[1]", ("b.jpg", corrupt)), ("photos[0]", ("a.jpg", good[0])), ("photos[2]", ("c.jpg", good[2]))]
+    r = requests.post(url, files=files, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    first, bad, last = r.json()
+    assert (first["label"], last["label"]) == (alone[0]["label"], alone[2]["label"])
+    assert abs(first["confidence"] - alone[0]["confidence"]) < 5e-3
+    assert (bad["code"], bad["status"]) == ("corrupt", 400)
+    # JSON, the same photos as base64
+    r = requests.post(url, json={"instances": [base64.b64encode(g).decode() for g in good]}, timeout=60)
+    assert r.status_code == 200 and [i["label"] for i in r.json()] == [a["label"] for a in alone]
+    # the client's own form, read through ANSWERS
+    answers = torchserve.client.classify_many("refund_classifier", [good[0], corrupt, b"", good[2]])
+    assert [(a.ok, a.body.get("label") or a.body["code"]) for a in answers] == \
+        [(True, alone[0]["label"]), (False, "corrupt"), (False, "empty"), (True, alone[2]["label"])]
+    # a malformed request of several: one clear error, 400
+    r = requests.post(url, files=[("photos[0]", ("a.jpg", good[0])), ("photos[2]", ("c.jpg", good[2]))], timeout=60)
+    assert r.status_code == 400 and r.json()["code"] == "bad_request" and "photos[i]" in r.json()["error"]
+
+
 def test_metrics_endpoint_exposes_handler_metrics(torchserve):
     requests.post(f"{torchserve.inference_url}/{PREDICT}", data=b"", timeout=30)  # at least one reject
     text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=10).text

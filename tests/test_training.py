@@ -74,7 +74,7 @@ def test_export_writes_a_versioned_archive(model_store):
         config = yaml.safe_load(z.read("model-config.yaml"))
         index = json.loads(z.read("index_to_name.json"))
         meta = json.loads(z.read("model_meta.json"))
-    assert {"refund_handler.py", "refund_inference.py", "refund_model.py", "refund_preprocess.py",
+    assert {"refund_handler.py", "refund_inference.py", "refund_model.py", "refund_preprocess.py", "refund_requests.py",
             "weights.pt", "index_to_name.json", "model_meta.json", "model-config.yaml"} <= names
     assert not any(n.startswith("training") or n.startswith("ingest") for n in names)
     assert manifest["model"]["modelName"] == "refund_classifier" and manifest["model"]["modelVersion"] == "1"

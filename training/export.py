@@ -37,7 +37,7 @@ logger = logging.getLogger("training.export")
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 HANDLER_FILE = "refund_handler.py"
-HANDLER_EXTRA = ["refund_inference.py", "refund_model.py", "refund_preprocess.py"]
+HANDLER_EXTRA = ["refund_inference.py", "refund_model.py", "refund_preprocess.py", "refund_requests.py"]
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 
 # TorchServe's per-model settings (batching, workers, handler options), tuned with the handler.
