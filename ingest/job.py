@@ -219,7 +219,7 @@ class Job:
                     if item.sha256 in known:
                         self._release(item)
                         row = known[item.sha256]
-                        if row[1] == "rejected" and self._incomplete(item, row[2], row[3]):
+                        if row.status == "rejected" and self._incomplete(item, row.error_code, row.error):
                             continue
                         self.buffer.append(Outcome(item, known=row))
                         progress.update(1)
@@ -262,11 +262,6 @@ class Job:
         """A photo's result (an Answer, or the error it ended with) -> the buffer, or the counts and log."""
         self._release(o.item)
         del in_flight[o.item.sha256]
-        if isinstance(result, FileFailed):
-            self.summary.failed += 1 + len(followers)
-            logger.error("%s: not classified, left in the inbox: %s", o.item.entry.relative, result,
-                         extra={"event": "failed", "path": o.item.entry.relative})
-            return
         if isinstance(result, IngestError):
             self.summary.failed += 1 + len(followers)
             if self.fatal is None:
@@ -274,10 +269,11 @@ class Job:
                 logger.error("stopping: %s", result, extra={"event": "stopping"})
                 self.stop.set()  # wakes retries that are sleeping
             return
-        if isinstance(result, BaseException):  # a surprise about one request costs its photos alone
+        if isinstance(result, BaseException):  # FileFailed, or a surprise about one request: its photos alone
             self.summary.failed += 1 + len(followers)
-            logger.error("%s: not classified, left in the inbox: unexpected %s: %s", o.item.entry.relative,
-                         type(result).__name__, result, extra={"event": "failed", "path": o.item.entry.relative})
+            why = result if isinstance(result, FileFailed) else f"unexpected {type(result).__name__}: {result}"
+            logger.error("%s: not classified, left in the inbox: %s", o.item.entry.relative, why,
+                         extra={"event": "failed", "path": o.item.entry.relative})
             return
         answer = result
         body = answer.body if isinstance(answer.body, dict) else {}

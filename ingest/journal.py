@@ -31,7 +31,7 @@ import psycopg2.errors
 from psycopg2.extras import Json, execute_values
 
 from ingest import db, files
-from ingest.outcomes import Item, Outcome, Summary
+from ingest.outcomes import Item, KnownRow, Outcome, Summary
 from ingest.settings import Settings
 from ingest.store import Store
 
@@ -208,8 +208,8 @@ class Journal:
             "id": self.run_id, "status": status, "counts": Json(counts), "error": error}))
 
     # -- rows ----------------------------------------------------------------------------
-    def known(self, items: list[Item]) -> dict[str, tuple]:
-        """{sha256: (prediction id, status, error_code, error)} of the contents already recorded for
+    def known(self, items: list[Item]) -> dict[str, KnownRow]:
+        """{sha256: KnownRow} of the contents already recorded for
         the model (the pinned version, or any version when none is pinned): those are not sent again."""
         shas = sorted({i.sha256 for i in items})
         if not shas:
@@ -217,7 +217,7 @@ class Journal:
 
         def q(cur):
             cur.execute(db.load_query("find_predictions"), {"model": self.s.model_name, "shas": shas, "version": self.s.model_version})
-            return {sha: (pid, status, code, error) for sha, pid, status, _ver, code, error in cur.fetchall()}
+            return {sha: KnownRow(pid, status, code, error) for sha, pid, status, _ver, code, error in cur.fetchall()}
         return self.store.transaction(q)
 
     def record(self, outs: list[Outcome], *, before_commit: Callable[[], None] | None = None) -> Written:
@@ -287,7 +287,7 @@ class Journal:
                     o.duplicate = not (rid == self.run_id and path == r.original_path)
         for o in outs:
             if o.known is not None:
-                o.prediction_id, o.status, o.duplicate = o.known[0], o.known[1], True
+                o.prediction_id, o.status, o.duplicate = o.known.prediction_id, o.known.status, True
             elif o.leader is not None:
                 o.prediction_id, o.status, o.duplicate = o.leader.prediction_id, o.leader.status, True
         day = datetime.now(timezone.utc).strftime("%Y-%m-%d")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from ingest import files
 from ingest.schedule import CronError
@@ -89,6 +90,15 @@ class Item:
     received_at: datetime
 
 
+class KnownRow(NamedTuple):
+    """The row that already records a content for the model (Journal.known)."""
+
+    prediction_id: int
+    status: str  # ok | rejected
+    error_code: str | None
+    error: str | None
+
+
 @dataclass
 class Outcome:
     """What becomes of one file: a new row (`body`), or a reference to an existing one (`known`/`leader`)."""
@@ -96,7 +106,7 @@ class Outcome:
     item: Item
     body: dict | None = None  # the answer to record (200 or a rejection)
     ok: bool = False
-    known: tuple | None = None  # (id, status) of a row that already existed before this run asked
+    known: KnownRow | None = None  # the row that already existed before this run asked
     leader: "Outcome | None" = None  # same content earlier in this run
     prediction_id: int | None = None
     status: str | None = None  # ok | rejected, once known
