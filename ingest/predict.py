@@ -57,38 +57,25 @@ class Predictor:
     def predict(self, data: bytes, name: str) -> Answer:
         """The Answer about one photo (`name` is for the log), or raises FileFailed, TorchServeDown
         or TorchServeRefused."""
-        last: Transient | None = None
-        for attempt in range(1, self.s.retries + 1):
-            if self.stop.is_set() and attempt > 1:
-                break
+        (result,) = self.predict_many([data], [name])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _send(self, photos: list[bytes], *, single: bool) -> list[Answer | Transient]:
+        """One request: `single`, the plain single-photo request; else one request of several (its
+        retries too, however few photos are left without a verdict)."""
+        timeout = (self.s.connect_timeout, self.s.timeout)
+        if single:
             try:
-                return self.client.classify(self.s.model, data, timeout=(self.s.connect_timeout, self.s.timeout))
-            except Refused as exc:
-                raise TorchServeRefused(str(exc)) from exc
+                return [self.client.classify(self.s.model, photos[0], timeout=timeout)]
             except Transient as exc:
-                last = exc
-                if attempt == self.s.retries:
-                    break
-                delay = self._backoff(attempt)
-                self.on_retry()
-                logger.warning("%s: %s; retry %d/%d in %.1fs", name, exc.reason, attempt,
-                               self.s.retries - 1, delay, extra={"event": "retry", "path": name})
-                if self.stop.wait(delay):
-                    break
-        if self.stop.is_set():
-            raise FileFailed(f"stopped before an answer ({last.reason if last else 'not sent'})")
-        if last is not None and last.down:
-            raise self._down(last.reason)
-        raise FileFailed(last.reason if last else "no answer")
+                return [exc]
+        return self.client.classify_many(self.s.model, photos, timeout=timeout)
 
     def predict_many(self, photos: list[bytes], names: list[str]) -> list[Answer | FileFailed | IngestError]:
-        """For each photo, in order: its Answer, or the error `predict` would have raised for it
-        alone (FileFailed, TorchServeDown, TorchServeRefused). One photo goes as a request of one."""
-        if len(photos) == 1:
-            try:
-                return [self.predict(photos[0], names[0])]
-            except (FileFailed, IngestError) as exc:
-                return [exc]
+        """For each photo, in order: its Answer, or the error it ended with (FileFailed, TorchServeDown,
+        TorchServeRefused). Photos without a verdict are asked again, with backoff, up to --retries."""
         results: list[Answer | FileFailed | IngestError | None] = [None] * len(photos)
         last: dict[int, Transient] = {}
         todo = list(range(len(photos)))
@@ -96,11 +83,12 @@ class Predictor:
             if self.stop.is_set() and attempt > 1:
                 break
             try:
-                got = self.client.classify_many(self.s.model, [photos[i] for i in todo],
-                                                timeout=(self.s.connect_timeout, self.s.timeout))
+                got = self._send([photos[i] for i in todo], single=len(photos) == 1)
             except Refused as exc:
                 for i in todo:
-                    results[i] = TorchServeRefused(str(exc))
+                    refused = TorchServeRefused(str(exc))
+                    refused.__cause__ = exc
+                    results[i] = refused
                 return results  # type: ignore[return-value]
             still = []
             for i, answer in zip(todo, got):
