@@ -305,8 +305,7 @@ def finish_interrupted_switch(ts: TorchServe | None, state: State, log=print, *,
             set_default(ts, target)
     if intent.get("action") == "rollback":
         state.history = [v for v in state.history if v != intent.get("from")]
-    state.versions.setdefault(target, {"archive": f"{MODEL_NAME}-{target}.mar", "registered_at": now()})
-    state.promote(target)
+    state.promote(target)  # records the version too, if the state file did not know it
     state.switching = None
     if save:
         state.save()
