@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -83,10 +84,16 @@ class TorchServe:
             pid = int(self.pid_file.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        if _alive(pid):
+        if self._running(pid):
             return pid
         self.pid_file.unlink(missing_ok=True)
         return None
+
+    def _running(self, pid: int) -> bool:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.pid == pid:
+            return proc.poll() is None  # our own child: reaped through its handle, which then knows
+        return _alive(pid)
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
@@ -167,12 +174,14 @@ class TorchServe:
         """Stop our TorchServe (its whole process group: frontend and workers). True if one was running."""
         pid = self.pid()
         if pid is None:
+            if getattr(self, "_proc", None) is not None:
+                self._proc.poll()  # exited on its own: collect its status
             return False
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and self._running(pid):
             time.sleep(0.2)
-        if _alive(pid):
+        if self._running(pid):
             _signal_group(pid, signal.SIGKILL)
         if getattr(self, "_proc", None) is not None:
             self._proc.wait(timeout=10)
@@ -270,11 +279,39 @@ def latest_archive(model_store: Path, model: str = MODEL_NAME) -> Path | None:
     return list(found.values())[-1] if found else None
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux's default when it cannot be read)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on loopback that nothing listens on right now, and that no outgoing connection will
+    take before the server binds it: it is drawn from outside the kernel's ephemeral range (a port
+    bound to 0 comes from inside it, where any client socket may grab it in the meantime), and never
+    twice in one process."""
+    low, high = _ephemeral_range()
+    spans = [(a, b) for a, b in ((10000, low - 1), (high + 1, 65535)) if b - a > 100] or [(low, high)]
+    rng = random.Random()
+    for _ in range(1000):
+        a, b = rng.choice(spans)
+        port = rng.randint(a, b)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise TorchServeError(f"no free TCP port found on 127.0.0.1 outside the ephemeral range {low}-{high}")
 
 
 def make_torchserve(model_store: Path, state: Path, **overrides: str) -> TorchServe:

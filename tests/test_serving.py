@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import re
+import signal
+import socket
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +20,7 @@ import torch
 from handler.refund_inference import calibrated_probs, resolve_precision
 from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import normalize
-from serving.torchserve import load_properties
+from serving.torchserve import TorchServeError, _ephemeral_range, free_port, load_properties, make_torchserve
 from serving.paths import REPO_ROOT
 from training import export as export_mod
 from training.catalogue import list_items, read_styles
@@ -246,3 +250,40 @@ def test_register_from_the_model_store_by_file_name(torchserve, trained_run, mod
         torchserve.client.management("DELETE", "models/refund_classifier/2", timeout=60)
         archive.unlink(missing_ok=True)
     assert [m["modelVersion"] for m in torchserve.describe("refund_classifier")] == ["1"]
+
+
+def test_free_ports_come_from_outside_the_ephemeral_range():
+    """An outgoing connection (to PostgreSQL, to TorchServe) takes an ephemeral port: a port picked
+    from that range can be gone before the server binds it."""
+    low, high = _ephemeral_range()
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert not [p for p in ports if low <= p <= high]
+
+
+def test_a_start_that_fails_on_a_taken_port_says_so_and_reaps_its_process(model_store, tmp_path):
+    """TorchServe binds its gRPC port after loading the model: it dies after /ping answered. The
+    error names the port, and the process is collected (no 'still running' left to the garbage collector)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ts = make_torchserve(model_store, tmp_path / "ts", grpc_management_port=str(port))
+        with pytest.raises(TorchServeError, match="Address already in use"):
+            ts.start(["refund_classifier=refund_classifier-1.mar"], wait_s=120)
+    assert ts._proc.returncode is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del ts
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+def test_a_torchserve_that_dies_on_its_own_is_collected(start_torchserve):
+    ts = start_torchserve(models=["refund_classifier=refund_classifier-1.mar"])
+    os.killpg(ts.pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while ts.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ts.pid() is None and not ts.stop()
+    assert ts._proc.returncode == -signal.SIGKILL
