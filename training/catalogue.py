@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -22,22 +23,21 @@ class Item:
     path: Path
 
 
-def read_styles(csv_path: Path) -> tuple[list[dict], dict[str, int]]:
-    """Parse Kaggle's unquoted styles.csv.
+def iter_styles(csv_path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Kaggle's unquoted styles.csv, row by row: (line number, row, None) for a usable row,
+    (line number, None, reason) for one without a numeric id or a label; blank lines are passed over.
 
-    The last column (productDisplayName) may hold commas, so a row is split on the
-    first len(header)-1 commas only: everything after belongs to the last column.
-    Cells that are empty or the literal `NA` become None. Returns (rows, skipped-by-reason).
+    The last column (productDisplayName) may hold commas, so a row is split on the first
+    len(header)-1 commas only: everything after belongs to the last column. Cells that are
+    empty or the literal `NA` become None.
     """
-    skipped: dict[str, int] = {}
     with open(csv_path, encoding="utf-8", errors="replace", newline="") as f:
         header_line = f.readline()
         header = [h.strip() for h in header_line.rstrip("\r\n").split(",")]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise CatalogueError(f"{csv_path}: missing required column(s) {missing}; the header is {header}")
-        rows = []
-        for line in f:
+        for line_no, line in enumerate(f, start=2):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
@@ -46,11 +46,21 @@ def read_styles(csv_path: Path) -> tuple[list[dict], dict[str, int]]:
                 fields += [""] * (len(header) - len(fields))
             row = {h: (None if v.strip() in MISSING else v.strip()) for h, v in zip(header, fields)}
             if row["id"] is None or not row["id"].isdigit():
-                skipped["bad_id"] = skipped.get("bad_id", 0) + 1
-                continue
-            if row["articleType"] is None:
-                skipped["no_label"] = skipped.get("no_label", 0) + 1
-                continue
+                yield line_no, None, "bad_id"
+            elif row["articleType"] is None:
+                yield line_no, None, "no_label"
+            else:
+                yield line_no, row, None
+
+
+def read_styles(csv_path: Path) -> tuple[list[dict], dict[str, int]]:
+    """The usable rows of a styles.csv (see iter_styles), and the count of the others by reason."""
+    skipped: dict[str, int] = {}
+    rows = []
+    for _, row, reason in iter_styles(csv_path):
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
             rows.append(row)
     return rows, skipped
 

@@ -10,12 +10,17 @@ A run folder (`training.train --out RUN`) holds:
                                    last when the run learned it (--other class)
                    preprocess      {"image_size": [H, W], "mean": [...], "std": [...]}: the training size
                    calibration     defaults; training.evaluate fits the real ones into calibration.json
-                   manifest_hash, data_dir   the prepared split it was trained on (training.prepare)
+                   manifest_hash, data_dir   the prepared split it was trained on (training.prepare);
+                                   the hash covers the --extra-data photos trained too
+                   extra_data      per --extra-data folder: photos trained, rows skipped by reason
                    class_counts    training images per class and epoch (the prior calibration uses)
                    epoch, best, last, keep, ema_decay, history, args
-                 Runs from before `ema`, `class_counts`, `keep` and `last` lack them and load as before.
+                 Runs from before `ema`, `class_counts`, `keep`, `last` and `extra_data` lack them and load as before.
   last.pt        the latest epoch plus optimizer state, step, time used and RNG states, for --resume
   history.csv / history.json   one row per epoch
+  train_manifest.csv           every photo the run trains on: id,label,path,sha256,source (label:
+                               the class it is trained as, `other` for the out-of-category pool;
+                               source: the manifest or --extra-data styles.csv it came from)
   calibration.json             written by training.evaluate, read by training.export
   eval-sizes/metrics.json      training.evaluate --sizes: the val sweep over served sizes
 
@@ -40,6 +45,8 @@ CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
 CALIBRATION = "calibration.json"
 SIZE_SWEEP = Path("eval-sizes") / "metrics.json"
+TRAIN_MANIFEST = "train_manifest.csv"
+TRAIN_MANIFEST_FIELDS = ("id", "label", "path", "sha256", "source")
 DEFAULT_CALIBRATION = {"temperature": 1.0, "review_threshold": 0.5}
 # Which of a checkpoint's state_dicts to use: auto = the EMA where the run kept one.
 EMA_CHOICES = ("auto", "on", "off")
@@ -73,12 +80,21 @@ def checkpoint_dict(model, *, model_config, classes, image_size, mean, std, mani
         "epoch": epoch,
         "best": best,
         "history": history,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: _plain(v) for k, v in vars(args).items()},
         **(extra or {}),
     }
     if ema is not None:
         out["ema"] = cpu_state_dict(ema)
     return out
+
+
+def _plain(value):
+    """An argument as torch.load(weights_only=True) reads it back: paths (also in a list) as strings."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def untrained_checkpoint_dict(model, *, model_config, classes, image_size, mean, std, note: str) -> dict:
@@ -111,7 +127,27 @@ def write_history(out: Path, history: list[dict]) -> None:
             w.writerows(history)
 
 
+def write_train_manifest(out: Path, rows: list[dict]) -> None:
+    """RUN/train_manifest.csv: one row per training photo (TRAIN_MANIFEST_FIELDS), written whole or not at all."""
+    path = Path(out) / TRAIN_MANIFEST
+    partial = path.with_suffix(path.suffix + ".partial")
+    with open(partial, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=TRAIN_MANIFEST_FIELDS)
+        w.writeheader()
+        w.writerows({k: str(row[k]) for k in TRAIN_MANIFEST_FIELDS} for row in rows)
+    partial.replace(path)
+
+
 # -- reading ---------------------------------------------------------------------------------
+
+def read_train_manifest(run: Path) -> list[dict]:
+    """RUN/train_manifest.csv as dicts; [] for a run from before it was written."""
+    path = Path(run) / TRAIN_MANIFEST
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint file, or a run folder's checkpoint.pt, as a dict of CPU tensors."""

@@ -14,6 +14,13 @@ With --other class (the default) the catalogue's photos outside the refund categ
 category"), the last output; --other-per-epoch draws a fresh random share of them each epoch.
 Model selection and early stopping look at val macro-F1 over the refund categories only.
 
+--extra-data DIR (repeatable) adds reviewed photos (`python -m review export`: styles.csv with
+id,articleType + images/<id>.jpg) to the training split only, never to val or test: a category's
+photos as that category, those labelled `other` to the out-of-category pool (left out, with a
+count, under --other none). A label that is neither a category of the run nor `other` stops the
+run naming the file and line; a row whose image is missing, unreadable or a copy of a photo
+already in training, val or test is skipped, logged by line (training/extra_data.py).
+
 Writes into RUN:
   checkpoint.pt  --keep best: the best epoch by validation macro-F1 (of the EMA weights when
                  --ema-decay > 0); --keep last: the annealed end. A dict of state_dicts (the EMA
@@ -23,6 +30,8 @@ Writes into RUN:
   history.csv / history.json   one row per epoch: val figures of the raw weights, of the EMA
                  (ema_*), and the best so far (best_epoch, best_val_macro_f1), so best vs last
                  and EMA vs raw can be read off the last row
+  train_manifest.csv   every training photo: id,label,path,sha256,source (the prepared manifest
+                 or the --extra-data styles.csv it came from; label `other` for the out-of-category pool)
 The format is training/checkpoint.py's; the loop's pieces are in training/engine.py.
 """
 from __future__ import annotations
@@ -41,8 +50,10 @@ from torch import nn
 from handler.refund_inference import OTHER_LABEL
 from handler.refund_model import available_archs, build_model, cpu_supports_bf16
 from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD
+from training import extra_data as extra_mod
 from training import prepare as prepare_mod
-from training.checkpoint import CHECKPOINT, LAST, CheckpointError, checkpoint_dict, load_checkpoint, save_atomic, write_history
+from training.checkpoint import (CHECKPOINT, LAST, CheckpointError, checkpoint_dict, load_checkpoint, save_atomic,
+                                 write_history, write_train_manifest)
 from training.engine import (Clock, ThreadTuner, TrainError, WeightEMA, amp_dtype, class_weights, epoch_subset, evaluate,
                              load_images, load_initial_weights, param_groups, resolve_device, train_one_epoch)
 
@@ -88,6 +99,10 @@ def resolve_data(data_dir: Path, out: Path, args: argparse.Namespace) -> Path:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="raw catalogue (styles.csv + images/) or a training.prepare folder")
+    parser.add_argument("--extra-data", type=Path, action="append", default=[], metavar="DIR",
+                        help="reviewed photos to add to the training split only (repeatable): a Kaggle-layout folder "
+                             "(styles.csv with id,articleType + images/<id>.jpg, as python -m review export writes); "
+                             f"articleType is a category of the run, or {OTHER_LABEL!r} for the out-of-category pool")
     parser.add_argument("--out", type=Path, required=True, help="run folder to write the checkpoints and history into")
     parser.add_argument("--arch", type=str, default="resnet50", help="torchvision classifier name, or tinynet for tests")
     parser.add_argument("--epochs", type=int, default=40, help="most epochs; --time-budget usually ends the run first")
@@ -159,39 +174,53 @@ def run(args: argparse.Namespace) -> Path:
         raise TrainError(f"Invalid --other-per-epoch {args.other_per_epoch}: use a count >= 0 (0: all)")
     data = resolve_data(args.data_dir, out, args).resolve()  # evaluate may run from another folder
     classes = json.loads((data / "classes.json").read_text())
-    m_hash = prepare_mod.manifest_hash(data)
-    if resume is not None and resume["manifest_hash"] != m_hash:
-        raise TrainError(f"--resume {args.resume}: it was trained on other manifests than {data} (hash differs)")
+    extras = extra_mod.read_all(args.extra_data, classes, data)
     train_recs = prepare_mod.read_manifest(data / "train.csv")
     val_recs = prepare_mod.read_manifest(data / "val.csv")
-    outside_train, outside_val = [], []
+    # (record, source) of what trains as a category, then of the out-of-category pool (label `other`).
+    inside = [(r, data / "train.csv") for r in train_recs] + [(r, e.csv) for e in extras for r in e.inside]
+    pool, outside_val = [], []
+    extra_other = [(r, e.csv) for e in extras for r in e.other]
     if args.other == "class":
-        outside_train = prepare_mod.read_manifest(data / "outside-train.csv")
+        pool = [(r, data / "outside-train.csv") for r in prepare_mod.read_manifest(data / "outside-train.csv")] + extra_other
         outside_val = prepare_mod.read_manifest(data / "outside-val.csv")
-        if outside_train:
+        if pool:
             classes = classes + [OTHER_LABEL]
         else:
             logger.warning("--other class: %s holds no out-of-category photos; training the refund categories only", data)
+    elif extra_other:
+        logger.warning("--other none: %d reviewed photos labelled %r left out (train with --other class to learn them)",
+                       len(extra_other), OTHER_LABEL)
+        extra_other = []
     other = classes.index(OTHER_LABEL) if OTHER_LABEL in classes else None
+    trained = [(r, r.label, src) for r, src in inside] + [(r, OTHER_LABEL, src) for r, src in pool]
+    reviewed = [(r, r.label) for e in extras for r in e.inside] + [(r, OTHER_LABEL) for r, _ in extra_other]
+    m_hash = extra_mod.manifest_hash(prepare_mod.manifest_hash(data), reviewed)
+    if resume is not None and resume["manifest_hash"] != m_hash:
+        raise TrainError(f"--resume {args.resume}: it was trained on other manifests than {data} with the "
+                         f"--extra-data given now ({len(args.extra_data)} folders; hash differs)")
+    write_train_manifest(out, [{"id": r.id, "label": label, "path": r.path, "sha256": r.sha256, "source": src}
+                               for r, label, src in trained])
     to_index = {c: i for i, c in enumerate(classes)}
     t0 = time.monotonic()
     # One cache: the in-category photos, then the out-of-category ones (label `other`).
-    train_x = load_images(train_recs + outside_train, image_size, desc="decode train")
+    train_x = load_images([r for r, _, _ in trained], image_size, desc="decode train")
     val_x = load_images(val_recs, image_size, desc="decode val")
     outside_val_x = load_images(outside_val, image_size, desc="decode outside val") if other is not None else None
-    train_y = torch.tensor([to_index[r.label] for r in train_recs] + [other] * len(outside_train), dtype=torch.long)
+    train_y = torch.tensor([to_index[label] if label != OTHER_LABEL else other for _, label, _ in trained], dtype=torch.long)
     val_y = torch.tensor([to_index[r.label] for r in val_recs])
     if device.type == "cuda":  # the uint8 cache fits any card: augmenting there keeps the GPU fed
         train_x, val_x = train_x.to(device), val_x.to(device)
         outside_val_x = outside_val_x.to(device) if outside_val_x is not None else None
-    n_in, n_out = len(train_recs), len(outside_train)
+    n_in, n_out = len(inside), len(pool)
     per_epoch_out = n_out if args.other_per_epoch == 0 else min(n_out, args.other_per_epoch)
     class_counts = torch.bincount(train_y[:n_in], minlength=len(classes))
     if other is not None:
         class_counts[other] = per_epoch_out  # what an epoch shows of it: the prior calibration corrects for
-    logger.info("data %s: %d classes, %d train + %d out-of-category (%d an epoch), %d val + %d out-of-category; "
-                "decoded to uint8 %s in %.1fs (%.0f MB); amp=%s device=%s threads=%d",
-                data, len(classes), n_in, n_out, per_epoch_out, len(val_y), len(outside_val), image_size,
+    logger.info("data %s: %d classes, %d train (%d reviewed) + %d out-of-category (%d reviewed; %d an epoch), "
+                "%d val + %d out-of-category; decoded to uint8 %s in %.1fs (%.0f MB); amp=%s device=%s threads=%d",
+                data, len(classes), n_in, n_in - len(train_recs), n_out, len(extra_other), per_epoch_out, len(val_y),
+                len(outside_val), image_size,
                 time.monotonic() - t0, (train_x.numel() + val_x.numel()) / 1e6, amp, device, torch.get_num_threads())
 
     model_config = {"arch": args.arch, "num_classes": len(classes)}
@@ -240,7 +269,8 @@ def run(args: argparse.Namespace) -> Path:
 
     meta = dict(model_config=model_config, classes=classes, image_size=image_size, mean=mean, std=std,
                 manifest_hash=m_hash, data_dir=data, args=args)
-    extra = {"class_counts": class_counts.tolist(), "keep": args.keep, "ema_decay": args.ema_decay}
+    extra = {"class_counts": class_counts.tolist(), "keep": args.keep, "ema_decay": args.ema_decay,
+             "extra_data": [e.summary(other_trained=other is not None) for e in extras]}
     # The figure selection and early stopping go by: that of the weights export serves by default.
     select = "ema_val_macro_f1" if ema is not None else "val_macro_f1"
     stale = history[-1]["epoch"] - best["epoch"] if history else 0
