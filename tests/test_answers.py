@@ -507,3 +507,38 @@ def test_smoke_test_compares_like_with_like_on_out_of_category_images():
     assert promoted and "0.750 vs the default's 0.750" in reason
     table = rollout.comparison_table(candidate, default)
     assert "outside: other / review" in table and "2 / 1 of 3" in table and "0 / 1 of 3" in table and "3/4" in table
+
+
+def test_a_reviewed_sample_counts_other_right_when_answered_other():
+    """On a sample with photos reviewed as "not a refund category" (labelled other): an answer
+    `other` (in_category false) is right on them, sent to review or not; the figure over all images
+    is printed and gates the rollout, so a candidate that lost the `other` output is refused even
+    where it ties on the refund categories."""
+    def answers(version, other: bool):
+        class Answers:
+            def classify(self, model, data, *, timeout=None):
+                body = {**PREDICTION, "version": version}
+                if data == b"shirt":
+                    return Answer(True, {**body, "in_category": True} if other else body)
+                if not other:  # without the output it can only call it some category
+                    return Answer(True, {**body, "label": "Handbags", "needs_review": data == b"unsure"})
+                return Answer(True, {**body, "label": "other", "in_category": False, "needs_review": data == b"unsure"})
+
+        class FakeTorchServe:
+            client = Answers()
+
+        return FakeTorchServe()
+
+    sample = [rollout.Example(f"{i}.jpg", label, kind) for i, (label, kind) in enumerate(
+        [("Tshirts", b"shirt")] * 4 + [("other", b"sure")] * 3 + [("other", b"unsure")])]
+    with_other = rollout.score(answers("1", other=True), "1", sample)
+    without = rollout.score(answers("2", other=False), "2", sample)
+    assert (with_other.accuracy, with_other.outside_correct, with_other.overall) == (1.0, 4, 1.0)
+    assert (without.accuracy, without.outside_correct, without.overall) == (1.0, 0, 0.5)
+    promoted, reason = rollout.judge(without, with_other, 0.02)
+    assert not promoted and reason == ("top-1 over all images ('other' right when answered 'other') 0.500 is 0.500 "
+                                       "below the default's 1.000 (tolerance 0.020)")
+    table = rollout.comparison_table(without, with_other)
+    assert "all, other right" in table and "8/8 1.000" in table and "4/8 0.500" in table, table
+    promoted, reason = rollout.judge(with_other, without, 0.02)
+    assert promoted and "0.500 vs" not in reason and "1.000 vs the default's 0.500" in reason, reason

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from serving import rollout
+from serving.archive import OTHER_LABEL
 from serving.paths import REPO_ROOT
 from serving.__main__ import main as serving_main
 from serving.rollout import RolloutError
@@ -210,6 +211,72 @@ def test_rollout_refusal_restart_rollback_retire(secured, store, unseen_images, 
     assert (store / f"{MODEL}-2.mar").is_file()  # archives are never deleted
     with pytest.raises(RolloutError, match="nothing to roll back to"):
         rollout.rollback(server)
+
+
+# -- a reviewed export as the sample ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_archive(tmp_path_factory) -> Path:
+    """Version 4, with the `other` output: trained on the sample catalogue and products outside it."""
+    catalogue = tmp_path_factory.mktemp("catalogue-outside")
+    make_sample_catalogue.write_catalogue(catalogue, per_class=30, seed=0, outside_per_class=30)
+    run = train_tiny(catalogue, tmp_path_factory.mktemp("other-run"), "--other", "class")
+    out = tmp_path_factory.mktemp("other-archive")
+    export_mod.export(run, "4", model_store=out, sample_per_class=0)
+    return out / f"{MODEL}-4.mar"
+
+
+@pytest.fixture(scope="module")
+def reviewed_export(tmp_path_factory) -> Path:
+    """A folder as `python -m review export` writes it (styles.csv with id,articleType + images/):
+    new photos of the refund categories, as many of products outside them labelled `other`, and one row
+    whose photo is missing."""
+    out = tmp_path_factory.mktemp("reviewed")
+    rows = make_sample_catalogue.write_catalogue(out, per_class=3, seed=998, first_id=70000, outside_per_class=6)
+    labels = [(r["id"], OTHER_LABEL if r["articleType"] in make_sample_catalogue.OUTSIDE_DRAWERS else r["articleType"])
+              for r in rows] + [(79999, "Tshirts")]
+    (out / "styles.csv").write_text("id,articleType\n" + "".join(f"{i},{label}\n" for i, label in labels))
+    return out
+
+
+def test_sample_notes_name_missing_photos_and_labels_without_an_output(archives_dir, reviewed_export, tmp_path):
+    sample = rollout.read_sample(reviewed_export)
+    assert len(sample) == 36 and sum(e.label == OTHER_LABEL for e in sample) == 18
+    archive = rollout.read_archive(archives_dir / f"{MODEL}-2.mar")
+    assert rollout.sample_notes(reviewed_export, sample, archive) == [
+        f"1 of the 37 labelled rows of {reviewed_export / 'styles.csv'} have no images/<id>.jpg: left out"]
+    renamed = [rollout.Example(e.name, "Tshirt" if e.label == "Tshirts" else e.label, e.data) for e in sample]
+    assert rollout.sample_notes(reviewed_export, renamed, archive)[1] == (
+        "3 images are labelled with a category version 2 has no output for, so they count as its misses: 'Tshirt' (3)")
+
+
+@pytest.mark.integration
+def test_rollout_judges_a_candidate_on_a_reviewed_export(server, store, trained_run, other_archive, reviewed_export,
+                                                         capsys):
+    """--sample DIR with photos reviewed as "not a refund category": a candidate that answers them
+    `other` gains on the figure over all images; one that lost the `other` output is refused by it."""
+    shutil.copy(other_archive, store)
+    export_mod.export(trained_run, "5", model_store=store, sample_per_class=0)  # version 2's model again: no `other`
+    assert rollout.serve(server, f"{MODEL}-2.mar") == "2"
+
+    # The tolerances leave room for the tiny models' differences on the refund categories.
+    outcome = rollout.rollout(server, f"{MODEL}-4.mar", sample_dir=reviewed_export, tolerance=0.3)
+    report = outcome.report()
+    assert outcome.promoted, report
+    assert (outcome.candidate.n, outcome.candidate.outside) == (36, 18)
+    assert outcome.candidate.outside_correct >= 12 and outcome.default.outside_correct == 0, report
+    assert outcome.default.overall == pytest.approx(outcome.default.correct / 36)
+    assert outcome.candidate.overall > outcome.default.overall + 0.25, report
+    assert "all, other right" in report and f"{outcome.candidate.correct + outcome.candidate.outside_correct}/36" in report
+    assert "note: 1 of the 37 labelled rows" in report, report
+    assert rollout.current_default(server) == "4"
+
+    code = serving_main(["--config", str(server.config), "rollout", f"{MODEL}-5.mar", "--sample", str(reviewed_export),
+                         "--tolerance", "0.2"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "top-1 over all images ('other' right when answered 'other')" in err and "below the default's" in err, err
+    assert rollout.current_default(server) == "4" and list(rollout.registered(server)) == ["2", "4"]
 
 
 # -- ingestion while versions change ---------------------------------------------------------
