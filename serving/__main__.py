@@ -127,9 +127,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = add("rollout", help="register an archive as a new version, test it, promote it if it is not worse")
     p.add_argument("archive", type=str, help="model_store/refund_classifier-V.mar (or its file name in the model store)")
     p.add_argument("--sample", type=Path, default=None,
-                   help="labelled Kaggle-layout folder (styles.csv + images/<id>.jpg) to compare on (default: the sample inside the archive)")
+                   help="labelled Kaggle-layout folder (styles.csv with id,articleType + images/<id>.jpg), e.g. a "
+                        "reviewed export (python -m review export), to compare on; images labelled 'other' count right "
+                        "when answered 'other' (default: the sample inside the archive)")
     p.add_argument("--tolerance", type=float, default=rollout.DEFAULT_TOLERANCE,
-                   help="how much lower (absolute top-1, e.g. 0.02) the new version may score than the default and still be promoted")
+                   help="how much lower (absolute top-1, e.g. 0.02) the new version may score than the default and still be "
+                        "promoted; on a sample with images labelled 'other', on top-1 over all images as well")
     p.add_argument("--workers", type=int, default=None, help="workers for the new version (default: minWorkers of its model-config.yaml)")
     p.add_argument("--limit", type=int, default=rollout.DEFAULT_LIMIT, help="at most this many sample images, spread evenly (0: all)")
     p.set_defaults(fn=cmd_rollout)

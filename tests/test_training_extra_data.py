@@ -14,7 +14,6 @@ from support import train_tiny
 from training import extra_data as extra_mod
 from training import make_sample_catalogue
 from training import prepare as prepare_mod
-from training.catalogue import CatalogueError
 from training.checkpoint import CHECKPOINT, load_checkpoint, read_train_manifest
 
 
