@@ -194,10 +194,10 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
         if path is None:
             abort(404)
         try:
-            with Image.open(path) as im:
-                fmt = im.format
-                if fmt in BROWSER_FORMATS:
-                    return send_file(path, mimetype=BROWSER_FORMATS[fmt], max_age=0)
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format in BROWSER_FORMATS:
+                    return send_file(io.BytesIO(data), mimetype=BROWSER_FORMATS[im.format], max_age=0)
                 im.load()
                 buf = io.BytesIO()
                 im.convert("RGB").save(buf, "JPEG", quality=90)
