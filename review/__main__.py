@@ -39,6 +39,13 @@ def _migrated_url(args: argparse.Namespace) -> str:
     return url
 
 
+def _writable_url(args: argparse.Namespace) -> str:
+    """The database, with this version's migrations applied (as `ingest run` does; serialized by a lock)."""
+    url = _database_url(args)
+    db.migrate(url)
+    return url
+
+
 def _model_store(args: argparse.Namespace) -> Path | None:
     if args.model_store:
         return args.model_store
@@ -55,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from review.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    url = _migrated_url(args)
+    url = _writable_url(args)
     app = create_app(url, state=process.review_state(), lease_s=args.lease, model_store=_model_store(args),
                      secure_cookies=args.secure_cookies)
     server = make_server(args.host, args.port, app, threaded=True)
@@ -77,7 +84,7 @@ def _serve_flags(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    _migrated_url(args)  # start the private cluster first, and fail here rather than in the background
+    _writable_url(args)  # start the private cluster and migrate first, and fail here rather than in the background
     try:
         url = process.start(args.host, args.port, _serve_flags(args))
     except RuntimeError as exc:
@@ -114,7 +121,7 @@ def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def cmd_add_reviewer(args: argparse.Namespace) -> int:
-    url = _migrated_url(args)
+    url = _writable_url(args)
     password, generated = _read_password(args)
     _, created = queue.add_reviewer(url, args.name, password, replace=args.replace)
     print(f"review: reviewer {args.name} {'created' if created else 'has a new password'}"
@@ -123,7 +130,7 @@ def cmd_add_reviewer(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_share(args: argparse.Namespace) -> int:
-    share = queue.set_audit_share(_migrated_url(args), args.share)
+    share = queue.set_audit_share(_writable_url(args), args.share)
     print(f"review: {share:.2%} of the confidently accepted predictions recorded from now on also enter the queue as audit items")
     return 0
 
