@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,17 +52,19 @@ def test_up_in_the_background_and_serving_down_stops_it(env, database_url, tmp_p
     assert queue.authenticate(database_url, "carol", password) is not None
 
     port = free_port()
+    pid_file = tmp_path / "state" / "review" / "review.pid"
     r = run(env, "review", "up", "--port", str(port))
     try:
         assert r.returncode == 0, r.stderr
         assert f"review: up at http://127.0.0.1:{port}/" in r.stdout
-        pid_file = tmp_path / "state" / "review" / "review.pid"
         pid = int(pid_file.read_text().split()[0])
         assert requests.get(f"http://127.0.0.1:{port}/login", timeout=5).status_code == 200
         again = run(env, "review", "up", "--port", str(port))
         assert again.returncode == 0 and int(pid_file.read_text().split()[0]) == pid, "one server, not two"
     finally:
         down = run(env, "serving", "down")
+        if pid_file.exists():  # not stopped: do not leave it running after the test
+            os.killpg(int(pid_file.read_text().split()[0]), signal.SIGKILL)
     assert down.returncode == 0 and "review: stopped" in down.stdout, down.stderr
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/login", timeout=5)

@@ -143,19 +143,21 @@ def review_server(database_url, tmp_path):
                             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(url + "/login", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, (tmp_path / "review.log").read_text()
-        assert time.monotonic() < deadline, "the review server did not start"
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    try:
+        while True:
+            try:
+                if requests.get(url + "/login", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, (tmp_path / "review.log").read_text()
+            assert time.monotonic() < deadline, "the review server did not start: " + (tmp_path / "review.log").read_text()[-2000:]
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture
