@@ -75,6 +75,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"postgres: {'running' if Cluster().running() else 'down'} (private cluster, port {Cluster().port})")
     else:
         print("postgres: DATABASE_URL is set; not managed here")
+    from review import process as review_process
+
+    if review_process.running_pid() is not None:
+        print(f"review: running at {review_process.address()} (python -m review down stops it)")
     return 0 if up else 3
 
 

@@ -59,6 +59,7 @@ def test_up_in_the_background_and_serving_down_stops_it(env, database_url, tmp_p
         assert f"review: up at http://127.0.0.1:{port}/" in r.stdout
         pid = int(pid_file.read_text().split()[0])
         assert requests.get(f"http://127.0.0.1:{port}/login", timeout=5).status_code == 200
+        assert f"review: running at http://127.0.0.1:{port}/" in run(env, "serving", "status").stdout
         again = run(env, "review", "up", "--port", str(port))
         assert again.returncode == 0 and int(pid_file.read_text().split()[0]) == pid, "one server, not two"
     finally:
@@ -108,3 +109,24 @@ def test_ingest_and_serving_load_without_flask_or_torch():
                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_the_category_list_comes_from_the_versions_archive(tmp_path):
+    """The classes of the archive that answered (`other` offered apart), read again when the file
+    changes; no database is asked while the archive is at hand."""
+    import zipfile
+
+    from review.categories import Categories
+
+    def write_archive(classes: list[str]) -> None:
+        with zipfile.ZipFile(tmp_path / "refund_classifier-2.mar", "w") as z:
+            z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {
+                "modelName": "refund_classifier", "modelVersion": "2", "serializedFile": "weights.pt"}}))
+            z.writestr("index_to_name.json", json.dumps({str(i): c for i, c in enumerate(classes)}))
+
+    write_archive(["Tshirts", "Belts", "other"])
+    cats = Categories("postgresql://nowhere.invalid/none", tmp_path)
+    assert cats.for_version("refund_classifier", "2") == ["Belts", "Tshirts"]
+    write_archive(["Tshirts", "Belts", "Caps", "other"])
+    os.utime(tmp_path / "refund_classifier-2.mar", (1, 1))
+    assert cats.for_version("refund_classifier", "2") == ["Belts", "Caps", "Tshirts"]
