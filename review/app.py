@@ -91,7 +91,7 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
         if "reviewer_id" in session:
             g.reviewer = queue.Reviewer(session["reviewer_id"], session["reviewer"])
         if g.reviewer is None and request.endpoint not in OPEN_PAGES:
-            return redirect(url_for("login", next=request.full_path if request.method == "GET" else None))
+            return redirect(url_for("login", next=(request.full_path if request.query_string else request.path) if request.method == "GET" else None))
 
     @app.after_request
     def headers(response):
