@@ -317,3 +317,39 @@ def test_export_skips_a_photo_gone_from_disk(database_url, rows, alice, tmp_path
     summary = export(database_url, tmp_path / "export", since=EPOCH)
     assert summary.written == 0 and summary.skipped == {"file_missing": 1}
     assert json.dumps(summary.skipped)
+
+
+def test_the_ingestion_journal_feeds_the_queue(database_url, tmp_path, alice):
+    """Rows written by the ingest job's own code (Journal.record: a batch in one statement) enter
+    the queue: the unsure answers, and an accepted one whose content is in the audit sample; the
+    photo is offered once its move is recorded."""
+    from ingest import files
+    from ingest.journal import Journal
+    from ingest.outcomes import Item, Outcome
+    from ingest.settings import Settings
+    from ingest.store import Store
+
+    def outcome(name: str, body: dict) -> Outcome:
+        data = name.encode()
+        entry = files.Entry(tmp_path / "inbox" / name, name, len(data), 0, 0)
+        return Outcome(Item(entry, None, hashlib.sha256(data).hexdigest(), len(data), datetime.now(timezone.utc)),
+                       body=body, ok=True)
+
+    def point(name: str) -> float:
+        return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 2**32
+
+    audited = next(f"a{i}.jpg" for i in range(10000) if point(f"a{i}.jpg") < 0.02)
+    skipped = next(f"s{i}.jpg" for i in range(10000) if point(f"s{i}.jpg") >= 0.02)
+    sure = {"label": "Tshirts", "confidence": 0.99, "topk": [{"label": "Tshirts", "p": 0.99}], "needs_review": False,
+            "model": "refund_classifier", "version": "1"}
+    unsure = {**sure, "confidence": 0.4, "topk": [{"label": "Tshirts", "p": 0.4}], "needs_review": True}
+    (tmp_path / "inbox").mkdir()
+    journal = Journal(Store(database_url), Settings(inbox=tmp_path / "inbox", database_url=database_url))
+    journal.start_run()
+    written = journal.record([outcome("u1.jpg", unsure), outcome("u2.jpg", unsure), outcome(audited, sure),
+                              outcome(skipped, sure)])
+    got = dict(fetch(database_url, "SELECT p.filename, i.reason FROM review_items i JOIN predictions p ON p.id = i.prediction_id"))
+    assert got == {"u1.jpg": "needs_review", "u2.jpg": "needs_review", audited: "audit"}
+    assert queue.claim(database_url, alice) is None, "no photo moved yet"
+    journal.mark([m.file_id for m in written.plan], "moved")
+    assert queue.claim(database_url, alice) is not None
