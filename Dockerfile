@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# One image for TorchServe (the default command) and the ingestion job (compose gives it another
-# command). See docs/DEPLOYMENT.md. Build: docker compose build
+# One image for TorchServe (the default command), the ingestion job and the review desk (compose
+# gives them other commands). See docs/DEPLOYMENT.md. Build: docker compose build
 #   CPU (default):  docker build -t refund-classifier .
 #   CUDA:           docker build --build-arg TORCH_VARIANT=cu126 -t refund-classifier:cuda .
 #                   (any variant https://download.pytorch.org/whl/ lists for the pinned torch version)
@@ -37,6 +37,7 @@ RUN grep -E '^(torch|torchvision)==' requirements.txt > /tmp/torch-requirements.
 
 COPY handler/ handler/
 COPY ingest/ ingest/
+COPY review/ review/
 COPY serving/ serving/
 COPY training/ training/
 COPY deploy/__init__.py deploy/healthcheck.py deploy/
@@ -47,7 +48,7 @@ COPY deploy/config.properties config.properties
 # --non-unique: the host's gid may exist in the image already (macOS's staff, 20, is Debian's dialout).
 RUN groupadd --non-unique --gid "${RC_GID}" refund \
  && useradd --non-unique --uid "${RC_UID}" --gid "${RC_GID}" --create-home --shell /usr/sbin/nologin refund \
- && mkdir -p /app/model_store /app/.run/torchserve /app/.run/inference-key \
+ && mkdir -p /app/model_store /app/.run/torchserve /app/.run/inference-key /app/.run/review \
  && chown -R refund:refund /app/model_store /app/.run
 USER refund
 

@@ -13,7 +13,7 @@ BENCH_DATA ?= $(wildcard ../shared/datasets/fashion-small)
 .PHONY: help venv demo test test-fast up down status bench clean
 
 help:
-	@echo "make demo   - sample catalogue -> train -> export -> TorchServe + PostgreSQL -> ingest -> report"
+	@echo "make demo   - sample catalogue -> train -> export -> TorchServe + PostgreSQL -> ingest -> report -> review desk"
 	@echo "make test   - the test suite (real TorchServe, real PostgreSQL)"
 	@echo "make test-fast - the unit tests only: no services, seconds"
 	@echo "make bench [BENCH_DATA=CATALOGUE] [BENCH_ARGS=--quick] - the benchmarks"
@@ -38,7 +38,11 @@ demo: $(STAMP)
 	$(PY) -m ingest run --inbox $(DEMO)/inbox
 	$(PY) -m ingest report --latest 10
 	@echo
-	@echo "TorchServe and PostgreSQL are still running: 'make status' shows them, 'make down' stops them."
+	$(PY) -m review add-reviewer demo --generate-password --replace
+	$(PY) -m review up
+	@echo
+	@echo "Review desk: http://127.0.0.1:$${REVIEW_PORT:-8090}/ - log in as 'demo' with the password printed above."
+	@echo "TorchServe, PostgreSQL and the review desk are still running: 'make status' shows them, 'make down' stops them."
 
 test: $(STAMP)
 	$(PY) -m pytest

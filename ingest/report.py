@@ -18,6 +18,15 @@ SECTIONS = {
     "duplicates": ("report_duplicates", "Duplicates (same content as a recorded photo)"),
     "runs": ("report_runs", "Runs"),
 }
+# The review desk (python -m review): reads the tables of migration 004, empty until someone reviews.
+REVIEW_SECTIONS = {
+    "review_open": ("report_review_open", "Review desk: open items"),
+    "review_per_day": ("report_review_per_day", "Review desk: decisions per day"),
+    "review_agreement": ("report_review_agreement", "Review desk: decisions agreeing with the model, per version and class"),
+    "review_audit": ("report_review_audit", "Review desk: measured precision of accepted answers (audit sample, Wilson 95 % interval)"),
+    "review_accuracy": ("report_review_accuracy", "Review desk: reviewed accuracy of the needs-review answers"),
+}
+SECTIONS.update(REVIEW_SECTIONS)
 # Shown on request only (`report --latest N`), not among the default sections.
 EXTRA_SECTIONS = {"latest": ("latest", "Latest predictions")}
 

@@ -51,6 +51,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    # The review desk of `python -m review up` reads this PostgreSQL: it stops first. (review.process
+    # is its pid file alone, no Flask.)
+    from review import process as review_process
+
+    if review_process.stop():
+        print("review: stopped")
     ts = TorchServe(config=args.config)
     print("torchserve: stopped" if ts.stop() else "torchserve: was not running")
     if embedded_db():
@@ -69,6 +75,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"postgres: {'running' if Cluster().running() else 'down'} (private cluster, port {Cluster().port})")
     else:
         print("postgres: DATABASE_URL is set; not managed here")
+    from review import process as review_process
+
+    if review_process.running_pid() is not None:
+        print(f"review: running at {review_process.address()} (python -m review down stops it)")
     return 0 if up else 3
 
 
@@ -122,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="archive in the model store to serve as the default (default: the recorded default, else the newest version)")
     p.add_argument("--foreground", action="store_true", help="stay attached until TorchServe exits (for containers)")
     p.set_defaults(fn=cmd_up)
-    add("down", help="stop TorchServe and the private PostgreSQL").set_defaults(fn=cmd_down)
+    add("down", help="stop the review desk (python -m review up), TorchServe and the private PostgreSQL").set_defaults(fn=cmd_down)
     add("status", help="is it up, and what does it serve").set_defaults(fn=cmd_status)
     p = add("rollout", help="register an archive as a new version, test it, promote it if it is not worse")
     p.add_argument("archive", type=str, help="model_store/refund_classifier-V.mar (or its file name in the model store)")

@@ -180,9 +180,9 @@ def k8s_kind(docs: list[dict], kind: str) -> dict:
 
 # -- docker-compose.yml ----------------------------------------------------------------------
 
-def test_compose_parses_with_the_three_services(compose):
-    assert set(compose["services"]) == {"postgres", "torchserve", "ingest"}
-    assert set(compose["volumes"]) >= {"pgdata", "torchserve-state"}
+def test_compose_parses_with_the_four_services(compose):
+    assert set(compose["services"]) == {"postgres", "torchserve", "ingest", "review"}
+    assert set(compose["volumes"]) >= {"pgdata", "torchserve-state", "review-state"}
 
 
 def test_every_compose_variable_is_documented_in_env_example_with_the_same_default():
@@ -203,15 +203,16 @@ def test_the_password_is_required_and_never_written_down(raw_compose, compose):
     with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
         interpolate(raw_compose, {k: v for k, v in env_example().items() if k != "POSTGRES_PASSWORD"})
     assert ".env" in (REPO_ROOT / ".gitignore").read_text().split()
-    # Only the database and the job see it; TorchServe gets no credentials.
+    # Only the database, the job and the review desk see it; TorchServe gets no credentials.
     for name, service in compose["services"].items():
         text = json.dumps(service)
-        assert ("test-password" in text) == (name in ("postgres", "ingest")), name
+        assert ("test-password" in text) == (name in ("postgres", "ingest", "review")), name
     assert compose["services"]["ingest"]["environment"]["PGPASSWORD"] == "test-password"
+    assert compose["services"]["review"]["environment"]["PGPASSWORD"] == "test-password"
 
 
 def test_our_containers_run_without_capabilities(compose):
-    for name in ("torchserve", "ingest"):
+    for name in ("torchserve", "ingest", "review"):
         service = compose["services"][name]
         assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"], name
 
@@ -283,17 +284,44 @@ def test_ingest_service(compose):
     assert ingest["healthcheck"] == {"disable": True}
 
 
+def test_review_service(compose):
+    """The review desk: the same image, the database as the job has it, the photos where the job
+    moved them (read-only: the desk never changes a photo), published on the host's loopback only."""
+    review, ingest = compose["services"]["review"], compose["services"]["ingest"]
+    assert review["image"] == ingest["image"] and review["build"] == ingest["build"]
+    assert review["environment"]["DATABASE_URL"] == ingest["environment"]["DATABASE_URL"]
+    assert review["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    processed_in_ingest = ingest["command"][ingest["command"].index("--processed") + 1]
+    photos = mount_at(review, processed_in_ingest)
+    assert photos["type"] == "bind" and photos["source"] == mount_at(ingest, processed_in_ingest)["source"]
+    assert photos["read_only"], "the review desk only reads the photos"
+    store = mount_at(review, review["environment"]["REVIEW_MODEL_STORE"])
+    assert store["source"] == mount_at(compose["services"]["torchserve"], "/app/model_store")["source"] and store["read_only"]
+    # the generated session key lives on a volume of its own, under the state folder
+    state = mount_at(review, str(Path(review["environment"]["RC_STATE_DIR"]) / "review"))
+    assert state["type"] == "volume" and state["source"] == "review-state"
+    cmd = review["command"]
+    ports = published(review)
+    assert ports == [("127.0.0.1", "8090", cmd[cmd.index("--port") + 1])]
+    assert "/login" in " ".join(review["healthcheck"]["test"])
+    assert review["cap_drop"] == ["ALL"]
+
+
 def test_compose_commands_are_accepted_by_the_real_command_lines(compose):
     from deploy import healthcheck
     from ingest import __main__ as ingest_cli
+    from review import __main__ as review_cli
     from serving import __main__ as serving_cli
 
     def parse(cmd: list[str]):
         assert cmd[:2] == ["python", "-m"]
-        parser = {"serving": serving_cli, "ingest": ingest_cli, "deploy.healthcheck": healthcheck}[cmd[2]].get_args_parser()
+        parser = {"serving": serving_cli, "ingest": ingest_cli, "review": review_cli,
+                  "deploy.healthcheck": healthcheck}[cmd[2]].get_args_parser()
         return parser.parse_args(cmd[3:])  # argparse exits (SystemExit) on an unknown flag
 
     assert parse(compose["services"]["torchserve"]["command"]).foreground
+    review = parse(compose["services"]["review"]["command"])
+    assert review.fn.__name__ == "cmd_serve" and review.port == 8090
     assert parse(compose["services"]["torchserve"]["healthcheck"]["test"][1:]).config.name == "config.properties"
     k8s_torchserve, k8s_ingest = _k8s_commands()
     assert parse(k8s_torchserve).archive == "refund_classifier-1.mar"

@@ -294,6 +294,11 @@ SELECT 'constraint', conrelid::regclass::text || ' ' || conname || ' ' || pg_get
 FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text <> 'schema_migrations'
 UNION ALL
 SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'schema_migrations'
+UNION ALL
+SELECT 'trigger', pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal
+UNION ALL
+SELECT 'function', proname || '(' || pg_get_function_arguments(oid) || ') ' || prosrc
+FROM pg_proc WHERE pronamespace = 'public'::regnamespace
 ORDER BY 1, 2
 """
 

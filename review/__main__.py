@@ -1,0 +1,220 @@
+"""python -m review serve | up | down | add-reviewer NAME | audit-share X | export --out DIR
+
+The review desk: a web page where staff decide the needs-review queue (and an audit sample of
+the confidently accepted answers), and the export of their decisions as a training catalogue.
+PostgreSQL: DATABASE_URL, else the private cluster of `python -m serving up` (as ingest does).
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ingest import db
+from review import process, queue
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8090
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    from serving.postgres import database_url
+
+    return database_url(start=True)
+
+
+def _migrated_url(args: argparse.Namespace) -> str:
+    url = _database_url(args)
+    pending = db.pending_migrations(url)
+    if pending:
+        raise queue.ReviewError(f"the database lacks the migration(s) {', '.join(pending)}; "
+                                f"run `python -m ingest migrate` first")
+    return url
+
+
+def _writable_url(args: argparse.Namespace) -> str:
+    """The database, with this version's migrations applied (as `ingest run` does; serialized by a lock)."""
+    url = _database_url(args)
+    db.migrate(url)
+    return url
+
+
+def _model_store(args: argparse.Namespace) -> Path | None:
+    if args.model_store:
+        return args.model_store
+    from serving.paths import REPO_ROOT
+    from serving.torchserve import load_properties
+
+    props = load_properties(REPO_ROOT / "config.properties")
+    return REPO_ROOT / props.get("model_store", "model_store")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from werkzeug.serving import make_server
+
+    from review.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = _writable_url(args)
+    app = create_app(url, state=process.review_state(), lease_s=args.lease, model_store=_model_store(args),
+                     secure_cookies=args.secure_cookies)
+    server = make_server(args.host, args.port, app, threaded=True)
+    print(f"review: serving on http://{args.host}:{server.server_port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _serve_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--lease", str(args.lease)]
+    if args.model_store:
+        flags += ["--model-store", str(args.model_store)]
+    if args.secure_cookies:
+        flags.append("--secure-cookies")
+    return flags
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    _writable_url(args)  # start the private cluster and migrate first, and fail here rather than in the background
+    try:
+        url = process.start(args.host, args.port, _serve_flags(args))
+    except RuntimeError as exc:
+        raise queue.ReviewError(str(exc)) from exc
+    print(f"review: up at {url} (log: {process.log_file()}; `python -m review down` stops it)")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    print("review: stopped" if process.stop() else "review: was not running")
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
+    """(password, generated)."""
+    if args.generate_password:
+        import secrets
+
+        return secrets.token_urlsafe(12), True
+    if args.password_file == "-":
+        return sys.stdin.readline().rstrip("\r\n"), False
+    if args.password_file:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n"), False
+        except OSError as exc:
+            raise queue.ReviewError(f"cannot read --password-file {args.password_file}: {exc.strerror}") from exc
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n"), False
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise queue.ReviewError("the two passwords differ")
+    return first, False
+
+
+def cmd_add_reviewer(args: argparse.Namespace) -> int:
+    url = _writable_url(args)
+    password, generated = _read_password(args)
+    _, created = queue.add_reviewer(url, args.name, password, replace=args.replace)
+    print(f"review: reviewer {args.name} {'created' if created else 'has a new password'}"
+          + (f"; password: {password}" if generated else ""))
+    return 0
+
+
+def cmd_audit_share(args: argparse.Namespace) -> int:
+    share = queue.set_audit_share(_writable_url(args), args.share)
+    print(f"review: {share:.2%} of the confidently accepted predictions recorded from now on also enter the queue as audit items")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from review.export import ExportError, export
+
+    logging.basicConfig(level=logging.WARNING, format="review export: %(message)s")
+    try:
+        summary = export(_migrated_url(args), args.out, since=args.since)
+    except ExportError as exc:
+        raise queue.ReviewError(str(exc)) from exc
+    labels = ", ".join(f"{k} {v}" for k, v in sorted(summary.labels.items())) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items())) or "none"
+    print(f"review export: {summary.written} photos to {args.out} ({summary.copied} JPEG copied, "
+          f"{summary.converted} re-encoded); labels: {labels}; skipped: {skipped}")
+    return 0
+
+
+def _since(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"Invalid --since {text!r}; use an ISO date such as 2026-11-01 or 2026-11-01T08:00") from exc
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"Invalid share {text!r}; give a fraction (0.02) or a percentage (2%)") from exc
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m review", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", type=str, default=None,
+                        help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--host", type=str, default=os.environ.get("REVIEW_HOST", DEFAULT_HOST),
+                        help="address to bind (default: REVIEW_HOST or 127.0.0.1)")
+    server.add_argument("--port", type=int, default=int(os.environ.get("REVIEW_PORT", DEFAULT_PORT)),
+                        help=f"port (default: REVIEW_PORT or {DEFAULT_PORT})")
+    server.add_argument("--lease", type=int, default=int(os.environ.get("REVIEW_LEASE_S", queue.DEFAULT_LEASE_S)),
+                        help="seconds a reviewer holds an item before it goes back to the queue (default: REVIEW_LEASE_S or 600)")
+    server.add_argument("--model-store", type=Path, default=os.environ.get("REVIEW_MODEL_STORE") or None,
+                        help="where the archives are, for each version's category list (default: REVIEW_MODEL_STORE "
+                             "or config.properties' model_store)")
+    server.add_argument("--secure-cookies", action="store_true", default=os.environ.get("REVIEW_SECURE_COOKIES") == "1",
+                        help="send the session cookie over HTTPS only (behind a TLS proxy)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", parents=[common, server], help="the review web page, in the foreground")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("up", parents=[common, server], help="the review web page in the background (pid file and log in the state folder)")
+    p.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the background review web page").set_defaults(fn=cmd_down)
+    p = sub.add_parser("add-reviewer", parents=[common], help="create a reviewer account")
+    p.add_argument("name", type=str, help="login name: letters, digits, '.', '_', '@', '-'")
+    p.add_argument("--password-file", type=str, default=None, help="read the password from the first line of this file ('-': stdin)")
+    p.add_argument("--generate-password", action="store_true", help="make a random password and print it")
+    p.add_argument("--replace", action="store_true", help="set a new password for an existing reviewer")
+    p.set_defaults(fn=cmd_add_reviewer)
+    p = sub.add_parser("audit-share", parents=[common], help="the share of accepted predictions audited (default 0.02)")
+    p.add_argument("share", type=_share, help="a fraction (0.02) or a percentage (2%%)")
+    p.set_defaults(fn=cmd_audit_share)
+    p = sub.add_parser("export", parents=[common], help="decided photos as a Kaggle-layout catalogue (styles.csv + images/)")
+    p.add_argument("--out", type=Path, required=True, help="new folder to write styles.csv and images/ into")
+    p.add_argument("--since", type=_since, default=datetime(1970, 1, 1, tzinfo=timezone.utc),
+                   help="only decisions made at or after this ISO date or datetime (UTC unless given)")
+    p.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except queue.ReviewError as exc:
+        print(f"review: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

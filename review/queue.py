@@ -1,0 +1,184 @@
+"""The review queue in PostgreSQL: reviewers, claims with a lease, decisions. No Flask here.
+
+Items are queued by the database itself (ingest/sql/004_review.sql: a trigger on predictions),
+one per photo content (sha256), so a decision covers every prediction row of that content.
+A reviewer claims the oldest open item for `lease_s` seconds; an item nobody decides before its
+lease runs out goes back to the queue for the next claimer. A decision on a decided item is a
+change: a new row that names the one it supersedes, so the history stays.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from ingest import db
+
+# The label of "not a refund category" (serving.archive.OTHER_LABEL; the model's `other` output).
+from serving.archive import OTHER_LABEL
+
+DEFAULT_LEASE_S = 600
+OUTCOMES = ("category", "other", "unusable")
+# werkzeug's scrypt (n=2**15, r=8, p=1), salted: a standard KDF.
+PASSWORD_METHOD = "scrypt"
+
+
+class ReviewError(RuntimeError):
+    """A request the queue refuses; `status` is the HTTP status the web page answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def load_query(name: str) -> str:
+    return resources.files("review.sql").joinpath(f"{name}.sql").read_text()
+
+
+def _one(cur, name: str, params: dict):
+    cur.execute(load_query(name), params)
+    return cur.fetchone()
+
+
+def _dicts(cur) -> list[dict]:
+    cols = [d.name for d in cur.description]
+    return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+# -- reviewers -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reviewer:
+    id: int
+    name: str
+
+
+def add_reviewer(url: str, name: str, password: str, *, replace: bool = False) -> tuple[int, bool]:
+    """(id, created). An existing name keeps its password unless `replace`."""
+    if len(password) < 8:
+        raise ReviewError("a password needs at least 8 characters")
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "._@-" for c in name) or not name.isascii():
+        raise ReviewError(f"Invalid reviewer name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "add_reviewer", {"name": name, "password_hash": generate_password_hash(password, PASSWORD_METHOD),
+                                         "replace": replace})
+    if row is None:
+        raise ReviewError(f"reviewer {name!r} exists already; --replace sets a new password")
+    return row[0], row[1]
+
+
+def authenticate(url: str, name: str, password: str) -> Reviewer | None:
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "reviewer_by_name", {"name": name})
+    if row is None:
+        # Spend the same time as a real check, so a wrong name is not told apart from a wrong password.
+        check_password_hash(_DUMMY_HASH, password)
+        return None
+    rid, rname, pw_hash, active = row
+    if not check_password_hash(pw_hash, password) or not active:
+        return None
+    return Reviewer(rid, rname)
+
+
+_DUMMY_HASH = generate_password_hash(os.urandom(16).hex(), PASSWORD_METHOD)
+
+
+def set_audit_share(url: str, share: float) -> float:
+    if not 0.0 <= share <= 1.0:
+        raise ReviewError(f"Invalid audit share {share!r}; give a fraction between 0 and 1 (0.02 = 2 %)")
+    with db.connect(url) as conn, conn.cursor() as cur:
+        return _one(cur, "set_audit_share", {"share": share})[0]
+
+
+# -- claims ----------------------------------------------------------------------------------------
+
+def claim(url: str, reviewer_id: int, *, lease_s: int = DEFAULT_LEASE_S) -> int | None:
+    """The item this reviewer works on: the one they hold (lease renewed), else the oldest open
+    one nobody holds, claimed now. None: the queue is empty (or all of it is held by others)."""
+    params = {"reviewer_id": reviewer_id, "lease_s": lease_s}
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "claim_current", params) or _one(cur, "claim_next", params)
+    return row[0] if row else None
+
+
+def release(url: str, reviewer_id: int) -> None:
+    """Give back every open item the reviewer holds (logout)."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("release_claims"), {"reviewer_id": reviewer_id})
+
+
+# -- decisions -------------------------------------------------------------------------------------
+
+def outcome_of(label: str | None) -> str:
+    if label is None:
+        return "unusable"
+    return "other" if label == OTHER_LABEL else "category"
+
+
+def decide(url: str, item_id: int, reviewer_id: int, label: str | None, *, categories: list[str] | None = None) -> int:
+    """Record a decision on an item: `label` is a category, OTHER_LABEL ("not a refund category")
+    or None ("photo unusable"). Returns the decision's id.
+
+    An open item held by someone else (lease still running) is refused; a decided item gets a new
+    decision that supersedes the current one. `categories`, when given, are the labels allowed."""
+    if label is not None and label != OTHER_LABEL and categories is not None and label not in categories:
+        raise ReviewError(f"Invalid category {label!r}; choose one of the model's categories, "
+                          f"'not a refund category' or 'photo unusable'")
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("item_for_update"), {"item_id": item_id})
+        row = cur.fetchone()
+        if row is None:
+            raise ReviewError(f"no review item {item_id}", 404)
+        _, sha256, claimed_by, leased, decision_id, model_label, decided_label = row
+        if decision_id is None and leased and claimed_by != reviewer_id:
+            raise ReviewError(f"item {item_id} is being reviewed by someone else", 409)
+        previous = decided_label if decision_id is not None else model_label
+        new_id = _one(cur, "insert_decision", {
+            "item_id": item_id, "sha256": sha256, "reviewer_id": reviewer_id, "outcome": outcome_of(label),
+            "label": label, "previous_label": previous, "supersedes": decision_id})[0]
+        cur.execute(load_query("set_decision"), {"decision_id": new_id, "item_id": item_id})
+    return new_id
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def item(url: str, item_id: int) -> dict | None:
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("item"), {"item_id": item_id})
+        rows = _dicts(cur)
+        if not rows:
+            return None
+        found = rows[0]
+        cur.execute(load_query("item_decisions"), {"item_id": item_id})
+        found["decisions"] = _dicts(cur)
+    return found
+
+
+def photo_path(url: str, item_id: int) -> Path | None:
+    """The file of an item's photo, as PostgreSQL recorded it (never a path from a request)."""
+    from ingest.journal import path_from_row
+
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "photo_path", {"item_id": item_id})
+    return path_from_row(row[0], row[1]) if row else None
+
+
+def queue_by_label(url: str) -> list[dict]:
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("queue_by_label"))
+        return _dicts(cur)
+
+
+def history(url: str, reviewer_id: int, *, limit: int = 200) -> list[dict]:
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("history"), {"reviewer_id": reviewer_id, "limit": limit})
+        return _dicts(cur)
+
+
+def labels_seen(url: str, model_name: str, model_version: str) -> list[str]:
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("labels_seen"), {"model_name": model_name, "model_version": model_version})
+        return [r[0] for r in cur.fetchall()]

@@ -1,0 +1,18 @@
+-- Claim the oldest open item nobody holds (or whose lease ran out). SKIP LOCKED: a concurrent
+-- claimer passes over the row another is taking; FOR UPDATE re-checks the lease on the row it
+-- locks, so a row claimed and committed meanwhile is not taken twice. Only items whose photo
+-- has been moved to processed/ (the move is recorded after the row) are offered.
+WITH next AS (
+    SELECT i.id FROM review_items i
+    WHERE i.decision_id IS NULL
+      AND (i.lease_until IS NULL OR i.lease_until <= now())
+      AND EXISTS (SELECT 1 FROM ingest_files f
+                  WHERE f.prediction_id = i.prediction_id AND f.destination = 'processed' AND f.state = 'moved')
+    ORDER BY i.received_at, i.id
+    LIMIT 1
+    FOR UPDATE OF i SKIP LOCKED
+)
+UPDATE review_items i
+SET claimed_by = %(reviewer_id)s, claimed_at = now(), lease_until = now() + make_interval(secs => %(lease_s)s)
+FROM next WHERE i.id = next.id
+RETURNING i.id

@@ -1,0 +1,11 @@
+-- Current decisions to export (not those changed since, not "photo unusable"), with a file of the photo each.
+SELECT d.id, d.label, d.decided_at, f.dest_path, f.dest_path_bytes
+FROM review_items i
+JOIN review_decisions d ON d.id = i.decision_id
+LEFT JOIN LATERAL (
+    SELECT f.dest_path, f.dest_path_bytes FROM ingest_files f
+    WHERE f.sha256 = i.sha256 AND f.destination = 'processed' AND f.state = 'moved'
+    ORDER BY (f.prediction_id = i.prediction_id) DESC, f.id LIMIT 1
+) f ON true
+WHERE d.outcome <> 'unusable' AND d.decided_at >= %(since)s
+ORDER BY d.id

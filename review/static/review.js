@@ -1,0 +1,29 @@
+// Keys on the review page: 1-5 choose the model's top-5, n "not a refund category",
+// u "photo unusable", / the category search (a form of its own: Enter there decides the typed
+// category, not the first answer). Typing in a field is left alone.
+(function () {
+  var form = document.getElementById("decide");
+  if (!form) return;
+  var sent = false;
+  var once = function (e) {
+    if (sent) { e.preventDefault(); return; }  // one decision per page, even on a double key press
+    sent = true;
+  };
+  form.addEventListener("submit", once);
+  document.getElementById("search").addEventListener("submit", once);
+  document.addEventListener("keydown", function (e) {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    var t = e.target;
+    if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT")) return;
+    if (e.key === "/") {
+      e.preventDefault();
+      document.getElementById("search_label").focus();
+      return;
+    }
+    var button = form.querySelector('button[data-key="' + e.key + '"]');
+    if (button) {
+      e.preventDefault();
+      if (!sent) form.requestSubmit(button);
+    }
+  });
+})();
