@@ -193,3 +193,14 @@ def test_torchserve_serves_the_int8_archive(int8_store, int8_folder, trained_run
         assert "precision=int8" in log and "Traceback" not in log
     finally:
         ts.stop()
+
+
+def test_an_arch_without_a_quantizable_form_exports_without_int8(trained_run):
+    assert {"tinynet", "resnet18", "resnet50"} <= set(quantize.quantizable_archs())
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    ckpt["model_config"] = {**ckpt["model_config"], "arch": "vgg11"}
+    with pytest.raises(quantize.Int8Error, match="no quantizable form of arch 'vgg11'; int8 exists for: tinynet, googlenet"):
+        quantize.build_int8(ckpt, ckpt["model"], image_size=(32, 32), fp32_calibration={})
+    ckpt["model_config"]["arch"], ckpt["data_dir"] = "tinynet", None
+    with pytest.raises(quantize.Int8Error, match="records no prepared data"):
+        quantize.build_int8(ckpt, ckpt["model"], image_size=(32, 32), fp32_calibration={})
