@@ -77,8 +77,8 @@ def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int |
         for bs in batch_sizes:
             for precision in PRECISIONS:  # interleaved: a busy machine slows the three alike
                 x = torch.randn(bs, 3, height, width)  # (B, 3, H, W), already normalized
-                if precision == "int8":
-                    m = int8
+                if precision == "int8":  # channels_last input, as the handler sends it
+                    m, x = int8, x.contiguous(memory_format=torch.channels_last)
                 else:  # one float module: bf16 in channels_last (oneDNN's layout), fp32 in the plain one
                     layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
                     m, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)

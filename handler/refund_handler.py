@@ -151,8 +151,8 @@ class RefundClassifierHandler(BaseHandler):
         started = time.perf_counter()
         with torch.inference_mode():
             x = normalize(prepared.batch, mean=self.mean, std=self.std)  # (G, 3, H, W)
-            # channels_last for the float convolutions; the int8 program takes the plain layout
-            x = x.to(self.device, memory_format=torch.contiguous_format if self.precision == "int8" else torch.channels_last)
+            # channels_last: oneDNN's convolution layout, and fbgemm's for int8 (faster there too, measured)
+            x = x.to(self.device, memory_format=torch.channels_last)
             with self.autocast():
                 logits = self.model(x)
             probs = calibrated_probs(logits, self.temperature, self.class_bias).cpu()  # (G, num_classes)

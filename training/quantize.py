@@ -187,12 +187,17 @@ def build_int8(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, c
     Quantized on `calibration_images` photos of the run's train split; then temperature, class
     bias and review threshold fitted on the int8 model's own validation outputs (as
     training.evaluate fits fp32's), and the gate measured there against fp32."""
-    prepared = Path(ckpt.get("data_dir") or "")
+    arch, num_classes = ckpt["model_config"]["arch"], ckpt["model_config"]["num_classes"]
+    if arch not in quantizable_archs():
+        raise Int8Error(f"no quantizable form of arch {arch!r}; int8 exists for: {', '.join(quantizable_archs())}")
+    if not ckpt.get("data_dir"):
+        raise Int8Error("the run records no prepared data (train.csv, val.csv): int8 needs train photos to "
+                        "calibrate on and the val split for its gate")
+    prepared = Path(ckpt["data_dir"])
     for name in ("train.csv", "val.csv"):
         if not (prepared / name).is_file():
             raise Int8Error(f"the run's prepared {name} ({prepared / name}) is gone: int8 needs train photos to "
                             "calibrate on and the val split for its gate")
-    arch, num_classes = ckpt["model_config"]["arch"], ckpt["model_config"]["num_classes"]
     mean, std = tuple(ckpt["preprocess"]["mean"]), tuple(ckpt["preprocess"]["std"])
     image_size = tuple(image_size)
     records, source = calibration_records(prepared, calibration_images)
