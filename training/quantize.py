@@ -1,7 +1,7 @@
 """INT8 at export time: post-training static quantization of a trained model for the handler.
 
-    model = quantize_int8(arch, num_classes, state_dict, calibration_batches)   # a TorchScript program
-    torch.jit.save(model, "weights_int8.pt")   # the archive carries it; the handler only loads it
+    entry, model = build_int8(ckpt, state_dict, image_size=..., fp32_calibration=...)  # training.export
+    save_int8(model, "weights_int8.pt")   # the archive carries it; the handler only loads it (load_int8)
 
 The method is PyTorch's eager-mode post-training quantization for the x86 backend (fbgemm/oneDNN
 kernels, no compiler at serving time): the architecture's quantizable form (torchvision's
@@ -41,7 +41,6 @@ from training.evaluate import fit_served, review_threshold, train_log_prior
 
 METHOD = ("eager post-training static quantization (torch.ao.quantization), x86 backend: fused conv+bn+relu, "
           "quint8 activations over 7 bits (HistogramObserver), qint8 per-channel symmetric weights; stored as TorchScript")
-
 
 
 class Int8Error(RuntimeError):
