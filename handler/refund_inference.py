@@ -180,6 +180,20 @@ def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool) -
     return None
 
 
+# bf16's bar against fp32 (bench.precision_agreement's default): top-1 agreement on val.
+BF16_MIN_AGREEMENT = 0.995
+
+
+def bf16_unavailable(meta: dict) -> str | None:
+    """Why `auto` should not pick bf16 for this archive (None: nothing against it): the top-1
+    agreement with fp32 that training.evaluate measured on val, where the CPU had bf16, and
+    training.export recorded under `calibration`, below BF16_MIN_AGREEMENT."""
+    agreement = (meta.get("calibration") or {}).get("val_bf16_fp32_top1_agreement")
+    if agreement is not None and agreement < BF16_MIN_AGREEMENT:
+        return f"bf16 agreed with fp32 on {agreement:.4f} of val top-1 answers (< {BF16_MIN_AGREEMENT})"
+    return None
+
+
 def threads_per_worker(setting: int | str, *, cores: int, workers: int) -> int:
     """torch intra-op threads per worker so that workers x threads = cores (at least 1)."""
     if setting in ("auto", None, 0):

@@ -13,7 +13,7 @@ import requests
 import torch
 import yaml
 
-from handler.refund_inference import calibrated_probs, class_bias, int8_unavailable, resolve_precision
+from handler.refund_inference import bf16_unavailable, calibrated_probs, class_bias, int8_unavailable, resolve_precision
 from handler.refund_model import load_int8
 from handler.refund_preprocess import normalize
 from serving.archive import MODEL_NAME, archive_name
@@ -204,3 +204,24 @@ def test_an_arch_without_a_quantizable_form_exports_without_int8(trained_run):
     ckpt["model_config"]["arch"], ckpt["data_dir"] = "tinynet", None
     with pytest.raises(quantize.Int8Error, match="records no prepared data"):
         quantize.build_int8(ckpt, ckpt["model"], image_size=(32, 32), fp32_calibration={})
+
+
+def test_auto_skips_bf16_that_failed_its_agreement(extracted_archive, tmp_path, monkeypatch, caplog):
+    """The bf16 gate: auto picks bf16 only where the agreement training.evaluate recorded is >= 99.5 %."""
+    from handler import refund_handler
+
+    monkeypatch.setattr(refund_handler, "cpu_supports_bf16", lambda: True)  # as on an AVX512-BF16/AMX CPU
+    assert bf16_unavailable({"calibration": {"val_bf16_fp32_top1_agreement": 0.999}}) is None
+    assert bf16_unavailable({}) is None  # not measured (evaluated on a CPU without bf16): nothing against it
+    for agreement, expected in ((0.999, "bf16"), (0.98, "fp32")):
+        folder = shutil.copytree(extracted_archive, tmp_path / str(agreement))
+        meta = json.loads((folder / "model_meta.json").read_text())
+        meta["calibration"] = {**meta.get("calibration", {}), "val_bf16_fp32_top1_agreement": agreement}
+        (folder / "model_meta.json").write_text(json.dumps(meta))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="handler.refund_handler"):
+            h, _ = make_handler(folder)
+        assert h.precision == expected
+        assert ("not bf16, bf16 agreed with fp32 on 0.9800" in caplog.text) is (expected == "fp32")
+    folder = with_settings(tmp_path / "0.98", tmp_path / "forced", precision="bf16")
+    assert make_handler(folder)[0].precision == "bf16"  # bf16 forces it
