@@ -43,6 +43,12 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
                   "| precision | batch | images/s | ms/batch | images per CPU-second |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['batch_ms']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} |"
                   for r in ceiling["results"]]
+        if "32" in ceiling.get("int8_vs_bf16", {}):  # JSON keys: batch sizes as text
+            ratio = lambda key: ceiling[key]["32"]  # noqa: E731
+            lines += ["", f"int8 ({ceiling['int8_source']}) / bf16 at batch 32: **{ratio('int8_vs_bf16'):.2f}** (target >= 1.5), "
+                          f"per CPU-second {ratio('int8_vs_bf16_per_cpu'):.2f}; "
+                          f"int8 / fp32: {ratio('int8_vs_fp32'):.2f}; `precision: auto` serves this archive as "
+                          f"{ceiling['served_precision']} here."]
         lines.append("")
     if serving:
         lines += [f"### 2. Serving: TorchServe, batchSize {serving['served_batch_size']}, maxBatchDelay {serving['served_max_batch_delay']} ms, "

@@ -8,7 +8,9 @@ preprocess lays the batch out as photos and postprocess folds their answers back
 
 Handler settings come from the `handler:` section of the archive's model-config.yaml
 (precision, threads, topk, max_pixels, max_bytes, max_photos); calibration (temperature, per-class
-logit bias, review_threshold) comes from model_meta.json, written by training.export.
+logit bias, review_threshold) comes from model_meta.json, written by training.export: its top
+level for fp32/bf16, its `int8` entry for the int8 model the archive may carry (weights_int8.pt,
+quantized and gated at export; loaded here as it is).
 """
 from __future__ import annotations
 
@@ -21,16 +23,17 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
-    from refund_inference import (calibrated_probs, calibration, class_bias, error_response, format_prediction,
-                                  load_meta, reject_counts, resolve_precision, threads_per_worker)
-    from refund_model import build_model, cpu_supports_bf16
+    from refund_inference import (bf16_unavailable, calibrated_probs, calibration, class_bias, error_response,
+                                  format_prediction, int8_unavailable, load_meta, reject_counts, resolve_precision,
+                                  threads_per_worker)
+    from refund_model import build_model, cpu_supports_bf16, int8_backend_available, load_int8
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 except ImportError:  # in the repository, as the `handler` package
-    from handler.refund_inference import (calibrated_probs, calibration, class_bias, error_response,
-                                          format_prediction, load_meta, reject_counts, resolve_precision,
-                                          threads_per_worker)
-    from handler.refund_model import build_model, cpu_supports_bf16
+    from handler.refund_inference import (bf16_unavailable, calibrated_probs, calibration, class_bias, error_response,
+                                          format_prediction, int8_unavailable, load_meta, reject_counts,
+                                          resolve_precision, threads_per_worker)
+    from handler.refund_model import build_model, cpu_supports_bf16, int8_backend_available, load_int8
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from handler.refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 
@@ -88,14 +91,29 @@ class RefundClassifierHandler(BaseHandler):
             cores = len(os.sched_getaffinity(0))
             workers = int(yaml_config.get("maxWorkers", yaml_config.get("minWorkers", 1)))
             torch.set_num_threads(threads_per_worker(settings.get("threads", "auto"), cores=cores, workers=workers))
-        self.precision = resolve_precision(str(settings.get("precision", "auto")),
-                                           device_type=self.device.type, bf16_native=bf16_native)
-
-        model = build_model(self.meta["arch"], len(self.classes))
-        state = torch.load(os.path.join(model_dir, manifest["serializedFile"]), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        # channels_last: oneDNN's fast convolution layout (and the layout training used).
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        setting = str(settings.get("precision", "auto"))
+        bf16_reason = bf16_unavailable(self.meta)
+        if bf16_native and bf16_reason and setting in ("auto", "int8"):  # the agreement gate: bf16 only where it passed
+            logger.warning("precision %s: not bf16, %s", setting, bf16_reason)
+            bf16_native = False
+        int8_reason = int8_unavailable(self.meta, device_type=self.device.type, backend_available=int8_backend_available())
+        self.precision = resolve_precision(setting, device_type=self.device.type, bf16_native=bf16_native,
+                                           int8_ready=int8_reason is None)
+        if self.precision == "int8":
+            int8 = self.meta["int8"]  # its own calibration, fitted on its own validation outputs
+            self.temperature, self.review_threshold = calibration(int8)
+            bias = class_bias(int8, len(self.classes))
+            self.model = load_int8(os.path.join(model_dir, int8["file"]), torch.zeros(1, 3, *self.image_size))
+        else:
+            if int8_reason and setting in ("auto", "int8"):
+                failed = (self.meta.get("int8") or {}).get("status") == "failed"
+                (logger.warning if setting == "int8" or failed else logger.info)(
+                    "precision %s: not int8, %s: serving %s", setting, int8_reason, self.precision)
+            model = build_model(self.meta["arch"], len(self.classes))
+            state = torch.load(os.path.join(model_dir, manifest["serializedFile"]), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            # channels_last: oneDNN's fast convolution layout (and the layout training used).
+            self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.class_bias = None if bias is None else bias.to(self.device)  # once, not per batch
         self.initialized = True
         logger.info(
@@ -103,7 +121,8 @@ class RefundClassifierHandler(BaseHandler):
             "temperature=%.4g review_threshold=%.4g class_bias=%s",
             self.model_name, self.model_version, self.meta["arch"], len(self.classes), self.image_size, self.device,
             self.precision, torch.get_num_threads(), self.temperature, self.review_threshold,
-            "none" if self.class_bias is None else f"prior weight {self.meta.get('prior_weight', '?')}",
+            "none" if self.class_bias is None else
+            f"prior weight {(self.meta['int8'] if self.precision == 'int8' else self.meta).get('prior_weight', '?')}",
         )
 
     def autocast(self):
@@ -137,6 +156,7 @@ class RefundClassifierHandler(BaseHandler):
         started = time.perf_counter()
         with torch.inference_mode():
             x = normalize(prepared.batch, mean=self.mean, std=self.std)  # (G, 3, H, W)
+            # channels_last: oneDNN's convolution layout, and fbgemm's for int8 (faster there too, measured)
             x = x.to(self.device, memory_format=torch.channels_last)
             with self.autocast():
                 logits = self.model(x)

@@ -144,20 +144,54 @@ def load_meta(model_dir: str) -> tuple[dict, list[str]]:
 
 # -- settings ---------------------------------------------------------------------------------
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
-def resolve_precision(setting: str, *, device_type: str, bf16_native: bool) -> str:
-    """The archive's `precision` setting -> "bf16" or "fp32" for this device.
+def resolve_precision(setting: str, *, device_type: str, bf16_native: bool, int8_ready: bool = False) -> str:
+    """The archive's `precision` setting -> "int8", "bf16" or "fp32" for this device.
 
-    auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else
-    fp32 (emulated bf16 is slower than fp32). bf16 forces it, fp32 forbids it.
+    auto: the fastest that the archive and the hardware allow: int8 where the archive carries an
+    int8 model that passed its gate at export (CPU only: the x86 quantized kernels), else bf16
+    where the hardware computes it natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32
+    (emulated bf16 is slower than fp32). int8 asks for int8 and falls back as auto does without
+    it; bf16 forces bf16; fp32 forbids both.
     """
     if setting not in PRECISIONS:
         raise ValueError(f"Invalid handler precision {setting!r}; choose one of: {', '.join(PRECISIONS)}")
-    if setting == "auto":
+    if setting in ("auto", "int8"):
+        if int8_ready and device_type == "cpu":
+            return "int8"
         return "bf16" if bf16_native else "fp32"
     return setting
+
+
+def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool) -> str | None:
+    """Why this archive cannot serve int8 here (None: it can). model_meta.json's `int8` entry is
+    training.export's: status passed (with the file), failed (its gate, and the figures), unavailable or off."""
+    info = meta.get("int8")
+    if not info:
+        return "the archive carries no int8 model (exported before int8 existed)"
+    if info.get("status") != "passed":
+        return f"int8 {info.get('status', 'missing')} at export: {info.get('reason', 'no reason recorded')}"
+    if device_type != "cpu":
+        return f"int8 runs on the CPU only (the x86 quantized kernels); this worker has a {device_type} device"
+    if not backend_available:
+        return "this torch has no x86 quantized engine"
+    return None
+
+
+# bf16's bar against fp32 (bench.precision_agreement's default): top-1 agreement on val.
+BF16_MIN_AGREEMENT = 0.995
+
+
+def bf16_unavailable(meta: dict) -> str | None:
+    """Why `auto` should not pick bf16 for this archive (None: nothing against it): the top-1
+    agreement with fp32 that training.evaluate measured on val, where the CPU had bf16, and
+    training.export recorded under `calibration`, below BF16_MIN_AGREEMENT."""
+    agreement = (meta.get("calibration") or {}).get("val_bf16_fp32_top1_agreement")
+    if agreement is not None and agreement < BF16_MIN_AGREEMENT:
+        return f"bf16 agreed with fp32 on {agreement:.4f} of val top-1 answers (< {BF16_MIN_AGREEMENT})"
+    return None
 
 
 def threads_per_worker(setting: int | str, *, cores: int, workers: int) -> int:

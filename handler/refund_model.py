@@ -1,6 +1,9 @@
 """Model construction shared by training and the handler: rebuilt from a plain config dict."""
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 import torchvision
@@ -43,3 +46,42 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# -- int8 ------------------------------------------------------------------------------------------
+
+# The deprecation notices of torch 2.14's only int8 path without a compiler at serving time:
+# eager quantization (training.quantize), quantized tensors and TorchScript, which stores the
+# converted model. The maintained successor (torchao's PT2E) is not installed; these calls are
+# silenced exactly where they are made, for these messages only.
+INT8_DEPRECATIONS = (
+    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation functions"),
+    (FutureWarning, r"`torch\.jit\.(script|save|load)` is deprecated"),
+)
+INT8_BACKEND = "x86"
+
+
+@contextmanager
+def int8_deprecations_silenced():
+    with warnings.catch_warnings():
+        for category, message in INT8_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
+def int8_backend_available() -> bool:
+    """The x86 quantized engine (fbgemm/oneDNN kernels) the archive's int8 model was converted for."""
+    return INT8_BACKEND in torch.backends.quantized.supported_engines
+
+
+def load_int8(path, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """The archive's int8 TorchScript program (training.quantize), ready to serve: loaded, not
+    quantized here. One forward on `example` ((B, 3, H, W) float) runs the quantized kernels once,
+    so that their one-time deprecation notice is raised here, silenced, and not on a request."""
+    torch.backends.quantized.engine = INT8_BACKEND
+    with int8_deprecations_silenced():
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+        with torch.inference_mode():
+            model(example)
+    return model

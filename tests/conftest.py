@@ -55,7 +55,8 @@ def trained_run(sample_catalogue, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model_store(trained_run, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("model_store")
-    export_mod.export(trained_run, "1", model_store=store)
+    # fp32/bf16, what the tests of answers against the float model expect; test_handler_int8 exports its own
+    export_mod.export(trained_run, "1", model_store=store, int8="off")
     return store
 
 

@@ -18,6 +18,7 @@ from training import evaluate as evaluate_mod
 from training import export as export_mod
 from training import make_sample_catalogue
 from training import prepare as prepare_mod
+from training import quantize
 from training.checkpoint import CALIBRATION, CHECKPOINT, load_checkpoint, load_run
 
 CATEGORIES = ["Casual Shoes", "Handbags", "Jeans", "Socks", "Tshirts", "Watches"]
@@ -291,6 +292,28 @@ def test_handler_answers_other_for_an_outside_photo(other_handler, evaluated):
         assert len(a["topk"]) == 5
     assert sum(a["label"] == r.label for a, r in zip(on_inside, inside)) >= 0.75 * len(inside)
     assert any(OTHER_LABEL in [t["label"] for t in a["topk"]] for a in on_inside)  # top-k may hold it
+
+
+def test_int8_of_a_model_with_other(evaluated, tmp_path):
+    """The int8 model of a model with the `other` output: calibrated and gated on val with its
+    out-of-category photos (labelled other), and served with in_category like the float one."""
+    run, _ = evaluated
+    anything = quantize.Gate(min_agreement=0.0, max_top1_drop=1.0, max_coverage_drop=1.0)  # the gate has its own tests
+    mar = export_mod.export(run, "5", model_store=tmp_path / "store", sample_per_class=0, int8="on", int8_gate=anything)
+    folder = tmp_path / "mar"
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(folder)
+    int8 = json.loads((folder / "model_meta.json").read_text())["int8"]
+    val, outside_val = (prepare_mod.read_manifest(run / "data" / f) for f in ("val.csv", "outside-val.csv"))
+    assert int8["status"] == "passed" and len(int8["class_bias"]) == 7
+    assert (int8["gate"]["images"], int8["gate"]["in_category"]) == (len(val) + len(outside_val), len(val))
+    assert "outside-train.csv" in int8["calibration_source"]
+    h, ctx = make_handler(folder)
+    assert h.precision == "int8" and h.classes[6] == OTHER_LABEL
+    outside = prepare_mod.read_manifest(run / "data" / "outside-test.csv")
+    out = h.handle([{"body": r.path.read_bytes()} for r in outside], ctx)
+    assert sum(a["label"] == OTHER_LABEL for a in out) >= 0.75 * len(outside)
+    assert all(a["in_category"] is (a["label"] != OTHER_LABEL) for a in out)
 
 
 def test_an_older_archive_answers_as_before(extracted_archive, unseen_images):

@@ -9,6 +9,14 @@ at the served size, and the temperature, class bias and review threshold that
 `training.evaluate` fitted into RUN/calibration.json for that size and those weights),
 model-config.yaml (batching, workers, handler settings) and the rollout sample.
 
+With --int8 auto (the default) or on, the archive also carries the model quantized to int8
+(training.quantize: calibrated on a few hundred of the run's training photos, stored as
+TorchScript in weights_int8.pt, which the handler loads as it is), with its own temperature, class
+bias and review threshold fitted on its validation outputs, and model_meta.json `int8` records
+how it compares with fp32 on the validation split. Where it misses the gate (top-1 agreement
+>= 99 %, top-1 and coverage at 98 % precision at most 0.3 and 1 point lower), the archive
+carries no int8 model and `int8` says why: the handler serves bf16/fp32 and logs it.
+
 The served size (model_meta.json `image_size`, which the handler resizes to) is --serve-size,
 else the best on val of a recorded size sweep (training.evaluate --sizes), else the training
 size. The calibration must have been fitted at that size: export refuses otherwise.
@@ -32,6 +40,7 @@ from serving.archive import MODEL_NAME, archive_name
 from training import prepare as prepare_mod
 from handler.refund_inference import OTHER_LABEL
 from training.checkpoint import CALIBRATION, CHECKPOINT, EMA_CHOICES, CheckpointError, load_checkpoint, served_size, weights_key
+from training import quantize
 
 logger = logging.getLogger("training.export")
 
@@ -85,8 +94,42 @@ def write_sample(ckpt: dict, out: Path, *, per_class: int) -> int:
     return len(rows)
 
 
+INT8_CHOICES = ("auto", "on", "off")
+
+
+def int8_entry(ckpt: dict, state: dict, *, mode: str, image_size, calibration: dict, calibration_images: int,
+               gate: quantize.Gate):
+    """-> (model_meta.json's "int8" entry, the int8 program or None). auto: built where it can
+    be (an arch with a quantizable form, the run's prepared train/val splits still there), on:
+    the export fails where it cannot, off: not built."""
+    if mode not in INT8_CHOICES:
+        raise ExportError(f"Invalid --int8 {mode!r}; choose one of: {', '.join(INT8_CHOICES)}")
+    if calibration_images < 1:
+        raise ExportError(f"Invalid --int8-calibration-images {calibration_images}: at least 1")
+    if mode == "off":
+        return {"status": "off", "reason": "exported with --int8 off"}, None
+    try:
+        entry, model = quantize.build_int8(ckpt, state, image_size=image_size, fp32_calibration=calibration,
+                                           calibration_images=calibration_images, gate=gate)
+    except quantize.Int8Error as exc:
+        if mode == "on":
+            raise ExportError(f"--int8 on: {exc}") from exc
+        logger.warning("no int8 model in this archive: %s", exc)
+        return {"status": "unavailable", "reason": str(exc)}, None
+    g = entry["gate"]
+    figures = (f"top-1 agreement with fp32 {g['top1_agreement']:.4f}, top-1 {g['int8_top1']:.4f} (fp32 {g['fp32_top1']:.4f}), "
+               f"coverage at 98 % precision {g['int8_coverage']:.4f} (fp32 {g['fp32_coverage']:.4f}) on {g['images']} val photos")
+    if model is None:
+        logger.warning("int8 failed its gate (%s): the archive carries no int8 model and serves bf16/fp32; %s",
+                       entry["reason"], figures)
+    else:
+        logger.info("int8 passed its gate: %s", figures)
+    return entry, model
+
+
 def export(run: Path, version: str, *, model_store: Path, model_name: str = MODEL_NAME, force: bool = False,
-           sample_per_class: int = 10, serve_size=None, ema: str = "auto") -> Path:
+           sample_per_class: int = 10, serve_size=None, ema: str = "auto", int8: str = "auto",
+           int8_calibration_images: int = 300, int8_gate: quantize.Gate = quantize.Gate()) -> Path:
     if not VERSION_RE.match(version):
         raise ExportError(f"Invalid --version {version!r}: use letters, digits, '.', '_' or '-' (e.g. 1, 1.2, 2026-11-26)")
     ckpt_path = Path(run) / CHECKPOINT
@@ -120,6 +163,8 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
     else:
         logger.warning("%s has no %s: exporting the default temperature and review threshold; run "
                        "python -m training.evaluate --run %s first to fit them", run, CALIBRATION, run)
+    int8_meta, int8_model = int8_entry(ckpt, ckpt[key], mode=int8, image_size=size, calibration=calibration,
+                                       calibration_images=int8_calibration_images, gate=int8_gate)
     meta = {
         **ckpt["model_config"],
         **ckpt["preprocess"],
@@ -130,17 +175,22 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
         "manifest_hash": ckpt.get("manifest_hash"),
         "trained_epoch": ckpt.get("epoch"),
         "version": version,
+        "int8": int8_meta,
     }
     Path(model_store).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         staging = Path(tmp)
         torch.save(ckpt[key], staging / "weights.pt")
         (staging / "model_meta.json").write_text(json.dumps(meta, indent=1))
+        if int8_model is not None:
+            quantize.save_int8(int8_model, staging / quantize.FILE)
         (staging / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(ckpt["classes"])}, indent=1))
         shutil.copy(MODEL_CONFIG, staging / "model-config.yaml")
         for name in [HANDLER_FILE, *HANDLER_EXTRA]:
             shutil.copy(HANDLER_DIR / name, staging / name)
         extra = [staging / n for n in ["model_meta.json", "index_to_name.json", *HANDLER_EXTRA]]
+        if int8_model is not None:
+            extra.append(staging / quantize.FILE)
         # --extra-files copies a folder's contents to the archive's top level: pass the folder holding sample/.
         if write_sample(ckpt, staging / "samplepack", per_class=sample_per_class):
             extra.append(staging / "samplepack")
@@ -177,15 +227,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "if recorded, else the training size); calibration.json must be fitted at it")
     parser.add_argument("--ema", type=str, default="auto", choices=list(EMA_CHOICES),
                         help="serve the run's EMA weights (auto: when it kept them)")
+    parser.add_argument("--int8", type=str, default="auto", choices=list(INT8_CHOICES),
+                        help="also build the int8 model (auto: where the arch and the run's prepared data allow; "
+                             "on: fail otherwise; off: no int8)")
+    parser.add_argument("--int8-calibration-images", type=int, default=300,
+                        help="training photos the int8 observers are calibrated on")
+    parser.add_argument("--int8-min-agreement", type=float, default=quantize.Gate.min_agreement,
+                        help="gate: least top-1 agreement of int8 with fp32 on val")
+    parser.add_argument("--int8-max-top1-drop", type=float, default=quantize.Gate.max_top1_drop,
+                        help="gate: most val top-1 int8 may lose to fp32 (absolute)")
+    parser.add_argument("--int8-max-coverage-drop", type=float, default=quantize.Gate.max_coverage_drop,
+                        help="gate: most val coverage at 98 %% precision int8 may lose to fp32 (absolute)")
     parser.add_argument("--model-name", type=str, default=MODEL_NAME, help="TorchServe model name")
     parser.add_argument("--force", action="store_true", help="overwrite an existing archive of this version")
     return parser
 
 
 def main(args: argparse.Namespace) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         path = export(args.run, args.version, model_store=args.model_store, model_name=args.model_name, force=args.force,
-                      sample_per_class=args.sample_per_class, serve_size=args.serve_size, ema=args.ema)
+                      sample_per_class=args.sample_per_class, serve_size=args.serve_size, ema=args.ema, int8=args.int8,
+                      int8_calibration_images=args.int8_calibration_images,
+                      int8_gate=quantize.Gate(min_agreement=args.int8_min_agreement, max_top1_drop=args.int8_max_top1_drop,
+                                              max_coverage_drop=args.int8_max_coverage_drop))
     except ExportError as exc:
         raise SystemExit(f"export: {exc}") from exc
     print(f"wrote {path}")
