@@ -92,8 +92,7 @@ def make_stock_archive(archive: Path, out: Path) -> Path:
     (src / "index_to_name.json").write_bytes(index_to_name)
     store = out / "model_store"
     store.mkdir(parents=True, exist_ok=True)
-    archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or "torch-model-archiver"
-    cmd = [archiver, "--model-name", STOCK_MODEL, "--version", "1.0", "--model-file", str(src / "model.py"),
+    cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", STOCK_MODEL, "--version", "1.0", "--model-file", str(src / "model.py"),
            "--serialized-file", str(src / "weights.pt"), "--handler", "image_classifier",
            "--extra-files", str(src / "index_to_name.json"), "--export-path", str(store), "--force"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=common.private_tmp_env(store))
