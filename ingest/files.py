@@ -56,8 +56,12 @@ def walk(inbox: Path, *, exclude: tuple[Path, ...] = ()) -> Iterator[Entry | Ski
             yield Skip(folder, _rel(folder, inbox), f"unreadable ({exc.strerror})")
             continue
         subfolders = []
+        base = os.fspath(folder)
         for name in names:
-            path = folder / name
+            # Not folder / name: pathlib interns that very string, and the names list would keep
+            # every one of them in the interpreter's intern table (which never shrinks) until the
+            # folder is done; from the joined text pathlib interns a copy that dies with the Path.
+            path = Path(os.path.join(base, name))
             rel = _rel(path, inbox)
             try:
                 st = os.lstat(path)
