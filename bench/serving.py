@@ -495,7 +495,7 @@ def print_results(res: dict) -> None:
               f"({s.get('ours_over_stock_one_photo_per_request')}x with one photo per request at the same concurrency)")
 
 
-DEFAULT_VARIANTS = ["maxBatchDelay=1", "batchSize=4", "batchSize=16", "workers=2"]
+DEFAULT_VARIANTS = ["maxBatchDelay=10", "batchSize=4", "batchSize=16", "workers=2"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
