@@ -434,9 +434,11 @@ def add_ratios(res: dict, ceiling: dict | None) -> dict:
     res |= ratios_of(res, ceiling)
     for v in res.get("variants", []):
         v |= ratios_of(v, ceiling)
-    if ceiling.get("best_per_cpu") and res.get("best_per_cpu"):
-        res["cpu_ratio_to_ceiling"] = round(res["best_per_cpu"]["images_per_cpu_s"] / ceiling["best_per_cpu"]["images_per_cpu_s"], 3)
-        res["ceiling"]["best_per_cpu"] = ceiling["best_per_cpu"]
+    per_cpu = [r for r in ceiling.get("results", []) if r["precision"] == served["precision"] and "images_per_cpu_s" in r]
+    if per_cpu and res.get("best_per_cpu"):
+        top = max(per_cpu, key=lambda r: r["images_per_cpu_s"])
+        res["cpu_ratio_to_ceiling"] = round(res["best_per_cpu"]["images_per_cpu_s"] / top["images_per_cpu_s"], 3)
+        res["ceiling"]["best_per_cpu"] = top
     res["ratio_to_ceiling_by_precision"] = {
         p: round(res["best"]["images_per_s"] / r["images_per_s"], 3) for p, r in (ceiling.get("best_by_precision") or {}).items()
     }
@@ -468,7 +470,7 @@ def print_results(res: dict) -> None:
         ["photos/request", "concurrency", "images/batch", *[f"{st} ms" for st in STAGES], "worker idle/outside",
          "request ms", "queue ms", "handler ms", "frontend+IPC ms"],
         [[r["photos_per_request"], r["concurrency"], b.get("mean_batch_images"), *[b["stage_ms_per_batch"][st] for st in STAGES],
-          b.get("idle_or_outside"), b.get("request_ms"), b.get("queue_ms"), b.get("handler_ms_per_batch"), b.get("frontend_and_ipc_ms")]
+          f"{b['idle_or_outside']:.0%}", b.get("request_ms"), b.get("queue_ms"), b.get("handler_ms_per_batch"), b.get("frontend_and_ipc_ms")]
          for r in res["results"] if (b := r.get("breakdown"))],
     )
     mem = res["memory"]
