@@ -8,7 +8,7 @@ variants of the archive's model-config.yaml (batch size and delay, workers x thr
 stock image_classifier handler on the same weights (bench/stock.py).
 
     python -m bench.serving [--archive MAR] [--concurrency 1 8 32 64] [--multi-concurrency 1 4 8 16]
-                            [--variants maxBatchDelay=1 batchSize=4 ...] [--seconds 10] [--ceiling ceiling.json]
+                            [--variants maxBatchDelay=10 batchSize=4 ...] [--seconds 10] [--ceiling ceiling.json]
 
 The load generator is a minimal asyncio HTTP/1.1 client on keep-alive connections, so that on
 this 2-core machine it takes as little CPU from TorchServe as it can (requests + threads costs
