@@ -46,6 +46,11 @@ METRIC_REJECTS = "refund_rejects_total"  # label Reason = the error code
 METRIC_BATCH_SIZE = "refund_batch_size"
 METRIC_PREPROCESS = "refund_preprocess_seconds"
 METRIC_INFERENCE = "refund_inference_seconds"
+# Where a batch's time goes inside the worker, one histogram with label Stage (bench/serving.py
+# reads it): decode (read + decode + resize every photo), assemble (stack, normalize, layout),
+# forward (the model and the calibrated softmax), response (answers built and folded per request).
+METRIC_STAGE = "refund_stage_seconds"
+STAGES = ("decode", "assemble", "forward", "response")
 
 
 def emit(metrics, name: str, value: float, unit: str, kind: str, **labels: str) -> None:
@@ -145,6 +150,7 @@ class RefundClassifierHandler(BaseHandler):
         for code, n in rejects.items():
             emit(metrics, METRIC_REJECTS, n, "count", "counter", Reason=code)
         emit(metrics, METRIC_PREPROCESS, time.perf_counter() - started, "seconds", "histogram")
+        emit(metrics, METRIC_STAGE, prepared.decode_s, "seconds", "histogram", Stage="decode")
         logger.info("batch of %d: %d rejected %s(%d requests)", prepared.size, len(prepared.errors),
                     f"{rejects} " if rejects else "", len(data))
         return expanded
@@ -153,18 +159,24 @@ class RefundClassifierHandler(BaseHandler):
         prepared = expanded.images
         if prepared.batch is None:
             return expanded, None
+        metrics = self.context.metrics
         started = time.perf_counter()
         with torch.inference_mode():
             x = normalize(prepared.batch, mean=self.mean, std=self.std)  # (G, 3, H, W)
             # channels_last: oneDNN's convolution layout, and fbgemm's for int8 (faster there too, measured)
             x = x.to(self.device, memory_format=torch.channels_last)
+            assembled = time.perf_counter()
             with self.autocast():
                 logits = self.model(x)
             probs = calibrated_probs(logits, self.temperature, self.class_bias).cpu()  # (G, num_classes)
-        emit(self.context.metrics, METRIC_INFERENCE, time.perf_counter() - started, "seconds", "histogram")
+        done = time.perf_counter()
+        emit(metrics, METRIC_INFERENCE, done - started, "seconds", "histogram")
+        emit(metrics, METRIC_STAGE, prepared.assemble_s + assembled - started, "seconds", "histogram", Stage="assemble")
+        emit(metrics, METRIC_STAGE, done - assembled, "seconds", "histogram", Stage="forward")
         return expanded, probs
 
     def postprocess(self, data):
+        started = time.perf_counter()
         expanded, probs = data
         prepared = expanded.images
         answers: list[dict] = [None] * prepared.size  # type: ignore[list-item]  # one per photo
@@ -181,4 +193,5 @@ class RefundClassifierHandler(BaseHandler):
             if status != 200:
                 self.context.set_response_status(code=status, phrase=response["code"], idx=idx)
             out.append(response)
+        emit(self.context.metrics, METRIC_STAGE, time.perf_counter() - started, "seconds", "histogram", Stage="response")
         return out

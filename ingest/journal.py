@@ -185,11 +185,20 @@ class NameTaken(ValueError):
     """Two files of one run whose names have the same display form (one of them not UTF-8)."""
 
 
+def ambiguous(text: str) -> bool:
+    """Whether another path could be stored as the same text: a name that is not UTF-8 is stored
+    with each odd byte as \\xNN (stored_path), which a UTF-8 name may spell out literally. Texts
+    without a backslash-x come from one path alone."""
+    return "\\x" in text
+
+
 class Journal:
     def __init__(self, store: Store, settings: Settings, hook: Callable[[str], None] = lambda point: None):
         self.store, self.s, self.hook = store, settings, hook
         self.run_id: int | None = None
-        self._sources: dict[str, str] = {}  # source_path as stored -> the path it stands for, this run
+        # source_path as stored -> the path it stands for, this run; only texts that two names can share
+        # (see ambiguous()), so that the run's memory does not grow with its files.
+        self._sources: dict[str, str] = {}
         self.stuck: set[str] = set()  # inbox paths whose earlier move recover() could not finish: not taken again
 
     # -- runs ----------------------------------------------------------------------------
@@ -263,6 +272,8 @@ class Journal:
         sources = {}
         for o in outs:
             text = stored_path(o.item.entry.path)[0]
+            if not ambiguous(text):
+                continue
             if self._sources.get(text, str(o.item.entry.path)) != str(o.item.entry.path):
                 raise NameTaken(f"{text!r} stands for another file already recorded in this run; this one waits for the next run")
             sources[text] = str(o.item.entry.path)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from handler.refund_handler import (METRIC_BATCH_SIZE, METRIC_IMAGES, METRIC_INFERENCE, METRIC_PREPROCESS,
-                                    METRIC_REJECTS, RefundClassifierHandler)
+                                    METRIC_REJECTS, METRIC_STAGE, STAGES, RefundClassifierHandler)
 from handler.refund_inference import calibrated_probs, calibration, class_bias, extract_payload, prepare_batch, resolve_precision, threads_per_worker
 from handler.refund_preprocess import ImageError, decode_image, load_for_model, normalize
 from support import make_handler
@@ -335,6 +336,27 @@ def test_metrics_per_batch(handler, unseen_images):
     assert m.values(METRIC_REJECTS, Reason="empty") == [2] and m.values(METRIC_REJECTS, Reason="not_an_image") == [1]
     assert len(m.values(METRIC_PREPROCESS)) == 1 and len(m.values(METRIC_INFERENCE)) == 1
     assert 0 < m.values(METRIC_PREPROCESS)[0] < 10 and 0 < m.values(METRIC_INFERENCE)[0] < 10
+
+
+def test_stage_metrics_split_the_batch_time(handler, unseen_images):
+    """decode, assemble, forward, response: once per batch each, together within the handler's own time."""
+    h, ctx = handler
+    ctx.metrics.recorded.clear()
+    good = [p.read_bytes() for p in sorted((unseen_images / "images").glob("*.jpg"))[:4]]
+    started = time.perf_counter()
+    h.handle([{"body": good[0]}, {"body": b""}, {"body": {"instances": [base64.b64encode(g).decode() for g in good[1:]]}}], ctx)
+    wall = time.perf_counter() - started
+    m = ctx.metrics
+    stages = {stage: m.values(METRIC_STAGE, Stage=stage) for stage in STAGES}
+    assert all(len(v) == 1 and v[0] > 0 for v in stages.values()), stages
+    assert sum(v[0] for v in stages.values()) <= wall
+    # the old two figures are the same time, split: preprocess holds decode, inference holds forward
+    assert stages["decode"][0] <= m.values(METRIC_PREPROCESS)[0]
+    assert stages["forward"][0] <= m.values(METRIC_INFERENCE)[0]
+    # a batch with no photo to run: only decode and response
+    ctx.metrics.recorded.clear()
+    h.handle([{"body": b""}], ctx)
+    assert {s: len(m.values(METRIC_STAGE, Stage=s)) for s in STAGES} == {"decode": 1, "assemble": 0, "forward": 0, "response": 1}
 
 
 def test_handler_limits_come_from_model_config(extracted_archive, tmp_path):

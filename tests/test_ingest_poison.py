@@ -246,6 +246,27 @@ def test_journal_records_a_batch_with_bad_answers_and_an_odd_name(tmp_path, data
     assert "nan2.jpg" not in planned and "good3.jpg" in planned
 
 
+@pytest.mark.integration
+def test_journal_keeps_no_state_per_file_yet_tells_two_names_of_one_display_form_apart(tmp_path, database_url):
+    """A run of many plain names leaves the journal holding nothing per file (its memory stays flat as
+    the inbox grows); a Latin-1 name and a UTF-8 name that spells out its display form still cannot
+    both be recorded under that one text in a run: the second waits for the next run."""
+    s = Settings(inbox=tmp_path / "inbox", database_url=database_url)
+    journal = Journal(Store(database_url), s)
+    journal.start_run()
+    for b in range(6):
+        written = journal.record([_outcome(tmp_path, f"{b}-{i:03}.jpg", f"{b}-{i}".encode(), GOOD) for i in range(50)])
+        assert not written.left and len(written.plan) == 50
+    assert journal._sources == {}
+    latin1 = _outcome(tmp_path, b"caf\xe9.jpg", b"latin-1", GOOD)
+    spelled = _outcome(tmp_path, "caf\\xe9.jpg", b"spelled out", GOOD)  # the 11 characters c a f \ x e 9 . j p g
+    assert stored_path(latin1.item.entry.path)[0] == stored_path(spelled.item.entry.path)[0]
+    assert not journal.record([latin1]).left
+    written = journal.record([spelled])
+    assert [(o.item.entry.relative, "stands for another file" in why) for o, why in written.left] == [("caf\\xe9.jpg", True)]
+    assert len(journal._sources) == 1
+
+
 # -- recovery ---------------------------------------------------------------------------------
 
 def _failing_unlink(monkeypatch, victim: Path):

@@ -107,7 +107,8 @@ def test_versioned_endpoint_and_management(torchserve):
 def test_archive_settings_reach_torchserve(torchserve):
     """batchSize / maxBatchDelay / workers come from handler/model-config.yaml inside the archive."""
     model = torchserve.describe("refund_classifier", "1")[0]
-    assert model["batchSize"] == 8 and model["maxBatchDelay"] == 10
+    # a lone request waits the whole maxBatchDelay in TorchServe's queue: it must stay short
+    assert model["batchSize"] == 8 and model["maxBatchDelay"] == 2
     assert model["minWorkers"] == model["maxWorkers"] == 1
     log = (torchserve.log_dir / "model_log.log").read_text()
     cores = len(os.sched_getaffinity(0))
@@ -194,17 +195,22 @@ def test_several_photos_in_one_request_get_a_list_in_order(torchserve, unseen_im
     assert r.status_code == 400 and r.json()["code"] == "bad_request" and "photos[i]" in r.json()["error"]
 
 
-def test_metrics_endpoint_exposes_handler_metrics(torchserve):
+def test_metrics_endpoint_exposes_handler_metrics(torchserve, unseen_images):
     requests.post(f"{torchserve.inference_url}/{PREDICT}", data=b"", timeout=30)  # at least one reject
+    requests.post(f"{torchserve.inference_url}/{PREDICT}", data=unseen(unseen_images)[0].read_bytes(), timeout=30)
     text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=10).text
     for name, kind in [("refund_images_total", "counter"), ("refund_rejects_total", "counter"),
                        ("refund_batch_size", "histogram"), ("refund_preprocess_seconds", "histogram"),
-                       ("refund_inference_seconds", "histogram"), ("ts_inference_requests_total", "counter")]:
+                       ("refund_inference_seconds", "histogram"), ("refund_stage_seconds", "histogram"),
+                       ("ts_inference_requests_total", "counter")]:
         assert f"# TYPE {name} {kind}" in text, name
-    samples = wait_for(lambda: (s := scrape(torchserve)) and total(s, "refund_rejects_total", Reason="empty") and s)
+    samples = wait_for(lambda: (s := scrape(torchserve)) and total(s, "refund_rejects_total", Reason="empty")
+                       and total(s, "refund_stage_seconds_count", Stage="response") >= 2 and s)
     assert total(samples, "refund_rejects_total", Reason="empty", ModelName="refund_classifier") >= 1
     assert total(samples, "refund_images_total") >= total(samples, "refund_batch_size_count") >= 1
     assert total(samples, "refund_inference_seconds_count") >= 1
+    for stage in ("decode", "assemble", "forward", "response"):  # where the time goes (bench/serving.py)
+        assert total(samples, "refund_stage_seconds_count", Stage=stage) >= 1, stage
 
 
 def test_no_train_serve_skew(torchserve, trained_run, unseen_images):
