@@ -93,7 +93,8 @@ def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int |
     by = {(r["precision"], r["batch_size"]): r for r in results}
     served = resolve_precision("auto", device_type="cpu", bf16_native=cpu_supports_bf16(),
                                int8_ready=int8_unavailable(info.meta, device_type="cpu",
-                                                           backend_available=int8_backend_available()) is None)
+                                                           backend_available=int8_backend_available(),
+                                                           vnni=cpu_supports_vnni()) is None)
     best_by_precision = {p: max((r for r in results if r["precision"] == p), key=lambda r: r["images_per_s"])
                          for p in PRECISIONS}
     return {

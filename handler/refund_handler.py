@@ -26,14 +26,14 @@ try:  # inside a model archive every file sits flat in the model dir
     from refund_inference import (bf16_unavailable, calibrated_probs, calibration, class_bias, error_response,
                                   format_prediction, int8_unavailable, load_meta, reject_counts, resolve_precision,
                                   threads_per_worker)
-    from refund_model import build_model, cpu_supports_bf16, int8_backend_available, load_int8
+    from refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 except ImportError:  # in the repository, as the `handler` package
     from handler.refund_inference import (bf16_unavailable, calibrated_probs, calibration, class_bias, error_response,
                                           format_prediction, int8_unavailable, load_meta, reject_counts,
                                           resolve_precision, threads_per_worker)
-    from handler.refund_model import build_model, cpu_supports_bf16, int8_backend_available, load_int8
+    from handler.refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from handler.refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 
@@ -101,7 +101,8 @@ class RefundClassifierHandler(BaseHandler):
         if bf16_native and bf16_reason and setting in ("auto", "int8"):  # the agreement gate: bf16 only where it passed
             logger.warning("precision %s: not bf16, %s", setting, bf16_reason)
             bf16_native = False
-        int8_reason = int8_unavailable(self.meta, device_type=self.device.type, backend_available=int8_backend_available())
+        int8_reason = int8_unavailable(self.meta, device_type=self.device.type, backend_available=int8_backend_available(),
+                                       vnni=cpu_supports_vnni())
         self.precision = resolve_precision(setting, device_type=self.device.type, bf16_native=bf16_native,
                                            int8_ready=int8_reason is None)
         if self.precision == "int8":

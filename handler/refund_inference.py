@@ -172,7 +172,7 @@ def resolve_precision(setting: str, *, device_type: str, bf16_native: bool, int8
     return setting
 
 
-def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool) -> str | None:
+def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool, vnni: bool = True) -> str | None:
     """Why this archive cannot serve int8 here (None: it can). model_meta.json's `int8` entry is
     training.export's: status passed (with the file), failed (its gate, and the figures), unavailable or off."""
     info = meta.get("int8")
@@ -184,6 +184,8 @@ def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool) -
         return f"int8 runs on the CPU only (the x86 quantized kernels); this worker has a {device_type} device"
     if not backend_available:
         return "this torch has no x86 quantized engine"
+    if info.get("requires") == "vnni" and not vnni:
+        return "the int8 model uses 8-bit activations, which saturate on a CPU without VNNI; this CPU has none"
     return None
 
 

@@ -70,6 +70,16 @@ def int8_deprecations_silenced():
         yield
 
 
+def cpu_supports_vnni() -> bool:
+    """True where the CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit products without saturation."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
 def int8_backend_available() -> bool:
     """The x86 quantized engine (fbgemm/oneDNN kernels) the archive's int8 model was converted for."""
     return INT8_BACKEND in torch.backends.quantized.supported_engines

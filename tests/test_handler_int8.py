@@ -64,6 +64,7 @@ def test_export_builds_int8_and_records_its_gate(int8_folder, trained_run):
     meta = json.loads((int8_folder / "model_meta.json").read_text())
     int8 = meta["int8"]
     assert int8["status"] == "passed" and (int8_folder / int8["file"]).is_file()
+    assert int8["requires"] == "vnni"  # 8-bit activations: the handler checks the CPU
     gate = int8["gate"]
     assert gate["split"] == "val" and gate["images"] == len(val_photos(trained_run))
     assert gate["top1_agreement"] >= gate["min_agreement"] == 0.99
@@ -158,6 +159,10 @@ def test_auto_picks_int8_only_when_it_passed():
     assert "failed at export: low" in int8_unavailable({"int8": {"status": "failed", "reason": "low"}},
                                                        device_type="cpu", backend_available=True)
     assert "no int8 model" in int8_unavailable({}, device_type="cpu", backend_available=True)
+    # 8-bit activations saturate without VNNI: such a CPU falls back
+    needs_vnni = {"int8": {**passed["int8"], "requires": "vnni"}}
+    assert int8_unavailable(needs_vnni, device_type="cpu", backend_available=True, vnni=True) is None
+    assert "VNNI" in int8_unavailable(needs_vnni, device_type="cpu", backend_available=True, vnni=False)
     for bf16_native, fallback in ((True, "bf16"), (False, "fp32")):
         assert resolve_precision("auto", device_type="cpu", bf16_native=bf16_native, int8_ready=True) == "int8"
         assert resolve_precision("int8", device_type="cpu", bf16_native=bf16_native, int8_ready=True) == "int8"
