@@ -23,7 +23,7 @@ import torch
 
 from bench import common
 from handler.refund_inference import int8_unavailable, resolve_precision
-from handler.refund_model import cpu_supports_bf16, int8_backend_available, load_int8
+from handler.refund_model import cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
 from training import quantize
 from training.checkpoint import load_archive_model
 
