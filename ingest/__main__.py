@@ -143,14 +143,6 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def _since(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"Invalid --since {text!r}; use an ISO date such as 2026-11-01 or 2026-11-01T08:00") from exc
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     logs.setup("human", logging.WARNING)
     url = args.database_url or os.environ.get("DATABASE_URL")
@@ -197,7 +189,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(fn=cmd_schedule)
     p = sub.add_parser("report", help="what is recorded: per category and day, review queue, failures, runs")
-    p.add_argument("--since", type=_since, default=datetime(1970, 1, 1, tzinfo=timezone.utc), help="ISO date or datetime (UTC unless given)")
+    p.add_argument("--since", type=report_mod.since_arg, default=datetime(1970, 1, 1, tzinfo=timezone.utc), help="ISO date or datetime (UTC unless given)")
     p.add_argument("--format", choices=sorted(report_mod.WRITERS), default="table", help="table, csv or json")
     p.add_argument("--section", action="append", choices=list(report_mod.SECTIONS), default=None,
                    help="only this section (repeatable); default: all")

@@ -1,14 +1,24 @@
 """python -m ingest report: what PostgreSQL recorded, as a table, CSV or JSON."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import TextIO
 
 from ingest import db
+
+def since_arg(text: str) -> datetime:
+    """--since of `ingest report` and `review export`: an ISO date or datetime, UTC unless it says otherwise."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"Invalid --since {text!r}; use an ISO date such as 2026-11-01 or 2026-11-01T08:00") from exc
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
 
 # section -> (query file, title)
 SECTIONS = {

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ingest import db
+from ingest.report import since_arg
 from review import process, queue
 
 DEFAULT_HOST = "127.0.0.1"
@@ -150,14 +151,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _since(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"Invalid --since {text!r}; use an ISO date such as 2026-11-01 or 2026-11-01T08:00") from exc
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
 def _share(text: str) -> float:
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
@@ -201,7 +194,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_audit_share)
     p = sub.add_parser("export", parents=[common], help="decided photos as a Kaggle-layout catalogue (styles.csv + images/)")
     p.add_argument("--out", type=Path, required=True, help="new folder to write styles.csv and images/ into")
-    p.add_argument("--since", type=_since, default=datetime(1970, 1, 1, tzinfo=timezone.utc),
+    p.add_argument("--since", type=since_arg, default=datetime(1970, 1, 1, tzinfo=timezone.utc),
                    help="only decisions made at or after this ISO date or datetime (UTC unless given)")
     p.set_defaults(fn=cmd_export)
     return parser

@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 
 from serving.paths import REPO_ROOT, state_dir
+from serving.torchserve import process_alive
 
 
 def review_state() -> Path:
@@ -27,27 +28,13 @@ def log_file() -> Path:
     return review_state() / "review.log"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # our own child that exited: reap it, it is not running
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        return waited == 0
-    except ChildProcessError:
-        return True
-
-
 def running_pid() -> int | None:
     """The pid of the background review server, or None (a stale pid file is removed)."""
     try:
         pid = int(pid_file().read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    if _alive(pid):
+    if process_alive(pid):
         return pid
     pid_file().unlink(missing_ok=True)
     return None
@@ -94,9 +81,9 @@ def stop(wait_s: float = 10.0) -> bool:
         return False
     os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.1)
-    if _alive(pid):
+    if process_alive(pid):
         os.killpg(pid, signal.SIGKILL)
     pid_file().unlink(missing_ok=True)
     return True

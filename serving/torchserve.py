@@ -93,7 +93,7 @@ class TorchServe:
         proc = getattr(self, "_proc", None)
         if proc is not None and proc.pid == pid:
             return proc.poll() is None  # our own child: reaped through its handle, which then knows
-        return _alive(pid)
+        return process_alive(pid)
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
@@ -232,7 +232,8 @@ class TorchServe:
         return r.json()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie child of ours counts as gone: it is reaped here)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
