@@ -38,13 +38,17 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX); fp32 is faster elsewhere."""
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX); fp32 is faster elsewhere."""
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -72,11 +76,7 @@ def int8_deprecations_silenced():
 
 def cpu_supports_vnni() -> bool:
     """True where the CPU has VNNI (AVX512-VNNI or AVX-VNNI): 8-bit products without saturation."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
 
 
