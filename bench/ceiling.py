@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench import common
-from handler.refund_inference import int8_unavailable, resolve_precision
+from handler.refund_inference import served_precision
 from handler.refund_model import cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
 from training import quantize
 from training.checkpoint import load_archive_model
@@ -91,10 +91,8 @@ def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int |
             results.append({"precision": precision, "batch_size": bs, **r, "rounds": len(rs)})
             print(f"  ceiling {precision} bs={bs}: {r['images_per_s']:.1f} images/s", flush=True)
     by = {(r["precision"], r["batch_size"]): r for r in results}
-    served = resolve_precision("auto", device_type="cpu", bf16_native=cpu_supports_bf16(),
-                               int8_ready=int8_unavailable(info.meta, device_type="cpu",
-                                                           backend_available=int8_backend_available(),
-                                                           vnni=cpu_supports_vnni()) is None)
+    served, _, _ = served_precision("auto", info.meta, device_type="cpu", bf16_native=cpu_supports_bf16(),
+                                    int8_backend=int8_backend_available(), vnni=cpu_supports_vnni())
     best_by_precision = {p: max((r for r in results if r["precision"] == p), key=lambda r: r["images_per_s"])
                          for p in PRECISIONS}
     return {

@@ -23,16 +23,15 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
-    from refund_inference import (bf16_unavailable, calibrated_probs, calibration, class_bias, error_response,
-                                  format_prediction, int8_unavailable, load_meta, reject_counts, resolve_precision,
-                                  threads_per_worker)
+    from refund_inference import (calibrated_probs, calibration, class_bias, error_response, format_prediction,
+                                  load_meta, reject_counts, served_precision, threads_per_worker)
     from refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 except ImportError:  # in the repository, as the `handler` package
-    from handler.refund_inference import (bf16_unavailable, calibrated_probs, calibration, class_bias, error_response,
-                                          format_prediction, int8_unavailable, load_meta, reject_counts,
-                                          resolve_precision, threads_per_worker)
+    from handler.refund_inference import (calibrated_probs, calibration, class_bias, error_response,
+                                          format_prediction, load_meta, reject_counts, served_precision,
+                                          threads_per_worker)
     from handler.refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from handler.refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
@@ -97,14 +96,11 @@ class RefundClassifierHandler(BaseHandler):
             workers = int(yaml_config.get("maxWorkers", yaml_config.get("minWorkers", 1)))
             torch.set_num_threads(threads_per_worker(settings.get("threads", "auto"), cores=cores, workers=workers))
         setting = str(settings.get("precision", "auto"))
-        bf16_reason = bf16_unavailable(self.meta)
-        if bf16_native and bf16_reason and setting in ("auto", "int8"):  # the agreement gate: bf16 only where it passed
+        self.precision, bf16_reason, int8_reason = served_precision(
+            setting, self.meta, device_type=self.device.type, bf16_native=bf16_native,
+            int8_backend=int8_backend_available(), vnni=cpu_supports_vnni())
+        if bf16_reason:  # the agreement gate: bf16 only where it passed
             logger.warning("precision %s: not bf16, %s", setting, bf16_reason)
-            bf16_native = False
-        int8_reason = int8_unavailable(self.meta, device_type=self.device.type, backend_available=int8_backend_available(),
-                                       vnni=cpu_supports_vnni())
-        self.precision = resolve_precision(setting, device_type=self.device.type, bf16_native=bf16_native,
-                                           int8_ready=int8_reason is None)
         if self.precision == "int8":
             int8 = self.meta["int8"]  # its own calibration, fitted on its own validation outputs
             self.temperature, self.review_threshold = calibration(int8)

@@ -189,6 +189,19 @@ def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool, v
     return None
 
 
+def served_precision(setting: str, meta: dict, *, device_type: str, bf16_native: bool, int8_backend: bool,
+                     vnni: bool) -> tuple[str, str | None, str | None]:
+    """(precision, why not bf16, why not int8): the archive's `precision` setting resolved for this
+    device after both gates (int8's at export, bf16's agreement on val). The handler serves it; the
+    bench names the ceiling it is compared with. A reason is None where nothing stood against it;
+    the bf16 one is given only where the gate, not the hardware or the setting, ruled bf16 out."""
+    bf16_reason = bf16_unavailable(meta) if bf16_native and setting in ("auto", "int8") else None
+    int8_reason = int8_unavailable(meta, device_type=device_type, backend_available=int8_backend, vnni=vnni)
+    precision = resolve_precision(setting, device_type=device_type, bf16_native=bf16_native and bf16_reason is None,
+                                  int8_ready=int8_reason is None)
+    return precision, bf16_reason, int8_reason
+
+
 # bf16's bar against fp32 (bench.precision_agreement's default): top-1 agreement on val.
 BF16_MIN_AGREEMENT = 0.995
 
