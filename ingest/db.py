@@ -17,8 +17,9 @@ MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 MIGRATION_LOCK = 0x5EF0D
 
 
-def load_query(name: str) -> str:
-    return resources.files("ingest.sql").joinpath(f"{name}.sql").read_text()
+def load_query(name: str, package: str = "ingest.sql") -> str:
+    """The named query `name`.sql of `package` (review keeps its own in review.sql)."""
+    return resources.files(package).joinpath(f"{name}.sql").read_text()
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -35,7 +34,7 @@ class ReviewError(RuntimeError):
 
 
 def load_query(name: str) -> str:
-    return resources.files("review.sql").joinpath(f"{name}.sql").read_text()
+    return db.load_query(name, package="review.sql")
 
 
 def _one(cur, name: str, params: dict):
