@@ -145,7 +145,7 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
         item = queue.item(database_url, item_id)
         if item is None:
             abort(404)
-        topk = [t for t in (item["topk"] or [])][:5]
+        topk = (item["topk"] or [])[:5]
         cats = categories.for_version(item["model_name"], item["model_version"])
         return render_template("item.html", item=item, topk=topk, categories=cats, claimed=claimed,
                                lease_s=lease_s)

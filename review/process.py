@@ -4,7 +4,6 @@ No Flask here: `python -m serving down` stops the review server through this mod
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import requests
 
 from serving.paths import REPO_ROOT, state_dir
-from serving.torchserve import process_alive
+from serving.torchserve import process_alive, terminate_group
 
 
 def review_state() -> Path:
@@ -79,11 +78,6 @@ def stop(wait_s: float = 10.0) -> bool:
     pid = running_pid()
     if pid is None:
         return False
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and process_alive(pid):
-        time.sleep(0.1)
-    if process_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
+    terminate_group(pid, wait_s, poll_s=0.1)
     pid_file().unlink(missing_ok=True)
     return True

@@ -177,12 +177,7 @@ class TorchServe:
             if getattr(self, "_proc", None) is not None:
                 self._proc.poll()  # exited on its own: collect its status
             return False
-        _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and self._running(pid):
-            time.sleep(0.2)
-        if self._running(pid):
-            _signal_group(pid, signal.SIGKILL)
+        terminate_group(pid, wait_s, running=self._running)
         if getattr(self, "_proc", None) is not None:
             self._proc.wait(timeout=10)
         # The group may outlive its leader for a moment (backend workers).
@@ -245,6 +240,16 @@ def process_alive(pid: int) -> bool:
         return waited == 0
     except ChildProcessError:
         return True
+
+
+def terminate_group(pid: int, wait_s: float, *, running=process_alive, poll_s: float = 0.2) -> None:
+    """SIGTERM the process group led by `pid`, wait up to `wait_s` for its leader to exit, then SIGKILL it."""
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and running(pid):
+        time.sleep(poll_s)
+    if running(pid):
+        _signal_group(pid, signal.SIGKILL)
 
 
 def _signal_group(pid: int, sig: int) -> None:
