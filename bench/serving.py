@@ -33,6 +33,7 @@ import yaml
 
 from bench import common
 from serving.archive import MODEL_NAME, read_archive
+from serving import metrics
 from serving.client import MultipartPhotos
 
 # The handler's per-stage histogram (handler/refund_handler.py METRIC_STAGE) and its stages.
@@ -193,24 +194,8 @@ def load_payloads(n: int, work: Path, photos_per_request: int = 1) -> list[Paylo
 
 # -- TorchServe's metrics: where the time goes ---------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*?),?\})? (\S+)$")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def scrape(metrics_url: str) -> dict[tuple[str, frozenset], float]:
-    """/metrics (Prometheus text) -> {(sample name, labels without Hostname): value}."""
-    out = {}
-    for line in requests.get(f"{metrics_url}/metrics", timeout=30).text.splitlines():
-        m = _SAMPLE.match(line)
-        if m:
-            labels = frozenset((k, v) for k, v in _LABEL.findall(m.group(2) or "") if k.lower() != "hostname")
-            out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+    return metrics.parse(requests.get(f"{metrics_url}/metrics", timeout=30).text)
 
 
 def settled_scrape(metrics_url: str, wait_s: float = 5.0) -> dict:
@@ -221,7 +206,7 @@ def settled_scrape(metrics_url: str, wait_s: float = 5.0) -> dict:
     while time.monotonic() < deadline:
         time.sleep(0.3)
         now = scrape(metrics_url)
-        if total(now, f"{STAGE_METRIC}_count", Stage="response") == total(last, f"{STAGE_METRIC}_count", Stage="response"):
+        if metrics.total(now, f"{STAGE_METRIC}_count", Stage="response") == metrics.total(last, f"{STAGE_METRIC}_count", Stage="response"):
             return now
         last = now
     return last
@@ -235,7 +220,7 @@ def breakdown(before: dict, after: dict, *, wall_s: float, workers: int) -> dict
     to fill: maxBatchDelay for a lone request) and the handler's time for its batch; the rest is the
     frontend, the worker's protocol and the IPC between them. `worker_share`: each stage's part of the
     workers' wall time (workers x wall_s); `idle_or_outside`: the part in none of them."""
-    d = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+    d = lambda name, **labels: metrics.total(after, name, **labels) - metrics.total(before, name, **labels)  # noqa: E731
     batches = d(f"{STAGE_METRIC}_count", Stage="response")
     images = d("refund_batch_size_sum")
     stage_s = {st: d(f"{STAGE_METRIC}_sum", Stage=st) for st in STAGES}

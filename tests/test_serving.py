@@ -21,6 +21,7 @@ from handler.refund_inference import calibrated_probs, resolve_precision
 from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import normalize
 from serving.torchserve import TorchServeError, _ephemeral_range, free_port, load_properties, make_torchserve
+from serving.metrics import parse as parse_metrics, total
 from serving.paths import REPO_ROOT
 from training import export as export_mod
 from training.catalogue import list_items, read_styles
@@ -30,26 +31,11 @@ from training.engine import load_images
 pytestmark = pytest.mark.integration
 
 PREDICT = "predictions/refund_classifier"
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*?),?\})? (\S+)$")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def scrape(ts) -> dict[tuple[str, frozenset], float]:
-    """TorchServe's /metrics (Prometheus text) -> {(sample name, labels without Hostname): value}."""
+    """TorchServe's /metrics -> {(sample name, labels without Hostname): value}."""
     r = requests.get(f"{ts.metrics_url}/metrics", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:200]
-    out = {}
-    for line in r.text.splitlines():
-        m = _SAMPLE.match(line)
-        if m:
-            labels = frozenset((k, v) for k, v in _LABEL.findall(m.group(2) or "") if k != "Hostname")
-            out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+    return parse_metrics(r.text)
 
 
 def post_all(ts, bodies: list, *, threads: int = 16) -> list[requests.Response]:
