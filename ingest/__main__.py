@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -145,11 +144,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     logs.setup("human", logging.WARNING)
-    url = args.database_url or os.environ.get("DATABASE_URL")
-    if not url:
-        from serving.postgres import database_url
+    from serving.postgres import database_url
 
-        url = database_url(start=True)
+    url = database_url(args.database_url)
     pending = db.pending_migrations(url)  # a report reads: it never changes the schema
     if pending:
         print(f"ingest report: the database lacks the migration(s) {', '.join(pending)} of this version; "
@@ -166,11 +163,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    url = args.database_url or os.environ.get("DATABASE_URL")
-    if not url:
-        from serving.postgres import database_url
+    from serving.postgres import database_url
 
-        url = database_url(start=True)
+    url = database_url(args.database_url)
     applied = db.migrate(url)
     print(f"ingest migrate: applied {', '.join(applied)}" if applied else "ingest migrate: the schema is up to date")
     return 0

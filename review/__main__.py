@@ -23,12 +23,9 @@ DEFAULT_PORT = 8090
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
-    if url:
-        return url
     from serving.postgres import database_url
 
-    return database_url(start=True)
+    return database_url(getattr(args, "database_url", None))
 
 
 def _migrated_url(args: argparse.Namespace) -> str:

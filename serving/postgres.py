@@ -215,9 +215,10 @@ class Cluster:
             conn.close()
 
 
-def database_url(*, start: bool = True) -> str:
-    """DATABASE_URL when set; else the embedded cluster's URL, starting it when `start`."""
-    url = os.environ.get("DATABASE_URL")
+def database_url(given: str | None = None, *, start: bool = True) -> str:
+    """`given` (a --database-url) when set, else DATABASE_URL, else the embedded cluster's URL,
+    starting it when `start`."""
+    url = given or os.environ.get("DATABASE_URL")
     if url:
         return url
     cluster = Cluster()
