@@ -3,7 +3,8 @@ job SIGKILL itself, or wait for the test, at the n-th (default first) time it re
 Only tests set it; unset, every hook point is a no-op.
 
 The points, in the order a run reaches them (see ingest.job for what each one separates):
-after_read, before_commit, after_commit, mid_move, mid_link, after_moves, before_finish, and
+after_read, before_commit, after_commit, mid_link (the batch's photos linked at their destination,
+none unlinked yet), mid_move (one unlinked), after_moves, before_finish, and
 recovery_mid_move (while finishing an earlier run's moves). `pause` touches
 INGEST_TEST_HOOK_DIR/paused-POINT and waits (up to 300 s) for INGEST_TEST_HOOK_DIR/resume-POINT.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 
 class Hooks:
-    POINTS = ("after_read", "before_commit", "after_commit", "mid_move", "mid_link", "after_moves", "recovery_mid_move", "before_finish")
+    POINTS = ("after_read", "before_commit", "after_commit", "mid_link", "mid_move", "after_moves", "recovery_mid_move", "before_finish")
 
     def __init__(self, spec: str | None, folder: str | None):
         self.actions: dict[str, tuple[str, int]] = {}

@@ -3,7 +3,8 @@
 Exactly once, crash-safe. For each batch of answers:
   1. one transaction inserts the prediction rows (ON CONFLICT DO NOTHING on sha256+model+version)
      and one `ingest_files` row per file naming the folder it will be moved to;
-  2. only after that commit, each file is moved (link+unlink or rename: never a moment without it);
+  2. only after that commit, the batch's files are moved (ingest.files.move_many: each linked at its
+     destination, those folders fsynced, then the inbox names unlinked: never a moment without it);
   3. a second transaction marks those files moved.
 A kill between 1 and 3 leaves `ingest_files` rows 'pending': the next run finishes those moves
 before anything else. A kill before 1 leaves the files in the inbox with no row: the next run
@@ -301,18 +302,16 @@ class Job:
             self.summary.failed += 1
             logger.error("%s: its row could not be recorded (%s); left in the inbox for the next run",
                          o.item.entry.relative, reason, extra={"event": "unrecorded", "path": o.item.entry.relative})
+        errors = files.move_many([(o.item.entry.path, dest) for o, dest, _, _ in written.plan],
+                                 linked=lambda: self.hook("mid_link"), moved_one=lambda: self.hook("mid_move"))
         moved = []
-        for n, (o, dest, destination, file_id) in enumerate(written.plan):
-            try:
-                files.move(o.item.entry.path, dest, linked=(lambda: self.hook("mid_link")) if n == 1 else None)
-            except OSError as exc:
+        for (o, dest, destination, file_id), exc in zip(written.plan, errors):
+            if exc is not None:
                 self.summary.move_failed += 1
                 logger.error("%s: recorded, but moving it to %s failed (%s); the next run retries the move",
                              o.item.entry.relative, dest, exc, extra={"event": "move_failed", "path": o.item.entry.relative})
                 continue
             moved.append(file_id)
-            if n == 0:
-                self.hook("mid_move")
             if o.duplicate:
                 self.summary.duplicates += 1
                 logger.info("%s: duplicate of an already recorded photo (row %s) -> %s", o.item.entry.relative,

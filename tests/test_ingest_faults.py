@@ -41,7 +41,7 @@ def test_sigkill_then_rerun_is_exactly_once(point, per_request, torchserve, data
 
     killed = cli(inbox, {**env, "INGEST_TEST_HOOK": f"crash@{point}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    if point.startswith("mid_link"):  # one photo is under both names (a hard link) until the rerun
+    if point.startswith(("mid_link", "mid_move")):  # photos under both names (hard links) until the rerun
         assert fetch(database_url, "SELECT count(*) FROM ingest_files WHERE state = 'pending'")[0][0] > 0
         after_crash = {"inbox": set(snapshot(inbox))}
     else:

@@ -98,7 +98,7 @@ def test_sigkill_then_rerun_is_exactly_once_across_filesystems(crashes, split, t
     for point in crashes:
         killed = cli(inbox, {**env, "INGEST_TEST_HOOK": f"crash@{point}"})
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    if crashes[-1].startswith("mid_link"):  # one photo is under both names (a copy) until the rerun
+    if crashes[-1].startswith(("mid_link", "mid_move")):  # photos under both names (copies) until the rerun
         pending = fetch(database_url, "SELECT source_path, dest_path FROM ingest_files WHERE state = 'pending'")
         assert any(Path(src).exists() and Path(dest).exists() for src, dest in pending)
     else:
@@ -185,6 +185,35 @@ def test_a_file_that_appears_at_the_destination_is_never_overwritten(tmp_path, o
     assert dest.read_bytes() == b"theirs, arrived during the copy"
     assert src.read_bytes() == b"our photo"  # still in the inbox, for the next run
     assert not partials(other_fs), "the failed copy must not take space"
+
+
+def test_a_batch_of_moves_syncs_each_folder_once_and_every_destination_before_any_unlink(tmp_path, monkeypatch):
+    inbox, processed = tmp_path / "inbox", tmp_path / "processed"
+    moves = []
+    for k in range(20):
+        src = inbox / ("a" if k % 2 else "b") / f"{k}.jpg"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(b"photo %d" % k)
+        moves.append((src, processed / "2026-11-30" / src.parent.name / src.name))
+    (processed / "2026-11-30" / "a").mkdir(parents=True)
+    moves[1][1].write_bytes(b"theirs")  # one destination is taken: that photo alone fails
+    events = []
+    real_fsync_dir, real_unlink = files.fsync_dir, os.unlink
+    monkeypatch.setattr(files, "fsync_dir", lambda f: (events.append(("fsync", Path(f))), real_fsync_dir(f))[1])
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (events.append(("unlink", Path(p))), real_unlink(p, *a, **k))[1])
+
+    errors = files.move_many(moves)
+
+    assert isinstance(errors[1], FileExistsError) and moves[1][0].read_bytes() == b"photo 1"
+    assert moves[1][1].read_bytes() == b"theirs"
+    for k, (src, dest) in enumerate(moves):
+        if k != 1:
+            assert errors[k] is None and dest.read_bytes() == b"photo %d" % k and not src.exists()
+    synced = [e[1] for e in events if e[0] == "fsync"]
+    leaves = [processed / "2026-11-30" / "a", processed / "2026-11-30" / "b", inbox / "a", inbox / "b"]
+    assert all(synced.count(f) == 1 for f in leaves), synced  # once per folder, not twice per photo
+    first_unlink = min(i for i, e in enumerate(events) if e[0] == "unlink")
+    assert all(events.index(("fsync", f)) < first_unlink for f in leaves[:2]), events
 
 
 # -- processed/ full ----------------------------------------------------------------------------

@@ -314,9 +314,9 @@ def test_recovery_never_marks_a_destination_with_other_content_moved(torchserve,
     originals = snapshot(inbox)
     s = settings_for(inbox, database_url, torchserve.inference_url)
 
-    def refuse(src, dest, **kw):
+    def refuse(src, dest):
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(files, "move", refuse)
+    monkeypatch.setattr(files, "_link", refuse)
     assert Job(s).run().move_failed == 4  # recorded, every move pending
     monkeypatch.undo()
 
@@ -349,7 +349,7 @@ def test_a_job_recovers_only_its_own_inbox(torchserve, database_url, tmp_path, u
     a = settings_for(a_inbox, database_url, torchserve.inference_url)
     b = settings_for(b_inbox, database_url, torchserve.inference_url)
 
-    monkeypatch.setattr(files, "move", lambda *a, **kw: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(files, "_link", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     assert Job(a).run().move_failed == 3
     monkeypatch.undo()
     a_pending = fetch(database_url, "SELECT id FROM ingest_files WHERE state = 'pending' ORDER BY id")
