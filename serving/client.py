@@ -24,6 +24,7 @@ the file, which follows TorchServe's renewals within seconds, and meanwhile the 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -268,6 +269,12 @@ class TorchServeClient:
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        # The environment's proxies (HTTP(S)_PROXY, NO_PROXY) and CA bundle are read once, here:
+        # with trust_env, requests walks the whole environment twice for every request, which was
+        # an eighth of the ingest job's CPU. (.netrc is not consulted: TorchServe's keys are headers.)
+        self.session.trust_env = False
+        self.proxies = {api: requests.utils.get_environ_proxies(url) for api, url in self.urls.items()}
+        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
     # -- keys ----------------------------------------------------------------------------
     def _load_keys(self) -> dict:
@@ -315,7 +322,7 @@ class TorchServeClient:
             except AuthError:
                 raise AuthError(f"TorchServe refused the {api} key in {self.key_file}, which holds no API key to "
                                 f"renew it with: awaiting a renewal by TorchServe's side (the copy follows it)") from None
-            r = self.session.post(f"{self.urls['management']}/token", params={"type": api},
+            r = self.session.post(f"{self.urls['management']}/token", params={"type": api}, proxies=self.proxies["management"],
                                   headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout_s)
             if r.status_code != 200:
                 raise AuthError(f"renewing the {api} key failed: {r.status_code} {r.text[:200]}")
@@ -324,6 +331,7 @@ class TorchServeClient:
     # -- requests ------------------------------------------------------------------------
     def request(self, api: str, method: str, path: str, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout_s)
+        kwargs.setdefault("proxies", self.proxies[api])
         extra = kwargs.pop("headers", {}) or {}
         url = f"{self.urls[api]}/{path.lstrip('/')}"
         used = self._key(api)

@@ -248,6 +248,47 @@ def test_ping():
         client_with(requests.exceptions.MissingSchema("no scheme")).ping()
 
 
+
+def test_the_environments_proxy_is_used_and_no_proxy_honoured(monkeypatch):
+    """The client reads HTTP_PROXY / NO_PROXY once, when it is made, and still sends through the proxy."""
+    import http.server
+
+    seen = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a proxy is asked for the absolute URL
+            seen.append(self.path)
+            body = b'{"status": "Healthy"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "https_proxy", "HTTPS_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
+        client = TorchServeClient("http://torchserve.invalid:8080", "http://torchserve.invalid:8081")
+        monkeypatch.delenv("http_proxy")  # read once: a later change of the environment does not matter
+        monkeypatch.delenv("HTTP_PROXY")
+        assert client.ping(timeout=5).healthy
+        assert seen == ["http://torchserve.invalid:8080/ping"]
+
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("NO_PROXY", "torchserve.invalid")
+        direct = TorchServeClient("http://torchserve.invalid:8080", "http://torchserve.invalid:8081")
+        assert direct.ping(timeout=5).status_code is None  # went direct: no such host
+        assert len(seen) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
 def test_an_inference_only_key_file_waits_for_a_renewal_instead_of_crashing(tmp_path):
     """The compose ingest container's key file holds the inference key alone: a refused key cannot be
     renewed from it; the client re-reads the file and says so (transient) until the copy changes."""
