@@ -43,6 +43,8 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
                   "| precision | batch | images/s | ms/batch | images per CPU-second |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['batch_ms']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} |"
                   for r in ceiling["results"]]
+        lines += [f"| {r['precision']}, {r['processes']} one-thread processes at once | {r['batch_size']} | {r['images_per_s']:.1f} | "
+                  f"{r['batch_ms']:.1f} (each) | {r.get('images_per_cpu_s', float('nan')):.1f} |" for r in ceiling.get("parallel", [])]
         if "32" in ceiling.get("int8_vs_bf16", {}):  # JSON keys: batch sizes as text
             ratio = lambda key: ceiling[key]["32"]  # noqa: E731
             lines += ["", f"int8 ({ceiling['int8_source']}) / bf16 at batch 32: **{ratio('int8_vs_bf16'):.2f}** (target >= 1.5), "
@@ -61,7 +63,12 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
             c = serving["ceiling"]["served"]
             lines += ["", f"Best {serving['best']['images_per_s']:.1f} images/s ({serving['best'].get('photos_per_request', 1)} photo(s) a request, "
                           f"concurrency {serving['best']['concurrency']}): **{serving['ratio_to_ceiling']:.2f}** of the ceiling of the precision it serves "
-                          f"({c['precision']} batch {c['batch_size']}, {c['images_per_s']:.1f}/s). Target >= 0.85."]
+                          f"({c['precision']} batch {c['batch_size']}, "
+                          f"{str(c['processes']) + ' one-thread processes' if c.get('processes') else 'one process'}, {c['images_per_s']:.1f}/s). Target >= 0.85."]
+            if "ratio_to_one_process_ceiling" in serving:
+                o = serving["ceiling"]["served_one_process"]
+                lines += ["", f"Over one process with {ceiling['torch_threads'] if ceiling else 'a thread per core'} threads "
+                              f"({o['precision']} batch {o['batch_size']}, {o['images_per_s']:.1f}/s): {serving['ratio_to_one_process_ceiling']:.2f}."]
             if "lone_p50_over_batch1" in serving:
                 lines += ["", f"A lone request (1 photo, concurrency 1): p50 {serving['lone']['p50_ms']} ms, **{serving['lone_p50_over_batch1']}x** "
                               f"the model's batch-1 time ({serving['ceiling']['served_batch1']['batch_ms']} ms). Target <= 1.5x."]

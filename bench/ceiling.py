@@ -7,13 +7,23 @@ via torch.autocast("cpu") + channels_last, and int8: the archive's own int8 prog
 carries one (training.export), else the same weights quantized here the export's way
 (training.quantize) with random calibration inputs, which sets the speed, not the accuracy. The
 three run interleaved (for each batch size: fp32, bf16, int8; --rounds repeats that, each figure
-the median), so that a busy machine slows them alike. The best figure is what serving is measured
-against; `served_precision` is what the handler's `precision: auto` picks for this archive here.
+the median), so that a busy machine slows them alike.
+
+One process with a thread per core is not the machine's best: OpenMP's threads wait for each other
+at every layer, and stall whenever another process holds a core. So the largest batch size is also
+timed as `--processes` processes (default: one per core) of one thread each, running at once, as
+TorchServe runs that many one-thread workers (`parallel`: the images/s of all of them together).
+The best of both, per precision, is what serving is measured against; `served_precision` is what
+the handler's `precision: auto` picks for this archive here.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -65,13 +75,67 @@ def int8_model(model: torch.nn.Module, info, image_size, tmp: Path) -> tuple[tor
     return load_int8(path, example), "quantized here (training.quantize) on random calibration inputs: speed only"
 
 
-def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int | None, rounds: int = 1) -> dict:
+def one_process(archive: Path, int8_file: Path | None, precision: str, batch_size: int, seconds: float) -> dict:
+    """One of the parallel processes (--one): one thread, its model loaded and warm; prints `ready`
+    and waits for a line on stdin, so that all of them are timed at once."""
+    torch.set_num_threads(1)
+    model, info = load_archive_model(archive)
+    height, width = info.meta["image_size"]
+    x = torch.randn(batch_size, 3, height, width)
+    if precision == "int8":
+        m, x = load_int8(int8_file, torch.zeros(1, 3, height, width)), x.contiguous(memory_format=torch.channels_last)
+    else:
+        layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
+        m, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)
+    measure(m, x, bf16=precision == "bf16", seconds=0.5)  # warm
+    print("ready", flush=True)
+    sys.stdin.readline()
+    started = time.time()
+    res = measure(m, x, bf16=precision == "bf16", seconds=seconds, warmup=0)
+    return res | {"started": started, "ended": time.time()}
+
+
+def parallel(archive: Path, int8_file: Path, precision: str, batch_size: int, *, processes: int, seconds: float) -> dict:
+    """`processes` one-thread processes timing the model at the same time: their images/s summed."""
+    cmd = [sys.executable, "-m", "bench.ceiling", "--one", precision, "--archive", str(archive), "--int8-file", str(int8_file),
+           "--batch-sizes", str(batch_size), "--seconds", str(seconds)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    try:
+        for proc in procs:  # all loaded and warm
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"bench.ceiling --one {precision} did not start (exit {proc.wait()})")
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        each = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench.ceiling --one {precision} exited {proc.returncode}")
+            each.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    overlap = min(r["ended"] for r in each) - max(r["started"] for r in each)
+    total = sum(r["images_per_s"] for r in each)
+    return {"precision": precision, "batch_size": batch_size, "processes": processes, "threads_each": 1,
+            "images_per_s": round(total, 2), "batch_ms": round(statistics.mean(r["batch_ms"] for r in each), 2),
+            "images_per_cpu_s": round(total / max(sum(r["cpu_s"] / (r["ended"] - r["started"]) for r in each), 1e-9), 2),
+            "overlap_share": round(overlap / max(r["ended"] - r["started"] for r in each), 3), "each": each}
+
+
+def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int | None, rounds: int = 1,
+        processes: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     model, info = load_archive_model(archive)
     height, width = info.meta["image_size"]
-    with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
-        int8, int8_source = int8_model(model, info, (height, width), Path(tmp))
+    tmp = tempfile.TemporaryDirectory(prefix="bench-int8-")
+    int8, int8_source = int8_model(model, info, (height, width), Path(tmp.name))  # its file stays for `parallel`
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(rounds):
         for bs in batch_sizes:
@@ -90,15 +154,24 @@ def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int |
             r = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
             results.append({"precision": precision, "batch_size": bs, **r, "rounds": len(rs)})
             print(f"  ceiling {precision} bs={bs}: {r['images_per_s']:.1f} images/s", flush=True)
+    processes = processes if processes is not None else (os.cpu_count() or 1)
+    parallel_rows = []
+    if processes > 1:
+        for precision in PRECISIONS:
+            r = parallel(archive, Path(tmp.name) / quantize.FILE, precision, max(batch_sizes), processes=processes, seconds=seconds)
+            parallel_rows.append(r)
+            print(f"  ceiling {precision} bs={max(batch_sizes)}, {processes} processes x 1 thread: {r['images_per_s']:.1f} images/s", flush=True)
+    tmp.cleanup()
     by = {(r["precision"], r["batch_size"]): r for r in results}
     served, _, _ = served_precision("auto", info.meta, device_type="cpu", bf16_native=cpu_supports_bf16(),
                                     int8_backend=int8_backend_available(), vnni=cpu_supports_vnni())
-    best_by_precision = {p: max((r for r in results if r["precision"] == p), key=lambda r: r["images_per_s"])
+    best_by_precision = {p: max((r for r in results + parallel_rows if r["precision"] == p), key=lambda r: r["images_per_s"])
                          for p in PRECISIONS}
     return {
         "bench": "ceiling", "archive": str(archive), "arch": info.meta.get("arch"),
         "image_size": [height, width], "torch_threads": torch.get_num_threads(),
-        "int8_source": int8_source, "results": results, "best": max(results, key=lambda r: r["images_per_s"]),
+        "int8_source": int8_source, "results": results, "parallel": parallel_rows,
+        "best": max(results + parallel_rows, key=lambda r: r["images_per_s"]),
         "best_per_cpu": max(results, key=lambda r: r["images_per_cpu_s"]),
         "best_by_precision": best_by_precision,
         "served_precision": served, "best_served": best_by_precision[served],
@@ -115,6 +188,9 @@ def print_results(res: dict) -> None:
     common.print_table(f"model ceiling: {res['arch']} at {h}x{w}, in-process, {res['torch_threads']} threads",
                        ["precision", "batch", "images/s", "ms/batch", "images/CPU-s"],
                        [[r["precision"], r["batch_size"], r["images_per_s"], r["batch_ms"], r["images_per_cpu_s"]] for r in res["results"]])
+    for r in res.get("parallel", []):
+        print(f"{r['precision']} batch {r['batch_size']}, {r['processes']} processes x 1 thread at once: {r['images_per_s']} images/s "
+              f"({r['batch_ms']} ms a batch each)")
     print(f"int8 ({res['int8_source']}) / bf16 by batch size: {res['int8_vs_bf16']} (per CPU-second "
           f"{res['int8_vs_bf16_per_cpu']}); int8 / fp32: {res['int8_vs_fp32']}; "
           f"precision: auto serves {res['served_precision']} here", flush=True)
@@ -128,16 +204,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved grid; each figure the median")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--out", type=Path, default=None, help="folder for ceiling.json (default: runs/bench/<time>)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="one-thread processes for the parallel figure (default: one per core; 1: none)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per configuration")
+    parser.add_argument("--one", choices=PRECISIONS, help=argparse.SUPPRESS)  # one of the parallel processes
+    parser.add_argument("--int8-file", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.one:
+        res = one_process(args.archive, args.int8_file, args.one, args.batch_sizes[0], args.seconds)
+        print(json.dumps(res))
+        return res
     out = args.out or common.default_out()
     seconds = 1.0 if args.quick else args.seconds
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
         archive = args.archive or common.make_bench_archive(Path(tmp))
-        res = run(archive, batch_sizes=args.batch_sizes, seconds=seconds, threads=args.threads, rounds=args.rounds)
+        res = run(archive, batch_sizes=args.batch_sizes, seconds=seconds, threads=args.threads, rounds=args.rounds,
+                  processes=args.processes)
     res |= common.run_context(quick=args.quick)
     print_results(res)
     common.write_json(out / "ceiling.json", res)

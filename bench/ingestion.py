@@ -8,6 +8,10 @@ production CLI, in its own process) sends them to a real TorchServe (repository 
 model-config.yaml) and records them in a real PostgreSQL (a private cluster on a free port). Timed
 from process start to exit; checked afterwards: committed rows, files left in the inbox, files moved.
 The job's peak RSS is its own VmHWM (bench/peak_rss.py: the kernel's high-water mark for that process).
+The inbox is flushed to disk (sync) before the job starts: a real inbox's photos are older than
+--min-age and long written back, and the job's folder fsyncs should not pay for this bench's copy.
+The throughput run (--images, 4,000) follows an untimed run of --warmup-images other photos on the
+same TorchServe, as bench.serving warms TorchServe before it measures.
 
 Scaling runs: inboxes of --sizes files (1,000 and 10,000; 100,000 with --with-100k, several minutes)
 on a small-model archive (TinyNet: the job's cost per file does not depend on the model, and the large
@@ -136,6 +140,9 @@ def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.Postgres
                  tag: str = "") -> dict:
     case = work / f"ingest-{n}{tag}"
     inbox = fill_inbox(case / "inbox", sources[:n], n)
+    # Photos in a real inbox are older than --min-age, long written back to disk by the kernel: the
+    # job's fsyncs would otherwise also pay for writing back the inbox this bench has just filled.
+    os.sync()
     distinct = distinct_contents(inbox)
     url = pg.create_database(f"bench_ingest_{n}{tag}")
     ts_cpu0 = common.tree_cpu_s(ts.pid())
@@ -248,17 +255,19 @@ def source_of(sources: list[Path]) -> str:
 # -- all of it ---------------------------------------------------------------------------------------
 
 def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_images: int, extra: list[str],
-        tuned_concurrency: int, memory_archive: Path | None, per_request: list[int] = ()) -> dict:
+        tuned_concurrency: int, memory_archive: Path | None, per_request: list[int] = (), warmup: int = 0) -> dict:
     """Throughput on `archive`; the inbox-size memory runs on `memory_archive` (the job's memory does not
     depend on the model, and a small model keeps the 10,000-file run short); then the naive baseline."""
     info = read_archive(archive)
     # Larger inboxes repeat the catalogue's photos (fill_inbox): never generate 100,000 images.
-    sources = common.image_paths(max([images, *[min(s, MAX_SOURCES) for s in sizes], baseline_images]), work)
-    throughput, tuned, memory_runs = [], None, []
+    sources = common.image_paths(max([images + warmup, *[min(s, MAX_SOURCES) for s in sizes], baseline_images]), work)
+    throughput, tuned, memory_runs, warm = [], None, [], None
     with common.PostgresForBench() as pg:
         ts = common.make_torchserve(archive.parent, work / "torchserve")
         ts.start([f"{MODEL_NAME}={archive.name}"])
         try:
+            if warmup:  # as the serving bench warms TorchServe before it measures: a first run of its own
+                warm = bench_ingest(warmup, sources[images:] or sources, work, pg=pg, ts=ts, extra=extra, tag="_warmup")
             with common.TreeRSS(ts.pid()) as rss:
                 throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, extra=extra))
                 for n in per_request:  # the same inbox and TorchServe, several photos per request or one
@@ -284,7 +293,7 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
     res = {
         "bench": "ingestion", "archive": str(archive), "image_size": info.meta.get("image_size"),
         "source": source_of(sources),
-        "results": throughput, "best": best, "tuned": tuned, "naive": naive, "torchserve_memory": ts_memory,
+        "results": throughput, "best": best, "tuned": tuned, "warmup": warm, "naive": naive, "torchserve_memory": ts_memory,
         "memory_runs": memory_runs, "memory_archive_arch": read_archive(memory_archive or archive).meta.get("arch"),
     }
     if len(memory_runs) >= 2:
@@ -334,12 +343,14 @@ def print_results(res: dict) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
-    parser.add_argument("--images", type=int, default=2000, help="inbox size of the throughput run (ResNet-50)")
+    parser.add_argument("--images", type=int, default=4000, help="inbox size of the throughput run (ResNet-50)")
+    parser.add_argument("--warmup-images", type=int, default=1000,
+                        help="an untimed first run of this many other photos on the same TorchServe (0: none)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="inbox sizes of the scaling runs")
     parser.add_argument("--with-100k", action="store_true", help="one more scaling run with an inbox of 100,000 files (several minutes)")
     parser.add_argument("--memory-arch", type=str, default="tinynet", help="model of the scaling runs' archive ('same': the bench archive)")
     parser.add_argument("--baseline-images", type=int, default=200, help="images for the naive baseline (0: skip it)")
-    parser.add_argument("--tuned-concurrency", type=int, default=32, help="one more throughput run with this --concurrency (0: skip)")
+    parser.add_argument("--tuned-concurrency", type=int, default=64, help="one more throughput run with this --concurrency (0: skip)")
     parser.add_argument("--per-request", type=int, nargs="*", default=[],
                         help="after the throughput run, one more each with this --photos-per-request (e.g. 1 8)")
     parser.add_argument("--ingest-arg", action="append", default=[], help="extra argument for `python -m ingest run` (repeatable)")
@@ -352,6 +363,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict:
     out = args.out or common.default_out()
     images, sizes, baseline = (300, [100, 1000], 20) if args.quick else (args.images, args.sizes, args.baseline_images)
+    warmup = 100 if args.quick else args.warmup_images
     if args.with_100k:
         sizes = sorted({*sizes, 100_000})
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -361,7 +373,8 @@ def main(args: argparse.Namespace) -> dict:
             memory_archive = common.make_bench_archive(Path(tmp) / "memory", arch=args.memory_arch,
                                                        image_size=tuple(read_archive(archive).meta["image_size"]))
         res = run(archive, Path(tmp), images=images, sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
-                  tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive, per_request=args.per_request)
+                  tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive, per_request=args.per_request,
+                  warmup=warmup)
     res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))
     res |= common.run_context(quick=args.quick)
     print_results(res)
