@@ -350,7 +350,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-100k", action="store_true", help="one more scaling run with an inbox of 100,000 files (several minutes)")
     parser.add_argument("--memory-arch", type=str, default="tinynet", help="model of the scaling runs' archive ('same': the bench archive)")
     parser.add_argument("--baseline-images", type=int, default=200, help="images for the naive baseline (0: skip it)")
-    parser.add_argument("--tuned-concurrency", type=int, default=64, help="one more throughput run with this --concurrency (0: skip)")
+    parser.add_argument("--tuned-concurrency", type=int, default=128, help="one more throughput run with this --concurrency (0: skip)")
     parser.add_argument("--per-request", type=int, nargs="*", default=[],
                         help="after the throughput run, one more each with this --photos-per-request (e.g. 1 8)")
     parser.add_argument("--ingest-arg", action="append", default=[], help="extra argument for `python -m ingest run` (repeatable)")

@@ -94,7 +94,7 @@ FIELDS: list[Field] = [
           "INGEST_PHOTOS_PER_REQUEST", "N"),
     Field("max_request_bytes", _positive_int, 24 * 1024 * 1024, "bytes of photos in one request of several; keep it under "
           "TorchServe's max_request_size (27 MiB in config.properties); a single larger photo goes alone", "INGEST_MAX_REQUEST_BYTES", "BYTES"),
-    Field("concurrency", _positive_int, 32, "requests in flight to TorchServe (about 2 x batchSize x workers fills its batches)", "INGEST_CONCURRENCY", "N"),
+    Field("concurrency", _positive_int, 64, "requests in flight to TorchServe (about 4 x batchSize x workers keeps every worker's next batch waiting)", "INGEST_CONCURRENCY", "N"),
     Field("torchserve_url", str, None, "TorchServe inference address (default: inference_address of config.properties)", "TORCHSERVE_URL", "URL"),
     Field("management_url", str, None, "TorchServe management address, for renewing an expired key (default: config.properties)", "TORCHSERVE_MANAGEMENT_URL", "URL"),
     Field("key_file", _path, None, "TorchServe's key_file.json when token authorization is on (default: the local TorchServe's, if config.properties turns tokens on)", "TORCHSERVE_KEY_FILE", "FILE"),

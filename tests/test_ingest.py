@@ -375,7 +375,7 @@ def test_settings_flags_beat_environment_beat_yaml(tmp_path):
     assert (values["inbox"], values["batch_size"], values["concurrency"], values["min_age"], values["model"]) == \
         (Path("/from/yaml"), 7, 5, 5.0, "refund_classifier/2")
     assert resolve(_parse([]), {"INGEST_CONFIG": str(cfg)})["batch_size"] == 7
-    assert resolve(_parse([]), {})["concurrency"] == 32
+    assert resolve(_parse([]), {})["concurrency"] == 64
     with pytest.raises(SettingsError, match="Invalid setting 'bach_size'.*choose from"):
         cfg.write_text("bach_size: 3\n")
         resolve(_parse(["--config", str(cfg)]), {})
