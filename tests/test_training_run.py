@@ -164,6 +164,23 @@ def test_prior_weight_undoes_a_prior_shift():
     assert evaluate_mod.log_class_prior(torch.tensor([0, 0, 0, 1]), 3).exp().tolist() == pytest.approx([0.6, 0.2, 0.2])
 
 
+
+def test_out_of_category_photos_count_at_trainings_share_in_the_fit():
+    """Val holds out-of-category photos at 40 %, training showed `other` at about 14 %: counted as
+    they come, the prior weight takes up the difference and the categories' top-1 drops by points;
+    weighted to training's share, a model calibrated to its training prior keeps w ~ 0."""
+    torch.manual_seed(0)
+    classes = ["a", "b", "c", "d", "other"]
+    z = 2 * torch.randn(40000, 5) + torch.tensor([0.45, 0.25, 0.15, 0.05, 0.10]).log()  # the Bayes posterior's logits ...
+    labels = torch.multinomial(torch.softmax(z, 1), 1).flatten()  # ... and the labels drawn from it
+    log_prior = evaluate_mod.log_class_prior(labels, 5)  # what training showed
+    inside = labels != 4
+    logits, y, out_logits = z[inside][:6000], labels[inside][:6000], z[~inside][:4000]
+    fit = evaluate_mod.fit_served(logits, y, out_logits, classes, log_prior)
+    assert fit["prior_weight"] == pytest.approx(0.0, abs=0.1) and fit["temperature"] == pytest.approx(1.0, abs=0.05)
+    assert fit["val_top1"] >= fit["val_top1_uncorrected"] - 0.005
+    assert fit["val_macro_f1"] >= fit["val_macro_f1_uncorrected"] - 0.01
+
 def test_macro_f1():
     cm = confusion(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 2]), 4)
     assert cm.tolist()[1] == [1, 2, 0, 0]

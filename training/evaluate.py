@@ -67,8 +67,10 @@ class EvaluateError(RuntimeError):
 
 # -- calibration ---------------------------------------------------------------------------
 
-def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor | None = None) -> tuple[float, float]:
-    """(T, w) minimizing NLL(softmax(logits / T + w * log_prior)) on held-out data.
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor | None = None,
+                    weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """(T, w) minimizing NLL(softmax(logits / T + w * log_prior)) on held-out data (each example's
+    NLL times its weight, where given).
 
     T is temperature scaling (Guo et al. 2017); w * log(class prior) is a one-number bias
     correction (Alexandari et al. 2020, "bias-corrected temperature scaling"). A model trained
@@ -82,7 +84,8 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp() + w * prior, labels)
+        nll = F.cross_entropy(logits / log_t.exp() + w * prior, labels, reduction="none")
+        loss = nll.mean() if weights is None else (nll * weights).sum() / weights.sum()
         loss.backward()
         return loss
 
@@ -308,13 +311,21 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
     photos too, labelled `other`, where the model has that output), then the review threshold:
     the lowest confidence at which accepted answers on in-category photos are >= 98 % right (an
     `other` answer on one is wrong). The threshold does not depend on how many out-of-category
-    photos val happens to hold; what it does to them is reported beside it (`val_outside`)."""
+    photos val happens to hold; what it does to them is reported beside it (`val_outside`).
+
+    The out-of-category photos are weighted in the NLL so that they make up the share `other` had
+    in training (its per-epoch draw), not the share val happens to hold (a quarter of it): fitted
+    at val's share, the prior weight took up the difference and moved answers from the small
+    categories to the large ones and `other`, lowering macro-F1 over the categories."""
     other = other_index(classes)
-    fit_x, fit_y = logits, y
+    fit_x, fit_y, weights = logits, y, None
     if other is not None and len(out_logits):
         fit_x = torch.cat([logits, out_logits])
         fit_y = torch.cat([y, torch.full((len(out_logits),), other)])
-    temperature, prior_weight = fit_calibration(fit_x, fit_y, log_prior)
+        share = float(log_prior[other].exp())  # `other`'s share of what training showed an epoch
+        weights = torch.cat([torch.ones(len(logits)),
+                             torch.full((len(out_logits),), share / (1 - share) * len(logits) / len(out_logits))])
+    temperature, prior_weight = fit_calibration(fit_x, fit_y, log_prior, weights)
     bias = prior_weight * log_prior
     probs = calibrated_probs(logits, temperature, bias)
     conf, pred = probs.max(1)
@@ -331,6 +342,7 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
         "val_macro_f1_uncorrected": macro_f1(confusion(raw_pred, y, len(classes))),
         "val_nll_before": float(F.cross_entropy(fit_x, fit_y)),
         "val_nll_after": float(F.nll_loss(fit_probs.clamp(min=1e-12).log(), fit_y)),
+        "outside_weight": float(weights[-1]) if weights is not None else None,
     }
     if other is not None:
         result["val_in_category_answered_other"] = float((pred == other).double().mean())
