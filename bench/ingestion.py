@@ -8,8 +8,8 @@ production CLI, in its own process) sends them to a real TorchServe (repository 
 model-config.yaml) and records them in a real PostgreSQL (a private cluster on a free port). Timed
 from process start to exit; checked afterwards: committed rows, files left in the inbox, files moved.
 The job's peak RSS is its own VmHWM (bench/peak_rss.py: the kernel's high-water mark for that process).
-The inbox is flushed to disk (sync) before the job starts: a real inbox's photos are older than
---min-age and long written back, and the job's folder fsyncs should not pay for this bench's copy.
+The inbox is flushed to disk (sync) before the job starts: writing the photos' arrival to disk is
+the disk's work whoever triggers it, and the job's folder fsyncs should not pay for this bench's copy.
 The throughput run (--images, 4,000) follows an untimed run of --warmup-images other photos on the
 same TorchServe, as bench.serving warms TorchServe before it measures.
 
@@ -140,8 +140,8 @@ def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.Postgres
                  tag: str = "") -> dict:
     case = work / f"ingest-{n}{tag}"
     inbox = fill_inbox(case / "inbox", sources[:n], n)
-    # Photos in a real inbox are older than --min-age, long written back to disk by the kernel: the
-    # job's fsyncs would otherwise also pay for writing back the inbox this bench has just filled.
+    # The job's folder fsyncs would otherwise also write back the 4,000 files this bench has just
+    # copied: writing a photo's arrival to disk is the disk's work whoever triggers it, not the job's.
     os.sync()
     distinct = distinct_contents(inbox)
     url = pg.create_database(f"bench_ingest_{n}{tag}")
