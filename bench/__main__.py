@@ -67,14 +67,14 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
                           f"{str(c['processes']) + ' one-thread processes' if c.get('processes') else 'one process'}, {c['images_per_s']:.1f}/s). Target >= 0.85."]
             if "ratio_to_one_process_ceiling" in serving:
                 o = serving["ceiling"]["served_one_process"]
-                lines += ["", f"Over one process with {ceiling['torch_threads'] if ceiling else 'a thread per core'} threads "
+                lines += ["", f"Over one process with {str(ceiling['torch_threads']) + ' threads' if ceiling else 'a thread per core'} "
                               f"({o['precision']} batch {o['batch_size']}, {o['images_per_s']:.1f}/s): {serving['ratio_to_one_process_ceiling']:.2f}."]
             if "lone_p50_over_batch1" in serving:
                 lines += ["", f"A lone request (1 photo, concurrency 1): p50 {serving['lone']['p50_ms']} ms, **{serving['lone_p50_over_batch1']}x** "
                               f"the model's batch-1 time ({serving['ceiling']['served_batch1']['batch_ms']} ms). Target <= 1.5x."]
             if "cpu_ratio_to_ceiling" in serving:
                 cc = serving["ceiling"]["best_per_cpu"]
-                lines += ["", f"Per CPU-second (TorchServe's processes + the load generator vs the in-process model; holds on a shared machine): "
+                lines += ["", f"Per CPU-second (TorchServe's processes + the load generator vs the in-process model in one process; holds on a shared machine): "
                               f"best {serving['best_per_cpu']['images_per_cpu_s']:.1f} vs {cc['images_per_cpu_s']:.1f} "
                               f"({cc['precision']} batch {cc['batch_size']}): **{serving['cpu_ratio_to_ceiling']:.2f}**."]
         stages = [r for r in serving["results"] if r.get("breakdown")]

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,6 +39,7 @@ from training import quantize
 from training.checkpoint import load_archive_model
 
 PRECISIONS = ("fp32", "bf16", "int8")
+PARALLEL_TIMEOUT_S = 900  # one parallel measurement, loading included
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, *, bf16: bool, seconds: float, warmup: int = 2) -> dict:
@@ -102,24 +104,37 @@ def parallel(archive: Path, int8_file: Path, precision: str, batch_size: int, *,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(processes)]
+
+    def kill_all():
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    watchdog = threading.Timer(PARALLEL_TIMEOUT_S, kill_all)  # a process stuck loading never hangs the bench
+    watchdog.start()
     try:
         for proc in procs:  # all loaded and warm
             if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"bench.ceiling --one {precision} did not start (exit {proc.wait()})")
+                raise RuntimeError(f"bench.ceiling --one {precision} did not get ready (killed after {PARALLEL_TIMEOUT_S}s, or failed)")
         for proc in procs:
             proc.stdin.write("go\n")
             proc.stdin.flush()
         each = []
         for proc in procs:
-            out, _ = proc.communicate(timeout=600)
+            out, _ = proc.communicate()
             if proc.returncode != 0:
                 raise RuntimeError(f"bench.ceiling --one {precision} exited {proc.returncode}")
             each.append(json.loads(out.strip().splitlines()[-1]))
     finally:
+        watchdog.cancel()
+        kill_all()
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
     overlap = min(r["ended"] for r in each) - max(r["started"] for r in each)
     total = sum(r["images_per_s"] for r in each)
     return {"precision": precision, "batch_size": batch_size, "processes": processes, "threads_each": 1,
@@ -154,14 +169,15 @@ def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int |
             r = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
             results.append({"precision": precision, "batch_size": bs, **r, "rounds": len(rs)})
             print(f"  ceiling {precision} bs={bs}: {r['images_per_s']:.1f} images/s", flush=True)
-    processes = processes if processes is not None else (os.cpu_count() or 1)
+    processes = processes if processes is not None else len(os.sched_getaffinity(0))
     parallel_rows = []
-    if processes > 1:
-        for precision in PRECISIONS:
+    try:
+        for precision in PRECISIONS if processes > 1 else ():
             r = parallel(archive, Path(tmp.name) / quantize.FILE, precision, max(batch_sizes), processes=processes, seconds=seconds)
             parallel_rows.append(r)
             print(f"  ceiling {precision} bs={max(batch_sizes)}, {processes} processes x 1 thread: {r['images_per_s']:.1f} images/s", flush=True)
-    tmp.cleanup()
+    finally:
+        tmp.cleanup()
     by = {(r["precision"], r["batch_size"]): r for r in results}
     served, _, _ = served_precision("auto", info.meta, device_type="cpu", bf16_native=cpu_supports_bf16(),
                                     int8_backend=int8_backend_available(), vnni=cpu_supports_vnni())

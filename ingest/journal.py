@@ -385,8 +385,13 @@ class Journal:
                     return "superseded", ("its destination holds other content; the photo stays in the inbox, "
                                           "to be taken again and moved under a free name")
                 return "missing", "the photo is not in the inbox, and its destination holds other content"
-            if src_sha == sha:
-                os.unlink(src)  # killed between link and unlink: the photo is safe at dest
+            if src_sha == sha:  # killed between link and unlink: the photo is at dest ...
+                files.fsync_dir(dst.parent)  # ... durably, before its inbox name goes
+                os.unlink(src)
+                try:
+                    files.fsync_dir(src.parent)
+                except OSError:
+                    pass  # at worst a power cut brings the inbox name back, which recovery resolves again
                 return "moved", None
             if src_there:
                 return "moved", "the inbox has a new file under the same name; left for the next run"

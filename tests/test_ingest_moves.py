@@ -216,6 +216,25 @@ def test_a_batch_of_moves_syncs_each_folder_once_and_every_destination_before_an
     assert all(events.index(("fsync", f)) < first_unlink for f in leaves[:2]), events
 
 
+def test_recovery_syncs_the_destination_folder_before_it_unlinks_the_inbox_name(tmp_path, monkeypatch):
+    """A photo left under both names (a kill between link and unlink, or a destination folder whose
+    fsync failed) loses its inbox name only once its destination folder is synced."""
+    from ingest.journal import Journal
+
+    src, dst = tmp_path / "inbox" / "a.jpg", tmp_path / "processed" / "2026-11-30" / "a.jpg"
+    src.parent.mkdir()
+    dst.parent.mkdir(parents=True)
+    src.write_bytes(b"photo")
+    os.link(src, dst)
+    events = []
+    real_fsync_dir, real_unlink = files.fsync_dir, os.unlink
+    monkeypatch.setattr(files, "fsync_dir", lambda f: (events.append(("fsync", Path(f))), real_fsync_dir(f))[1])
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (events.append(("unlink", Path(p))), real_unlink(p, *a, **k))[1])
+    state, note = Journal._finish_move(type("J", (), {"hook": lambda self, point: None})(), files.sha256_of(src), src, dst)
+    assert (state, note) == ("moved", None) and not src.exists() and dst.read_bytes() == b"photo"
+    assert events.index(("fsync", dst.parent)) < events.index(("unlink", src)), events
+
+
 # -- processed/ full ----------------------------------------------------------------------------
 
 @pytest.mark.integration
