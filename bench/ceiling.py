@@ -77,18 +77,23 @@ def int8_model(model: torch.nn.Module, info, image_size, tmp: Path) -> tuple[tor
     return load_int8(path, example), "quantized here (training.quantize) on random calibration inputs: speed only"
 
 
+def as_timed(precision: str, model: torch.nn.Module, int8: torch.nn.Module | None, x: torch.Tensor):
+    """(module, input) for `precision`: the int8 program with a channels_last input, as the handler
+    sends it; else the one float module, bf16 in channels_last (oneDNN's layout), fp32 in the plain one."""
+    if precision == "int8":
+        return int8, x.contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    return model.to(memory_format=layout), x.contiguous(memory_format=layout)
+
+
 def one_process(archive: Path, int8_file: Path | None, precision: str, batch_size: int, seconds: float) -> dict:
     """One of the parallel processes (--one): one thread, its model loaded and warm; prints `ready`
     and waits for a line on stdin, so that all of them are timed at once."""
     torch.set_num_threads(1)
     model, info = load_archive_model(archive)
     height, width = info.meta["image_size"]
-    x = torch.randn(batch_size, 3, height, width)
-    if precision == "int8":
-        m, x = load_int8(int8_file, torch.zeros(1, 3, height, width)), x.contiguous(memory_format=torch.channels_last)
-    else:
-        layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
-        m, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)
+    int8 = load_int8(int8_file, torch.zeros(1, 3, height, width)) if precision == "int8" else None
+    m, x = as_timed(precision, model, int8, torch.randn(batch_size, 3, height, width))
     measure(m, x, bf16=precision == "bf16", seconds=0.5)  # warm
     print("ready", flush=True)
     sys.stdin.readline()
@@ -155,12 +160,7 @@ def run(archive: Path, *, batch_sizes: list[int], seconds: float, threads: int |
     for _ in range(rounds):
         for bs in batch_sizes:
             for precision in PRECISIONS:  # interleaved: a busy machine slows the three alike
-                x = torch.randn(bs, 3, height, width)  # (B, 3, H, W), already normalized
-                if precision == "int8":  # channels_last input, as the handler sends it
-                    m, x = int8, x.contiguous(memory_format=torch.channels_last)
-                else:  # one float module: bf16 in channels_last (oneDNN's layout), fp32 in the plain one
-                    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format
-                    m, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)
+                m, x = as_timed(precision, model, int8, torch.randn(bs, 3, height, width))  # (B, 3, H, W), normalized
                 runs.setdefault((precision, bs), []).append(measure(m, x, bf16=precision == "bf16", seconds=seconds))
     results = []
     for bs in batch_sizes:
