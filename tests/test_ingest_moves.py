@@ -146,15 +146,22 @@ def other_fs(tmp_path):
     umount(where)
 
 
-def test_a_cross_filesystem_move_copies_and_syncs_the_folder_before_the_unlink(tmp_path, other_fs, monkeypatch):
+@pytest.fixture
+def events(monkeypatch) -> list:
+    """Every folder fsync and unlink from here on, in order: ("fsync", folder), ("unlink", path)."""
+    seen = []
+    real_fsync_dir, real_unlink = files.fsync_dir, os.unlink
+    monkeypatch.setattr(files, "fsync_dir", lambda f: (seen.append(("fsync", Path(f))), real_fsync_dir(f))[1])
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (seen.append(("unlink", Path(p))), real_unlink(p, *a, **k))[1])
+    return seen
+
+
+def test_a_cross_filesystem_move_copies_and_syncs_the_folder_before_the_unlink(tmp_path, other_fs, events, monkeypatch):
     src = tmp_path / "a.jpg"
     src.write_bytes(b"photo" * 1000)
     dest = other_fs / "2026-11-29" / "a.jpg"
-    events = []
-    real_copy, real_fsync_dir, real_unlink = files._copy_then_link, files.fsync_dir, os.unlink
+    real_copy = files._copy_then_link
     monkeypatch.setattr(files, "_copy_then_link", lambda s, d: (events.append("copy"), real_copy(s, d))[1])
-    monkeypatch.setattr(files, "fsync_dir", lambda f: (events.append(("fsync", Path(f))), real_fsync_dir(f))[1])
-    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (events.append(("unlink", Path(p))), real_unlink(p, *a, **k))[1])
     files.move(src, dest)
     assert dest.read_bytes() == b"photo" * 1000 and not src.exists() and not partials(other_fs)
     assert "copy" in events  # EXDEV: the copy path
@@ -187,7 +194,7 @@ def test_a_file_that_appears_at_the_destination_is_never_overwritten(tmp_path, o
     assert not partials(other_fs), "the failed copy must not take space"
 
 
-def test_a_batch_of_moves_syncs_each_folder_once_and_every_destination_before_any_unlink(tmp_path, monkeypatch):
+def test_a_batch_of_moves_syncs_each_folder_once_and_every_destination_before_any_unlink(tmp_path, events):
     inbox, processed = tmp_path / "inbox", tmp_path / "processed"
     moves = []
     for k in range(20):
@@ -197,10 +204,6 @@ def test_a_batch_of_moves_syncs_each_folder_once_and_every_destination_before_an
         moves.append((src, processed / "2026-11-30" / src.parent.name / src.name))
     (processed / "2026-11-30" / "a").mkdir(parents=True)
     moves[1][1].write_bytes(b"theirs")  # one destination is taken: that photo alone fails
-    events = []
-    real_fsync_dir, real_unlink = files.fsync_dir, os.unlink
-    monkeypatch.setattr(files, "fsync_dir", lambda f: (events.append(("fsync", Path(f))), real_fsync_dir(f))[1])
-    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (events.append(("unlink", Path(p))), real_unlink(p, *a, **k))[1])
 
     errors = files.move_many(moves)
 
@@ -216,7 +219,7 @@ def test_a_batch_of_moves_syncs_each_folder_once_and_every_destination_before_an
     assert all(events.index(("fsync", f)) < first_unlink for f in leaves[:2]), events
 
 
-def test_recovery_syncs_the_destination_folder_before_it_unlinks_the_inbox_name(tmp_path, monkeypatch):
+def test_recovery_syncs_the_destination_folder_before_it_unlinks_the_inbox_name(tmp_path, events):
     """A photo left under both names (a kill between link and unlink, or a destination folder whose
     fsync failed) loses its inbox name only once its destination folder is synced."""
     from ingest.journal import Journal
@@ -226,10 +229,6 @@ def test_recovery_syncs_the_destination_folder_before_it_unlinks_the_inbox_name(
     dst.parent.mkdir(parents=True)
     src.write_bytes(b"photo")
     os.link(src, dst)
-    events = []
-    real_fsync_dir, real_unlink = files.fsync_dir, os.unlink
-    monkeypatch.setattr(files, "fsync_dir", lambda f: (events.append(("fsync", Path(f))), real_fsync_dir(f))[1])
-    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (events.append(("unlink", Path(p))), real_unlink(p, *a, **k))[1])
     state, note = Journal._finish_move(type("J", (), {"hook": lambda self, point: None})(), files.sha256_of(src), src, dst)
     assert (state, note) == ("moved", None) and not src.exists() and dst.read_bytes() == b"photo"
     assert events.index(("fsync", dst.parent)) < events.index(("unlink", src)), events

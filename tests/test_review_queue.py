@@ -75,11 +75,8 @@ def test_needs_review_predictions_are_queued_once_per_content(database_url, rows
     assert got == [(a["sha256"], "needs_review", a["prediction_id"])]
 
 
-def test_audit_share_is_deterministic_from_the_sha256(database_url):
-    """2000 accepted predictions: those whose sha256 falls below the share are queued as audit,
-    exactly the ones the rule picks (so a rerun picks the same), about 2 % of them."""
-    shas = [hashlib.sha256(f"photo {i}".encode()).hexdigest() for i in range(2000)]
-    expected = {s for s in shas if int(s[:8], 16) / 2**32 < 0.02}
+def insert_accepted(database_url: str, shas: list[str]) -> None:
+    """Confidently accepted predictions of these contents, in one transaction (no photos on disk)."""
     conn = psycopg2.connect(database_url)
     with conn, conn.cursor() as cur:
         for s in shas:
@@ -88,20 +85,21 @@ def test_audit_share_is_deterministic_from_the_sha256(database_url):
                            VALUES (%(s)s, '/x', 'x.jpg', 1, 'Tshirts', 0.99, '[]', false, 'refund_classifier', '1', now(), 'ok')""",
                         {"s": s})
     conn.close()
+
+
+def test_audit_share_is_deterministic_from_the_sha256(database_url):
+    """2000 accepted predictions: those whose sha256 falls below the share are queued as audit,
+    exactly the ones the rule picks (so a rerun picks the same), about 2 % of them."""
+    shas = [hashlib.sha256(f"photo {i}".encode()).hexdigest() for i in range(2000)]
+    expected = {s for s in shas if int(s[:8], 16) / 2**32 < 0.02}
+    insert_accepted(database_url, shas)
     got = dict(fetch(database_url, "SELECT sha256, reason FROM review_items"))
     assert set(got) == expected and set(got.values()) == {"audit"}
     assert 20 <= len(expected) <= 60  # 2 % of 2000 = 40
     # A configurable share: 10 % from now on.
     assert queue.set_audit_share(database_url, 0.10) == 0.10
     later = [hashlib.sha256(f"later {i}".encode()).hexdigest() for i in range(500)]
-    conn = psycopg2.connect(database_url)
-    with conn, conn.cursor() as cur:
-        for s in later:
-            cur.execute("""INSERT INTO predictions (sha256, original_path, filename, size_bytes, label, confidence, topk,
-                               needs_review, model_name, model_version, received_at, status)
-                           VALUES (%(s)s, '/x', 'x.jpg', 1, 'Tshirts', 0.99, '[]', false, 'refund_classifier', '1', now(), 'ok')""",
-                        {"s": s})
-    conn.close()
+    insert_accepted(database_url, later)
     queued_later = {r[0] for r in fetch(database_url, "SELECT sha256 FROM review_items")} & set(later)
     assert queued_later == {s for s in later if int(s[:8], 16) / 2**32 < 0.10}
     with pytest.raises(queue.ReviewError, match="between 0 and 1"):
