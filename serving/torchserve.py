@@ -50,6 +50,8 @@ class TorchServe:
     config: Path = REPO_ROOT / "config.properties"
     model_store: Path | None = None
     state: Path | None = None
+    # TorchServe's log4j2 configuration: its own default, less the lines it writes for every request.
+    log_config: Path | None = Path(__file__).with_name("log4j2.xml")
 
     def __post_init__(self):
         self.config = Path(self.config).resolve()

@@ -199,6 +199,24 @@ def test_metrics_endpoint_exposes_handler_metrics(torchserve, unseen_images):
         assert total(samples, "refund_stage_seconds_count", Stage=stage) >= 1, stage
 
 
+
+def test_requests_write_an_access_line_each_and_nothing_more_to_the_logs(torchserve, unseen_images):
+    """TorchServe's own default logging writes tens of lines a request into ts_log.log and to
+    standard output (console.log, which nothing rotates); serving/log4j2.xml keeps one access line
+    a request, the handler's lines in model_log.log, and TorchServe's events."""
+    logs = {name: torchserve.log_dir / name for name in ("ts_log.log", "console.log", "access_log.log", "model_log.log")}
+    before = {name: len(path.read_bytes().splitlines()) for name, path in logs.items()}
+    bodies = [p.read_bytes() for p in unseen(unseen_images)] * 4
+    assert all(r.status_code == 200 for r in post_all(torchserve, bodies))
+    assert wait_for(lambda: len(logs["access_log.log"].read_bytes().splitlines()) - before["access_log.log"] >= len(bodies))
+    time.sleep(1)  # the metrics' lines reach the frontend a moment after the answers
+    grew = {name: len(path.read_bytes().splitlines()) - before[name] for name, path in logs.items()}
+    assert grew["access_log.log"] == len(bodies), grew
+    assert grew["ts_log.log"] <= 2 and grew["console.log"] <= 2, grew
+    assert 1 <= grew["model_log.log"] <= len(bodies), grew  # the handler's line per batch, nothing per request
+    assert "precision=" in logs["model_log.log"].read_text()  # the handler's start-up line is kept
+    assert "Backend received inference" not in logs["model_log.log"].read_text()
+
 def test_no_train_serve_skew(torchserve, trained_run, unseen_images):
     """The served answer equals the offline path: training's decode cache + normalize + the checkpoint's model."""
     ckpt = torch.load(trained_run / CHECKPOINT, map_location="cpu", weights_only=True)
