@@ -10,8 +10,9 @@ from process start to exit; checked afterwards: committed rows, files left in th
 The job's peak RSS is its own VmHWM (bench/peak_rss.py: the kernel's high-water mark for that process).
 The inbox is flushed to disk (sync) before the job starts: writing the photos' arrival to disk is
 the disk's work whoever triggers it, and the job's folder fsyncs should not pay for this bench's copy.
-The throughput run (--images, 4,000) follows an untimed run of --warmup-images other photos on the
-same TorchServe, as bench.serving warms TorchServe before it measures.
+The throughput run (--images, 4,000) follows, on the same TorchServe, bench.serving's warm-up (--warm-s
+of 8-photo requests, so that TorchServe's JIT has compiled its hot paths, as in a long-running server
+and as bench.serving does before it measures), then an untimed run of --warmup-images other photos.
 
 Scaling runs: inboxes of --sizes files (1,000 and 10,000; 100,000 with --with-100k, several minutes)
 on a small-model archive (TinyNet: the job's cost per file does not depend on the model, and the large
@@ -40,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from bench import common
+from bench import serving as serving_bench
 from serving.archive import MODEL_NAME, read_archive
 
 NAIVE_MODEL = "refund_classifier_naive"
@@ -255,18 +257,22 @@ def source_of(sources: list[Path]) -> str:
 # -- all of it ---------------------------------------------------------------------------------------
 
 def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_images: int, extra: list[str],
-        tuned_concurrency: int, memory_archive: Path | None, per_request: list[int] = (), warmup: int = 0) -> dict:
+        tuned_concurrency: int, memory_archive: Path | None, per_request: list[int] = (), warmup: int = 0,
+        warm_s: float = 0.0) -> dict:
     """Throughput on `archive`; the inbox-size memory runs on `memory_archive` (the job's memory does not
     depend on the model, and a small model keeps the 10,000-file run short); then the naive baseline."""
     info = read_archive(archive)
     # Larger inboxes repeat the catalogue's photos (fill_inbox): never generate 100,000 images.
     sources = common.image_paths(max([images + warmup, *[min(s, MAX_SOURCES) for s in sizes], baseline_images]), work)
-    throughput, tuned, memory_runs, warm = [], None, [], None
+    throughput, tuned, memory_runs, warm, jit_warm = [], None, [], None, None
     with common.PostgresForBench() as pg:
         ts = common.make_torchserve(archive.parent, work / "torchserve")
         ts.start([f"{MODEL_NAME}={archive.name}"])
         try:
-            if warmup:  # as the serving bench warms TorchServe before it measures: a first run of its own
+            if warm_s > 0:
+                payloads = serving_bench.load_payloads(2000, work, serving_bench.PHOTOS_PER_REQUEST, paths=sources)
+                jit_warm = serving_bench.warm_up(f"{ts.inference_url}/predictions/{MODEL_NAME}", payloads, warm_s)
+            if warmup:  # and the job's own first run: PostgreSQL, the page cache, the job's paths
                 warm = bench_ingest(warmup, sources[images:] or sources, work, pg=pg, ts=ts, extra=extra, tag="_warmup")
             with common.TreeRSS(ts.pid()) as rss:
                 throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, extra=extra))
@@ -293,7 +299,7 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
     res = {
         "bench": "ingestion", "archive": str(archive), "image_size": info.meta.get("image_size"),
         "source": source_of(sources),
-        "results": throughput, "best": best, "tuned": tuned, "warmup": warm, "naive": naive, "torchserve_memory": ts_memory,
+        "results": throughput, "best": best, "tuned": tuned, "warm_up": jit_warm, "warmup": warm, "naive": naive, "torchserve_memory": ts_memory,
         "memory_runs": memory_runs, "memory_archive_arch": read_archive(memory_archive or archive).meta.get("arch"),
     }
     if len(memory_runs) >= 2:
@@ -344,6 +350,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
     parser.add_argument("--images", type=int, default=4000, help="inbox size of the throughput run (ResNet-50)")
+    parser.add_argument("--warm-s", type=float, default=None,
+                        help="untimed seconds of 8-photo requests on TorchServe before the ingest runs (default: bench.serving's)")
     parser.add_argument("--warmup-images", type=int, default=1000,
                         help="an untimed first run of this many other photos on the same TorchServe (0: none)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="inbox sizes of the scaling runs")
@@ -364,6 +372,7 @@ def main(args: argparse.Namespace) -> dict:
     out = args.out or common.default_out()
     images, sizes, baseline = (300, [100, 1000], 20) if args.quick else (args.images, args.sizes, args.baseline_images)
     warmup = 100 if args.quick else args.warmup_images
+    warm_s = 2.0 if args.quick else (serving_bench.WARM_S if args.warm_s is None else args.warm_s)
     if args.with_100k:
         sizes = sorted({*sizes, 100_000})
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -374,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
                                                        image_size=tuple(read_archive(archive).meta["image_size"]))
         res = run(archive, Path(tmp), images=images, sizes=sizes, baseline_images=baseline, extra=args.ingest_arg,
                   tuned_concurrency=args.tuned_concurrency, memory_archive=memory_archive, per_request=args.per_request,
-                  warmup=warmup)
+                  warmup=warmup, warm_s=warm_s)
     res = add_ratios(res, common.read_json(args.serving or out / "serving.json"))
     res |= common.run_context(quick=args.quick)
     print_results(res)

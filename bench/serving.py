@@ -41,6 +41,11 @@ STAGE_METRIC = "refund_stage_seconds"
 STAGES = ("decode", "assemble", "forward", "response")
 # Photos per request of the multi-photo load: ingest run's --photos-per-request default.
 PHOTOS_PER_REQUEST = 8
+# Seconds of load a TorchServe carries before it is measured (--warm-s). Its Java frontend compiles
+# its hot paths while it serves (the JIT): under the multi-photo load its compiler threads took
+# 0.8 ms of CPU an image over the first 10 s, 0.2-0.5 ms from 10 to 60 s and about 0.1 ms after,
+# CPU that the two cores' workers lose. A long-running server is past that; a fresh one is not.
+WARM_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -179,10 +184,20 @@ async def closed_loop(url: str, payloads: list[Payload], *, concurrency: int, wa
     }
 
 
-def load_payloads(n: int, work: Path, photos_per_request: int = 1) -> list[Payload]:
-    """n distinct photos as raw single-photo bodies, or as multipart requests of photos_per_request
-    (the form serving.client.classify_many and the ingestion job send)."""
-    photos = [p.read_bytes() for p in common.image_paths(n, work)]
+def warm_up(url: str, payloads: list[Payload], seconds: float) -> dict | None:
+    """Untimed load, 16 requests in flight, so that TorchServe's JIT has compiled its hot paths (WARM_S)."""
+    if seconds <= 0:
+        return None
+    r = asyncio.run(closed_loop(url, payloads, concurrency=16, warmup_s=0, seconds=seconds))
+    print(f"  warm-up: {seconds:.0f} s of {payloads[0].photos} photo(s)/request at c=16, {r['images_per_s']:.1f} images/s", flush=True)
+    return {"seconds": r["seconds"], "photos_per_request": payloads[0].photos, "images_per_s": r["images_per_s"]}
+
+
+def load_payloads(n: int, work: Path, photos_per_request: int = 1, paths: list[Path] | None = None) -> list[Payload]:
+    """n distinct photos (the first n of `paths`, else of common.image_paths) as raw single-photo
+    bodies, or as multipart requests of photos_per_request (the form serving.client.classify_many
+    and the ingestion job send)."""
+    photos = [p.read_bytes() for p in (paths[:n] if paths is not None else common.image_paths(n, work))]
     if photos_per_request == 1:
         return [Payload(b) for b in photos]
     out = []
@@ -292,8 +307,8 @@ def measure_loads(ts, url: str, payloads: dict[int, list[Payload]], loads: list[
 
 
 def run_archive(archive: Path, work: Path, model: str, loads: list[tuple[int, int]], payloads: dict[int, list[Payload]], *,
-                seconds: float, warmup_s: float, label: str = "", env: dict | None = None) -> dict:
-    """Start a TorchServe serving `archive` as `model`, warm it, measure each load, stop it."""
+                seconds: float, warmup_s: float, warm_s: float, label: str = "", env: dict | None = None) -> dict:
+    """Start a TorchServe serving `archive` as `model`, warm it (`warm_s` of the multi-photo load), measure each load, stop it."""
     ts = common.make_torchserve(archive.parent, work)
     t0 = time.monotonic()
     ts.start([f"{model}={archive.name}"], env=env)
@@ -301,7 +316,8 @@ def run_archive(archive: Path, work: Path, model: str, loads: list[tuple[int, in
     url = f"{ts.inference_url}/predictions/{model}"
     try:
         with common.TreeRSS(ts.pid()) as rss:
-            asyncio.run(closed_loop(url, payloads[1], concurrency=1, warmup_s=0, seconds=min(2.0, seconds)))  # JIT/alloc warm-up
+            asyncio.run(closed_loop(url, payloads[1], concurrency=1, warmup_s=0, seconds=min(2.0, seconds)))  # the first answers
+            warm = warm_up(url, payloads[max(k for k, _ in loads)], warm_s)  # the largest requests it will be sent
             described = ts.describe(model)[0]
             workers = max(1, len(described.get("workers", [])))
             rows = measure_loads(ts, url, payloads, loads, seconds=seconds, warmup_s=warmup_s, workers=workers, label=label)
@@ -310,7 +326,7 @@ def run_archive(archive: Path, work: Path, model: str, loads: list[tuple[int, in
     finally:
         ts.stop()
     return {
-        "archive": str(archive), "startup_s": round(startup_s, 1), "results": rows, "memory": memory, "precision": precision,
+        "archive": str(archive), "startup_s": round(startup_s, 1), "warm_up": warm, "results": rows, "memory": memory, "precision": precision,
         "served_batch_size": described.get("batchSize"), "served_max_batch_delay": described.get("maxBatchDelay"),
         "workers": workers, "best": max(rows, key=lambda r: r["images_per_s"]),
         "best_per_cpu": max(rows, key=lambda r: r["images_per_cpu_s"]),
@@ -358,11 +374,11 @@ def variant_archive(archive: Path, overrides: dict, out: Path) -> Path:
 # -- all of it -----------------------------------------------------------------------------------------------
 
 def run(archive: Path, work: Path, *, loads: list[tuple[int, int]], variants: list[str], variant_loads: list[tuple[int, int]],
-        stock_loads: list[tuple[int, int]], seconds: float, warmup_s: float, n_images: int) -> dict:
+        stock_loads: list[tuple[int, int]], seconds: float, warmup_s: float, warm_s: float, n_images: int) -> dict:
     info = read_archive(archive)
     kinds = sorted({k for k, _ in [*loads, *variant_loads, *stock_loads]} | {1})
     payloads = {k: load_payloads(n_images, work, k) for k in kinds}
-    main = run_archive(archive, work / "torchserve", MODEL_NAME, loads, payloads, seconds=seconds, warmup_s=warmup_s)
+    main = run_archive(archive, work / "torchserve", MODEL_NAME, loads, payloads, seconds=seconds, warmup_s=warmup_s, warm_s=warm_s)
     res = {
         "bench": "serving", "archive": str(archive), "image_size": info.meta.get("image_size"), "model_config": info.config,
         "payload_bytes_mean": round(sum(len(p.body) for p in payloads[1]) / len(payloads[1])), "payloads": len(payloads[1]),
@@ -373,7 +389,7 @@ def run(archive: Path, work: Path, *, loads: list[tuple[int, int]], variants: li
         overrides = parse_variant(spec)
         mar = variant_archive(archive, overrides, work / f"variant-{n}")
         v = run_archive(mar, work / f"torchserve-variant-{n}", MODEL_NAME, variant_loads, payloads,
-                        seconds=seconds, warmup_s=warmup_s, label=f"[{spec}] ")
+                        seconds=seconds, warmup_s=warmup_s, warm_s=warm_s, label=f"[{spec}] ")
         res["variants"].append({"variant": spec, "overrides": overrides, **{k: v[k] for k in (
             "results", "precision", "served_batch_size", "served_max_batch_delay", "workers", "best", "lone", "startup_s")}})
     if stock_loads:
@@ -381,7 +397,7 @@ def run(archive: Path, work: Path, *, loads: list[tuple[int, int]], variants: li
 
         mar = make_stock_archive(archive, work / "stock")
         s = run_archive(mar, work / "torchserve-stock", STOCK_MODEL, stock_loads, payloads, seconds=seconds,
-                        warmup_s=warmup_s, label="[stock image_classifier] ", env=worker_env(work / "stock"))
+                        warmup_s=warmup_s, warm_s=warm_s, label="[stock image_classifier] ", env=worker_env(work / "stock"))
         res["stock"] = {"handler": "ts.torch_handler.image_classifier", "image_size": [224, 224], "precision": "fp32",
                         **{k: s[k] for k in ("results", "served_batch_size", "workers", "best", "lone", "memory", "startup_s")}}
     return res
@@ -507,6 +523,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="loads of TorchServe's stock image_classifier handler on the same weights (none: skip it)")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per load")
     parser.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each")
+    parser.add_argument("--warm-s", type=float, default=WARM_S,
+                        help="untimed seconds of the multi-photo load on each TorchServe before its first load (its JIT)")
     parser.add_argument("--images", type=int, default=2000, help="distinct images to cycle through")
     parser.add_argument("--ceiling", type=Path, default=None, help="ceiling.json of the same run, for the ratio")
     parser.add_argument("--out", type=Path, default=None, help="folder for serving.json (default: runs/bench/<time>)")
@@ -519,14 +537,14 @@ def main(args: argparse.Namespace) -> dict:
     out = args.out or common.default_out()
     loads = [(1, c) for c in args.concurrency] + [(PHOTOS_PER_REQUEST, c) for c in args.multi_concurrency]
     variants, variant_loads, stock_loads = args.variants, parse_loads(args.variant_loads), parse_loads(args.stock_loads)
-    seconds, warmup = args.seconds, args.warmup
+    seconds, warmup, warm_s = args.seconds, args.warmup, args.warm_s
     if args.quick:
-        seconds, warmup = 2.0, 1.0
+        seconds, warmup, warm_s = 2.0, 1.0, 2.0
         loads, variants, stock_loads = [(1, 1), (1, 8), (PHOTOS_PER_REQUEST, 8)], [], [(1, 8)]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         archive = args.archive or common.make_bench_archive(Path(tmp))
         res = run(archive, Path(tmp), loads=loads, variants=variants, variant_loads=variant_loads, stock_loads=stock_loads,
-                  seconds=seconds, warmup_s=warmup, n_images=200 if args.quick else args.images)
+                  seconds=seconds, warmup_s=warmup, warm_s=warm_s, n_images=200 if args.quick else args.images)
     res = add_ratios(res, common.read_json(args.ceiling or out / "ceiling.json"))
     res = add_stock_ratio(res)
     res |= common.run_context(quick=args.quick)
