@@ -120,6 +120,8 @@ class TorchServe:
             "--ts-config", str(self.config), "--model-store", str(self.model_store),
             "--ncs",  # no config snapshots: a restart loads exactly what it is told (see serving.rollout)
         ]
+        if self.log_config is not None:
+            cmd += ["--log-config", str(self.log_config)]
         if models:
             cmd += ["--models", *models]
         run_env = {
