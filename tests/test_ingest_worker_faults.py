@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,7 +83,9 @@ def test_worker_killed_mid_run_is_retried_and_every_photo_recorded_once(start_to
     assert proc.returncode == 0, err[-3000:]
     summary = summary_of(out)
     assert summary["retried"] > 0 and summary["failed"] == 0 and summary["quarantined"] == 0, summary
-    assert "HTTP 507: Worker died." in err  # TorchServe's answer for the batch the worker held
+    # TorchServe's answer for the batch the worker held: 507, or 500 when the frontend's channel to
+    # the worker fails first (WorkerThread picks the status by the exception it caught)
+    assert re.search(r"HTTP 50[07]: Worker died\.", err), err[-3000:]
     where = assert_exactly_once(database_url, inbox, originals)
     assert where["processed"] == set(originals)
     (ok,), = fetch(database_url, "SELECT count(*) FROM predictions WHERE status = 'ok'")
