@@ -11,7 +11,7 @@ The job's peak RSS is its own VmHWM (bench/peak_rss.py: the kernel's high-water 
 The inbox is flushed to disk (sync) before the job starts: writing the photos' arrival to disk is
 the disk's work whoever triggers it, and the job's folder fsyncs should not pay for this bench's copy.
 The throughput run (--images, 4,000) follows, on the same TorchServe, bench.serving's warm-up (--warm-s
-of 8-photo requests, so that TorchServe's JIT has compiled its hot paths, as in a long-running server
+of multi-photo requests, so that TorchServe's JIT has compiled its hot paths, as in a long-running server
 and as bench.serving does before it measures), then an untimed run of --warmup-images other photos.
 
 Scaling runs: inboxes of --sizes files (1,000 and 10,000; 100,000 with --with-100k, several minutes)
@@ -351,7 +351,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
     parser.add_argument("--images", type=int, default=4000, help="inbox size of the throughput run (ResNet-50)")
     parser.add_argument("--warm-s", type=float, default=None,
-                        help="untimed seconds of 8-photo requests on TorchServe before the ingest runs (default: bench.serving's)")
+                        help="untimed seconds of multi-photo requests on TorchServe before the ingest runs (default: bench.serving's)")
     parser.add_argument("--warmup-images", type=int, default=1000,
                         help="an untimed first run of this many other photos on the same TorchServe (0: none)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="inbox sizes of the scaling runs")

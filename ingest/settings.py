@@ -89,7 +89,7 @@ FIELDS: list[Field] = [
     Field("quarantine", _path, None, "where rejected photos go, in YYYY-MM-DD/ subfolders (default: INBOX/../quarantine)", "INGEST_QUARANTINE", "DIR"),
     Field("model", str, MODEL_NAME, "NAME or NAME/VERSION to ask TorchServe for", "INGEST_MODEL", "NAME[/VERSION]"),
     Field("batch_size", _positive_int, 64, "rows per database transaction", "INGEST_BATCH_SIZE", "N"),
-    Field("photos_per_request", _positive_int, 8, "photos sent in one request (multipart; at most the handler's max_photos, 64; "
+    Field("photos_per_request", _positive_int, 16, "photos sent in one request (multipart; at most the handler's max_photos, 64; "
           "1: one photo per request, the form every TorchServe handler reads); a request also stays under --max-request-bytes",
           "INGEST_PHOTOS_PER_REQUEST", "N"),
     Field("max_request_bytes", _positive_int, 24 * 1024 * 1024, "bytes of photos in one request of several; keep it under "

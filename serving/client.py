@@ -222,8 +222,8 @@ class MultipartPhotos:
     after a key renewal sends it whole) and sized (Content-Length, not chunked).
 
     Iterating yields the body in pieces of at least COALESCE_BYTES where the photos are small:
-    each piece is one send, and one read for TorchServe's frontend (an 8-photo request of catalogue
-    photos was 25 sends of a few hundred bytes to a few KB). A photo of COALESCE_BYTES or more is
+    each piece is one send, and one read for TorchServe's frontend (piece by piece, a request of
+    8 catalogue photos would be 25 sends of a few hundred bytes to a few KB). A photo of COALESCE_BYTES or more is
     sent from its own bytes, never copied, so the job's --max-in-flight-bytes bound holds to within
     2 x COALESCE_BYTES of copies a request."""
 
