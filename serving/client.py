@@ -146,6 +146,9 @@ ANSWERS: tuple[Rule, ...] = (
          lambda code, body, keyed: _invalid_key(code, body), "down"),
     Rule("503 (no worker free, queue full), 507 (worker died, out of memory), 408, 429",
          lambda code, body, keyed: code in (503, 507, 408, 429), "down"),
+    Rule("500 'Worker died.': the worker died holding the batch (TorchServe's frontend answers 507 only "
+         "when it has already seen the process killed, else 500) and is being restarted",
+         lambda code, body, keyed: code == 500 and body.get("message") == "Worker died.", "down"),
     Rule("anything else: 500, 502, 504, a 4xx without the handler's code, a body that is not "
          "TorchServe's, a 200 without a label",
          lambda code, body, keyed: True, "transient"),

@@ -66,12 +66,14 @@ def test_a_5xx_that_is_not_json_is_transient_with_its_text():
 
 
 def test_torchserves_worker_death_and_out_of_memory_are_down_not_a_verdict():
-    """What TorchServe 0.12 answers when the worker is killed mid-batch, or the handler raises MemoryError."""
-    for body in ({"code": 507, "type": "InternalServerException", "message": "Worker died."},
-                 {"code": 507, "type": "ServiceUnavailableException", "message": "Out of resources"}):
+    """What TorchServe 0.12 answers when the worker dies mid-batch (507 when its frontend has already
+    seen the process killed, else 500), or the handler raises MemoryError."""
+    for code, body in ((507, {"code": 507, "type": "InternalServerException", "message": "Worker died."}),
+                       (500, {"code": 500, "type": "InternalServerException", "message": "Worker died."}),
+                       (507, {"code": 507, "type": "ServiceUnavailableException", "message": "Out of resources"})):
         with pytest.raises(Transient) as info:
-            read(507, body)
-        assert info.value.down and info.value.reason == f"HTTP 507: {body['message']}"
+            read(code, body)
+        assert info.value.down and info.value.reason == f"HTTP {code}: {body['message']}"
 
 
 def test_unknown_model_is_refused_not_a_rejected_photo():
