@@ -270,7 +270,7 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
         ts.start([f"{MODEL_NAME}={archive.name}"])
         try:
             if warm_s > 0:
-                payloads = serving_bench.load_payloads(2000, work, serving_bench.PHOTOS_PER_REQUEST, paths=sources)
+                payloads = serving_bench.load_payloads(2000, work, serving_bench.PHOTOS_PER_REQUEST, paths=sources[images:] or sources)
                 jit_warm = serving_bench.warm_up(f"{ts.inference_url}/predictions/{MODEL_NAME}", payloads, warm_s)
             if warmup:  # and the job's own first run: PostgreSQL, the page cache, the job's paths
                 warm = bench_ingest(warmup, sources[images:] or sources, work, pg=pg, ts=ts, extra=extra, tag="_warmup")
@@ -299,7 +299,7 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
     res = {
         "bench": "ingestion", "archive": str(archive), "image_size": info.meta.get("image_size"),
         "source": source_of(sources),
-        "results": throughput, "best": best, "tuned": tuned, "warm_up": jit_warm, "warmup": warm, "naive": naive, "torchserve_memory": ts_memory,
+        "results": throughput, "best": best, "tuned": tuned, "jit_warm_up": jit_warm, "warmup": warm, "naive": naive, "torchserve_memory": ts_memory,
         "memory_runs": memory_runs, "memory_archive_arch": read_archive(memory_archive or archive).meta.get("arch"),
     }
     if len(memory_runs) >= 2:

@@ -1,6 +1,6 @@
 """Serving: a real TorchServe (the repository's config.properties, the archive's model-config.yaml)
-under closed-loop load at several concurrencies, with one photo per request and with several (8, as
-the ingestion job sends them): throughput and p50/p95/p99 latency; where the worker's time goes
+under closed-loop load at several concurrencies, with one photo per request and with several (16, as
+the ingestion job sends them; PHOTOS_PER_REQUEST): throughput and p50/p95/p99 latency; where the worker's time goes
 (the handler's refund_stage_seconds metric: decode, assemble, forward, response, beside TorchServe's
 own queue and request latency); peak RSS of its frontend and backend workers; the ratio to the
 in-process model ceiling of the precision it serves, from the same run; then the same loads on
@@ -189,8 +189,9 @@ def warm_up(url: str, payloads: list[Payload], seconds: float) -> dict | None:
     if seconds <= 0:
         return None
     r = asyncio.run(closed_loop(url, payloads, concurrency=16, warmup_s=0, seconds=seconds))
-    print(f"  warm-up: {seconds:.0f} s of {payloads[0].photos} photo(s)/request at c=16, {r['images_per_s']:.1f} images/s", flush=True)
-    return {"seconds": r["seconds"], "photos_per_request": payloads[0].photos, "images_per_s": r["images_per_s"]}
+    print(f"  warm-up: {seconds:.0f} s of {payloads[0].photos} photo(s)/request at c=16, {r['images_per_s']:.1f} images/s, "
+          f"errors {r['errors']}", flush=True)
+    return {"seconds": r["seconds"], "photos_per_request": payloads[0].photos, "images_per_s": r["images_per_s"], "errors": r["errors"]}
 
 
 def load_payloads(n: int, work: Path, photos_per_request: int = 1, paths: list[Path] | None = None) -> list[Payload]:
@@ -308,7 +309,7 @@ def measure_loads(ts, url: str, payloads: dict[int, list[Payload]], loads: list[
 
 def run_archive(archive: Path, work: Path, model: str, loads: list[tuple[int, int]], payloads: dict[int, list[Payload]], *,
                 seconds: float, warmup_s: float, warm_s: float, label: str = "", env: dict | None = None) -> dict:
-    """Start a TorchServe serving `archive` as `model`, warm it (`warm_s` of the multi-photo load), measure each load, stop it."""
+    """Start a TorchServe serving `archive` as `model`, warm it (`warm_s` of its largest requests), measure each load, stop it."""
     ts = common.make_torchserve(archive.parent, work)
     t0 = time.monotonic()
     ts.start([f"{model}={archive.name}"], env=env)
