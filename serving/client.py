@@ -228,7 +228,8 @@ class MultipartPhotos:
     each piece is one send, and one read for TorchServe's frontend (piece by piece, a request of
     8 catalogue photos would be 25 sends of a few hundred bytes to a few KB). A photo of COALESCE_BYTES or more is
     sent from its own bytes, never copied, so the job's --max-in-flight-bytes bound holds to within
-    2 x COALESCE_BYTES of copies a request."""
+    a few COALESCE_BYTES of copies a request (a piece is under 2 x COALESCE_BYTES, and the one being
+    sent is held while the next is joined)."""
 
     COALESCE_BYTES = 256 * 1024
 
