@@ -203,8 +203,8 @@ def move_many(moves: list[tuple[Path, Path]], *, linked=None, moved_one=None) ->
 
     Each photo is hard-linked as dest when on one filesystem; else (inbox, processed/ and
     quarantine/ on separate mounts, as in compose and Kubernetes: EXDEV) copied to a hidden partial
-    name, fsynced, and hard-linked as dest. dest never replaces a file that is there. Then every
-    destination folder is fsynced, once for the batch, before any source is unlinked, so a power cut
+    name, fsynced, and hard-linked as dest. dest never replaces a file that is there. Then
+    (unlink_sources) every destination folder is fsynced, once for the batch, before any source is unlinked, so a power cut
     after an unlink cannot lose both names; then the sources' folders are fsynced, once each. A crash
     in between leaves photos under both names, which recovery resolves. Two fsyncs per folder for a
     batch, instead of two per photo: fsyncs were most of the job's time between answers."""
@@ -214,6 +214,16 @@ def move_many(moves: list[tuple[Path, Path]], *, linked=None, moved_one=None) ->
             _link(src, dest)
         except OSError as exc:
             errors[i] = exc
+    return unlink_sources(moves, errors, linked=linked, moved_one=moved_one)
+
+
+def unlink_sources(moves: list[tuple[Path, Path]], errors: list[OSError | None] | None = None, *,
+                   linked=None, moved_one=None) -> list[OSError | None]:
+    """The second half of a move, for photos whose dest already holds them (move_many's links, or a
+    move an earlier run left under both names): every destination folder fsynced, once, before any
+    source is unlinked, then the sources' folders fsynced, once each. `errors`: photos already
+    failed (None each by default), left alone; returns them with this half's failures added."""
+    errors = list(errors) if errors is not None else [None] * len(moves)
     for folder in dict.fromkeys(dest.parent for (_, dest), e in zip(moves, errors) if e is None):
         try:
             fsync_dir(folder)

@@ -385,13 +385,10 @@ class Journal:
                     return "superseded", ("its destination holds other content; the photo stays in the inbox, "
                                           "to be taken again and moved under a free name")
                 return "missing", "the photo is not in the inbox, and its destination holds other content"
-            if src_sha == sha:  # killed between link and unlink: the photo is at dest ...
-                files.fsync_dir(dst.parent)  # ... durably, before its inbox name goes
-                os.unlink(src)
-                try:
-                    files.fsync_dir(src.parent)
-                except OSError:
-                    pass  # at worst a power cut brings the inbox name back, which recovery resolves again
+            if src_sha == sha:  # killed between link and unlink: the photo is at dest; finish the move
+                (error,) = files.unlink_sources([(src, dst)])
+                if error is not None:
+                    raise error
                 return "moved", None
             if src_there:
                 return "moved", "the inbox has a new file under the same name; left for the next run"
