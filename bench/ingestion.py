@@ -269,11 +269,12 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
         ts = common.make_torchserve(archive.parent, work / "torchserve")
         ts.start([f"{MODEL_NAME}={archive.name}"])
         try:
+            others = sources[images:] or sources  # photos outside the timed run, for the untimed ones
             if warm_s > 0:
-                payloads = serving_bench.load_payloads(2000, work, serving_bench.PHOTOS_PER_REQUEST, paths=sources[images:] or sources)
+                payloads = serving_bench.load_payloads(2000, work, serving_bench.PHOTOS_PER_REQUEST, paths=others)
                 jit_warm = serving_bench.warm_up(f"{ts.inference_url}/predictions/{MODEL_NAME}", payloads, warm_s)
             if warmup:  # and the job's own first run: PostgreSQL, the page cache, the job's paths
-                warm = bench_ingest(warmup, sources[images:] or sources, work, pg=pg, ts=ts, extra=extra, tag="_warmup")
+                warm = bench_ingest(warmup, others, work, pg=pg, ts=ts, extra=extra, tag="_warmup")
             with common.TreeRSS(ts.pid()) as rss:
                 throughput.append(bench_ingest(images, sources, work, pg=pg, ts=ts, extra=extra))
                 for n in per_request:  # the same inbox and TorchServe, several photos per request or one
