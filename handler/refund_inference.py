@@ -82,7 +82,7 @@ class Prepared:
     """A batch with its bad rows set aside: `batch` holds the good rows in order. `decode_s`: seconds
     spent reading and decoding the photos; `assemble_s`: stacking them into `batch`."""
 
-    batch: torch.Tensor | None  # uint8 (G, 3, H, W)
+    batch: torch.Tensor | None  # uint8 (G, 3, H, W), channels_last
     good: list[int] = field(default_factory=list)
     errors: dict[int, ImageError] = field(default_factory=dict)
     size: int = 0
@@ -100,7 +100,9 @@ def prepare_batch(requests: list[dict], image_size: tuple[int, int], *, max_pixe
         except ImageError as exc:
             errors[i] = exc
     decoded = time.perf_counter()
-    batch = torch.stack(tensors) if tensors else None
+    # Stacked in the pixels' own (H, W, 3) order, so the batch is channels_last, the model's layout,
+    # without a transposing copy here or a second one after normalizing.
+    batch = torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2) if tensors else None
     return Prepared(batch=batch, good=good, errors=errors, size=len(requests),
                     decode_s=decoded - started, assemble_s=time.perf_counter() - decoded)
 

@@ -70,7 +70,8 @@ def decode_image(
         what = "truncated" if "truncated" in str(exc) else "corrupt"
         raise ImageError("corrupt", f"the image data is {what}: {exc}") from exc
     try:
-        img = ImageOps.exif_transpose(img)
+        # In place: a photo without an orientation (nearly all) is not copied.
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # a broken EXIF block is no reason to refuse a readable photo
         pass
     try:
@@ -94,16 +95,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.point(lambda v: v / 256).convert("L")
     if img.mode == "F":
         img = img.convert("L")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
 def to_uint8_tensor(img: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor (3, H, W) resized to image_size = (H, W)."""
+    """RGB PIL image -> uint8 tensor (3, H, W) resized to image_size = (H, W).
+
+    The tensor keeps the image's own pixel order (H, W, 3) in memory, which is the channels_last
+    layout the model runs in: a batch stacked from such tensors is channels_last with no further
+    copy, and copying one into a (3, H, W) slot of a contiguous batch works as for any tensor."""
     height, width = image_size
     if img.size != (width, height):
         img = img.resize((width, height), Image.BILINEAR, reducing_gap=None)
     buf = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return buf.view(height, width, 3).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return buf.view(height, width, 3).permute(2, 0, 1)  # (3, H, W), strides of (H, W, 3)
 
 
 def normalize(
@@ -112,10 +117,22 @@ def normalize(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """uint8 (B, 3, H, W) or (3, H, W) -> float32 normalized, same shape."""
-    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(-1, 1, 1)
-    return (batch.float() / 255.0 - m) / s
+    """uint8 (B, 3, H, W) or (3, H, W) -> float32 normalized, same shape and memory layout.
+
+    One new tensor, worked on in place: the same arithmetic, bit for bit, as (x / 255 - mean) / std."""
+    x = batch.to(torch.float32, copy=True)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        # Channels innermost: seen as rows of W pixels x 3 channels, so that the per-channel
+        # constants, tiled along a row, broadcast over long runs instead of runs of 3.
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).view(n * h, w * c)
+        m = torch.tensor(mean, dtype=torch.float32, device=x.device).repeat(w)
+        s = torch.tensor(std, dtype=torch.float32, device=x.device).repeat(w)
+        rows.div_(255.0).sub_(m).div_(s)
+        return x
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.div_(255.0).sub_(m).div_(s)
 
 
 def load_for_model(data: bytes, image_size: tuple[int, int], **limits) -> torch.Tensor:

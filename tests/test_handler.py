@@ -169,7 +169,7 @@ def test_exif_orientation_is_applied(orientation, expected_size, red_corner):
 def test_broken_exif_does_not_reject_a_readable_photo(monkeypatch):
     from handler import refund_preprocess
 
-    def boom(img):
+    def boom(img, **kwargs):
         raise ValueError("bad EXIF")
 
     monkeypatch.setattr(refund_preprocess.ImageOps, "exif_transpose", boom)
@@ -452,6 +452,23 @@ def test_training_and_handler_preprocess_identically(handler, sample_catalogue):
     served = prepare_batch([{"body": it.path.read_bytes()} for it in items], h.image_size,
                            max_pixels=h.max_pixels, max_bytes=h.max_bytes)
     assert torch.equal(cached, normalize(served.batch, mean=h.mean, std=h.std))
+
+
+def test_a_served_batch_is_channels_last_and_normalizes_bit_for_bit_as_the_formula():
+    """The handler stacks photos in the model's layout and normalizes them there; the values are those of
+    (x / 255 - mean) / std on the plain (B, 3, H, W) batch, as training computes them."""
+    rgba = Image.new("RGBA", (40, 30), (10, 200, 90, 128))
+    photos = [encode(photo(), "JPEG", quality=90), encode(photo((64, 48)), "PNG"), encode(rgba, "PNG"),
+              encode(Image.linear_gradient("L").resize((40, 30)), "PNG")]
+    served = prepare_batch([{"body": b} for b in photos], (30, 40), max_pixels=10**6, max_bytes=10**6)
+    assert served.batch.shape == (4, 3, 30, 40) and served.batch.is_contiguous(memory_format=torch.channels_last)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = normalize(served.batch, mean=mean, std=std)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    plain = served.batch.contiguous()
+    formula = (plain.float() / 255.0 - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    assert torch.equal(x, formula) and torch.equal(normalize(plain, mean=mean, std=std), formula)
+    assert torch.equal(served.batch[1], load_for_model(photos[1], (30, 40)))
 
 
 def test_load_for_model_shape_and_dtype():
