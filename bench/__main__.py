@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.ingestion import cpu_split
 from serving.archive import MODEL_NAME
 
 BENCHES = ["ceiling", "serving", "ingestion", "training"]
@@ -116,6 +117,8 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
         if "ratio_to_serving" in ingestion:
             lines.append(f"- ratio to serving's best ({ingestion['serving_best']['images_per_s']:.1f}/s): **{ingestion['ratio_to_serving']:.2f}** "
                          f"(target >= 0.95); per CPU-second {ingestion.get('cpu_ratio_to_serving', float('nan')):.2f}")
+        if split := cpu_split(ingestion["best"]):
+            lines.append(f"- throughput run, {split}")
         if "tuned_ratio_to_serving" in ingestion:
             lines.append(f"- with `{' '.join(ingestion['tuned']['extra_args'])}`: {ingestion['tuned_ratio_to_serving']:.2f} of serving's best")
         if "speedup_vs_naive" in ingestion:

@@ -235,6 +235,18 @@ class PostgresForBench:
         self.cluster.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the cluster has used so far: its postmaster and live processes, and
+        the backends that have exited (a connection's backend ends with it; the postmaster reaps it)."""
+        import psutil
+
+        try:
+            root = psutil.Process(int((self.cluster.data / "postmaster.pid").read_text().split()[0]))
+            t = root.cpu_times()
+            return t.children_user + t.children_system + tree_cpu_s(root.pid)
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return 0.0
+
     def create_database(self, name: str) -> str:
         import psycopg2
 

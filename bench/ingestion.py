@@ -117,7 +117,7 @@ def run_ingest(inbox: Path, work: Path, *, database_url: str, torchserve_url: st
     return {
         "cmd": "python -m " + " ".join(cmd[4:]), "exit_code": proc.returncode, "wall_s": round(wall, 2),
         "peak_rss_mib": round(peak.get("vm_hwm_kib", 0) / 1024, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "processed_dir": str(processed) if "--processed" in options else None,
         "log_tail": log.read_text(errors="replace").strip().splitlines()[-3:],
     }
@@ -147,9 +147,13 @@ def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.Postgres
     os.sync()
     distinct = distinct_contents(inbox)
     url = pg.create_database(f"bench_ingest_{n}{tag}")
-    ts_cpu0 = common.tree_cpu_s(ts.pid())
+    ts_cpu0, pg_cpu0 = common.tree_cpu_s(ts.pid()), pg.cpu_s()
     r = run_ingest(inbox, case, database_url=url, torchserve_url=ts.inference_url, extra=extra)
-    cpu = r["cpu_s"] + common.tree_cpu_s(ts.pid()) - ts_cpu0
+    ts_cpu, pg_cpu = common.tree_cpu_s(ts.pid()) - ts_cpu0, pg.cpu_s() - pg_cpu0
+    cpu = r["cpu_s"] + ts_cpu
+    # Who used the cores: on a machine where TorchServe alone keeps them busy, what the job and
+    # PostgreSQL take is what ingestion loses against serving.
+    cpu_ms = {"torchserve": ts_cpu, "job": r["cpu_s"], "postgres": pg_cpu}
     counts = db_counts(url)
     left = count_files(inbox)
     moved = count_files(case / "processed") + count_files(case / "quarantine")
@@ -157,12 +161,14 @@ def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.Postgres
         "images": n, "extra_args": extra, "distinct_contents": distinct, **r, **counts, "left_in_inbox": left, "moved": moved,
         "images_per_s": round(n / r["wall_s"], 2), "cpu_s_with_torchserve": round(cpu, 1),
         "images_per_cpu_s": round(n / cpu, 2),
+        "cpu_ms_per_photo": {k: round(v / n * 1e3, 3) for k, v in cpu_ms.items()},
         "all_recorded": counts["distinct_sha256"] == distinct, "all_moved": moved == n and left == 0,
     }
     if n > 20000:  # 100,000 photos take a few hundred MB: gone once counted
         shutil.rmtree(case, ignore_errors=True)
     print(f"  ingest N={n} {' '.join(extra)}: {res['images_per_s']:.1f} images/s, {counts['rows']} rows for {distinct} distinct contents, {moved} moved, {left} left, "
-          f"peak RSS {r['peak_rss_mib']} MiB, exit {r['exit_code']}", flush=True)
+          f"peak RSS {r['peak_rss_mib']} MiB, exit {r['exit_code']}; ms of CPU a photo: "
+          + ", ".join(f"{k} {v}" for k, v in res["cpu_ms_per_photo"].items()), flush=True)
     return res
 
 
@@ -325,6 +331,18 @@ def add_ratios(res: dict, serving: dict | None) -> dict:
     return res
 
 
+def cpu_split(run: dict) -> str | None:
+    """Where a run's CPU went, a photo at a time; on cores that TorchServe alone keeps busy, the job's and
+    PostgreSQL's share is what ingestion loses against serving."""
+    ms = run.get("cpu_ms_per_photo")
+    if not ms or not ms.get("torchserve"):
+        return None
+    total = sum(ms.values())
+    return (f"ms of CPU a photo: TorchServe {ms['torchserve']:.2f}, the job {ms['job']:.2f}, PostgreSQL {ms['postgres']:.2f}; "
+            f"the job and PostgreSQL take {(ms['job'] + ms['postgres']) / total:.0%} of it, so on cores that TorchServe "
+            f"alone keeps busy ingestion reaches at most about {ms['torchserve'] / total:.2f} of serving")
+
+
 def print_results(res: dict) -> None:
     def row(label, r):
         return [label, r["images_per_s"], r.get("images_per_cpu_s"), r["rows"], r.get("moved"), r["left_in_inbox"], r.get("peak_rss_mib"), r.get("exit_code")]
@@ -343,6 +361,8 @@ def print_results(res: dict) -> None:
     if "ratio_to_serving" in res:
         print(f"ratio to serving's best ({res['serving_best']['images_per_s']:.1f}/s at c={res['serving_best']['concurrency']}): "
               f"{res['ratio_to_serving']:.2f} (target >= 0.95); per CPU-second {res.get('cpu_ratio_to_serving')}")
+    if split := cpu_split(res["best"]):
+        print(f"throughput run, {split}")
     if "speedup_vs_naive" in res:
         print(f"speed-up over the naive baseline: x{res['speedup_vs_naive']} (target >= 30); per CPU-second x{res.get('cpu_speedup_vs_naive')}")
 
