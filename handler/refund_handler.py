@@ -24,14 +24,14 @@ from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
     from refund_inference import (calibrated_probs, calibration, class_bias, error_response, format_prediction,
-                                  load_meta, reject_counts, served_precision, threads_per_worker)
+                                  keep_freed_memory, load_meta, reject_counts, served_precision, threads_per_worker)
     from refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 except ImportError:  # in the repository, as the `handler` package
     from handler.refund_inference import (calibrated_probs, calibration, class_bias, error_response,
-                                          format_prediction, load_meta, reject_counts, served_precision,
-                                          threads_per_worker)
+                                          format_prediction, keep_freed_memory, load_meta, reject_counts,
+                                          served_precision, threads_per_worker)
     from handler.refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from handler.refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
@@ -95,6 +95,8 @@ class RefundClassifierHandler(BaseHandler):
             cores = len(os.sched_getaffinity(0))
             workers = int(yaml_config.get("maxWorkers", yaml_config.get("minWorkers", 1)))
             torch.set_num_threads(threads_per_worker(settings.get("threads", "auto"), cores=cores, workers=workers))
+        # This process is the worker's own: its batches' buffers stay allocated between batches.
+        self.memory_kept = keep_freed_memory()
         setting = str(settings.get("precision", "auto"))
         self.precision, bf16_reason, int8_reason = served_precision(
             setting, self.meta, device_type=self.device.type, bf16_native=bf16_native,
@@ -119,10 +121,10 @@ class RefundClassifierHandler(BaseHandler):
         self.class_bias = None if bias is None else bias.to(self.device)  # once, not per batch
         self.initialized = True
         logger.info(
-            "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d "
+            "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d keep_freed_memory=%s "
             "temperature=%.4g review_threshold=%.4g class_bias=%s",
             self.model_name, self.model_version, self.meta["arch"], len(self.classes), self.image_size, self.device,
-            self.precision, torch.get_num_threads(), self.temperature, self.review_threshold,
+            self.precision, torch.get_num_threads(), self.memory_kept, self.temperature, self.review_threshold,
             "none" if self.class_bias is None else
             f"prior weight {(self.meta['int8'] if self.precision == 'int8' else self.meta).get('prior_weight', '?')}",
         )

@@ -228,6 +228,30 @@ def threads_per_worker(setting: int | str, *, cores: int, workers: int) -> int:
     return threads
 
 
+# glibc's largest mmap threshold on 64-bit: blocks up to this size come from the heap.
+KEEP_BLOCKS_UP_TO = 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep what a batch frees for the next batch. Returns False where it cannot
+    (a C library without mallopt).
+
+    A forward pass allocates blocks of megabytes whose sizes change with the batch; glibc maps such
+    blocks from the kernel and gives them back when they are freed (its mmap threshold adapts, and
+    its heap is trimmed once more than twice that is free at the top), so the next batch faults the
+    same memory in again, page by page. Measured in a TorchServe worker at 16 photos a request and
+    8 in flight: 20 to 65 minor page faults an image, about 2 µs each on the 2-core machine; none with
+    this. The cost: the worker holds its largest batch's memory between batches."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, KEEP_BLOCKS_UP_TO)) and bool(mallopt(m_trim_threshold, 8 * KEEP_BLOCKS_UP_TO))
+
+
 def class_bias(meta: dict, num_classes: int) -> torch.Tensor | None:
     """The per-class logit bias from model_meta.json (None when absent): `training.evaluate` fits
     it on validation to undo the prior shift that class-weighted training leaves in the logits."""

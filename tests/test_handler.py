@@ -7,6 +7,9 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -431,6 +434,34 @@ def test_precision_and_threads():
     assert threads_per_worker(3, cores=2, workers=1) == 3
     with pytest.raises(ValueError):
         threads_per_worker(-1, cores=2, workers=1)
+
+
+def test_a_worker_keeps_what_a_batch_frees_instead_of_faulting_it_in_again():
+    """A forward pass's big blocks go back to the kernel when freed and fault in again, page by page, in the
+    next batch; keep_freed_memory (called by the handler's initialize) stops that. In a fresh interpreter,
+    as a worker is: the setting lasts for the process."""
+    script = textwrap.dedent("""
+        import resource, torch, torchvision
+        from handler.refund_inference import keep_freed_memory
+        torch.set_num_threads(1)
+        model = torchvision.models.resnet18(num_classes=30).eval().to(memory_format=torch.channels_last)
+        def faults_in_a_round():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            with torch.inference_mode():
+                for b in (4, 32, 8, 64):  # batch sizes change, as TorchServe's do
+                    model(torch.rand(b, 3, 80, 60).contiguous(memory_format=torch.channels_last))
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults_in_a_round()
+        plain = faults_in_a_round()
+        assert keep_freed_memory()
+        faults_in_a_round()
+        print(plain, faults_in_a_round())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    plain, kept = map(int, out.stdout.split())
+    assert plain > 1000 and kept < plain / 20, (plain, kept)
 
 
 def test_fp32_archive_setting(extracted_archive, tmp_path, handler, unseen_images):
