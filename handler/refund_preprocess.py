@@ -70,7 +70,9 @@ def decode_image(
         what = "truncated" if "truncated" in str(exc) else "corrupt"
         raise ImageError("corrupt", f"the image data is {what}: {exc}") from exc
     try:
-        # In place: a photo without an orientation (nearly all) is not copied.
+        # In place: a photo without an orientation (nearly all) is not copied. Pillow turns the pixels
+        # before it rewrites the EXIF block, so a photo whose orientation is readable is upright even
+        # where the rest of its EXIF cannot be written back (a zero denominator, say) and this raises.
         ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # a broken EXIF block is no reason to refuse a readable photo
         pass
@@ -117,7 +119,8 @@ def normalize(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """uint8 (B, 3, H, W) or (3, H, W) -> float32 normalized, same shape and memory layout.
+    """uint8 (B, 3, H, W) or (3, H, W) -> float32 normalized, same shape and memory layout; 3 channels,
+    one mean and std each.
 
     One new tensor, worked on in place: the same arithmetic, bit for bit, as (x / 255 - mean) / std."""
     x = batch.to(torch.float32, copy=True)

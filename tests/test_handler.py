@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from handler.refund_handler import (METRIC_BATCH_SIZE, METRIC_IMAGES, METRIC_INFERENCE, METRIC_PREPROCESS,
@@ -167,6 +167,17 @@ def test_exif_orientation_is_applied(orientation, expected_size, red_corner):
     img = decode_image(encode(photo(), "JPEG", quality=95, exif=exif))
     assert img.size == expected_size
     assert close(pixel(img, red_corner), (200, 30, 30), tol=40)
+
+
+def test_a_readable_orientation_turns_the_photo_even_where_the_rest_of_the_exif_is_broken():
+    """Pillow turns the pixels, then fails to write back an EXIF block that holds a zero denominator."""
+    ifd = (struct.pack(">H", 2) + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0)  # orientation 6
+           + struct.pack(">HHII", 282, 5, 1, 38) + struct.pack(">I", 0) + struct.pack(">II", 1, 0))  # XResolution 1/0
+    data = encode(photo(), "JPEG", quality=95, exif=b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd)
+    with pytest.raises(ZeroDivisionError):  # the premise: Pillow's own copying transpose gives up
+        ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    img = decode_image(data)
+    assert img.size == (30, 40) and close(pixel(img, (29, 0)), (200, 30, 30), tol=40)
 
 
 def test_broken_exif_does_not_reject_a_readable_photo(monkeypatch):
@@ -436,10 +447,11 @@ def test_precision_and_threads():
         threads_per_worker(-1, cores=2, workers=1)
 
 
-def test_a_worker_keeps_what_a_batch_frees_instead_of_faulting_it_in_again():
+def test_a_worker_keeps_what_a_batch_frees_instead_of_faulting_it_in_again(handler):
     """A forward pass's big blocks go back to the kernel when freed and fault in again, page by page, in the
     next batch; keep_freed_memory (called by the handler's initialize) stops that. In a fresh interpreter,
     as a worker is: the setting lasts for the process."""
+    assert handler[0].memory_kept, "initialize did not keep freed memory"
     script = textwrap.dedent("""
         import resource, torch, torchvision
         from handler.refund_inference import keep_freed_memory
