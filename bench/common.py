@@ -229,23 +229,37 @@ class PostgresForBench:
 
     def __enter__(self) -> "PostgresForBench":
         self.cluster.start()
+        self.at_rest = len(self.postmaster().children())  # checkpointer, background writer, ...
         return self
 
     def __exit__(self, *exc) -> None:
         self.cluster.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def cpu_s(self) -> float:
-        """User + system CPU seconds the cluster has used so far: its postmaster and live processes, and
-        the backends that have exited (a connection's backend ends with it; the postmaster reaps it)."""
+    def postmaster(self):
         import psutil
 
-        try:
-            root = psutil.Process(int((self.cluster.data / "postmaster.pid").read_text().split()[0]))
+        return psutil.Process(int((self.cluster.data / "postmaster.pid").read_text().split()[0]))
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the cluster has used so far: its postmaster and live processes, and
+        the backends that have exited (a connection's backend ends with it; the postmaster reaps it).
+        Read again until no backend was reaped between the two readings, which would miss it."""
+        root = self.postmaster()
+        for _ in range(20):
             t = root.cpu_times()
-            return t.children_user + t.children_system + tree_cpu_s(root.pid)
-        except (OSError, ValueError, IndexError, psutil.Error):
-            return 0.0
+            live = tree_cpu_s(root.pid)
+            if root.cpu_times()[2:4] == t[2:4]:
+                return t.children_user + t.children_system + live
+        raise RuntimeError("PostgreSQL's backends kept ending while its CPU time was read")
+
+    def settle(self, timeout_s: float = 10.0) -> None:
+        """Wait until the cluster runs no more processes than it did at rest (the backends of a client
+        that has just exited end a moment later): before reading cpu_s after a client's run."""
+        root = self.postmaster()
+        deadline = time.monotonic() + timeout_s
+        while len(root.children()) > self.at_rest and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def create_database(self, name: str) -> str:
         import psycopg2

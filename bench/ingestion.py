@@ -149,6 +149,7 @@ def bench_ingest(n: int, sources: list[Path], work: Path, *, pg: common.Postgres
     url = pg.create_database(f"bench_ingest_{n}{tag}")
     ts_cpu0, pg_cpu0 = common.tree_cpu_s(ts.pid()), pg.cpu_s()
     r = run_ingest(inbox, case, database_url=url, torchserve_url=ts.inference_url, extra=extra)
+    pg.settle()
     ts_cpu, pg_cpu = common.tree_cpu_s(ts.pid()) - ts_cpu0, pg.cpu_s() - pg_cpu0
     cpu = r["cpu_s"] + ts_cpu
     # Who used the cores: on a machine where TorchServe alone keeps them busy, what the job and
