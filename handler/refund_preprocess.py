@@ -124,18 +124,17 @@ def normalize(
 
     One new tensor, worked on in place: the same arithmetic, bit for bit, as (x / 255 - mean) / std."""
     x = batch.to(torch.float32, copy=True)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         # Channels innermost: seen as rows of W pixels x 3 channels, so that the per-channel
         # constants, tiled along a row, broadcast over long runs instead of runs of 3.
         n, c, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).view(n * h, w * c)
-        m = torch.tensor(mean, dtype=torch.float32, device=x.device).repeat(w)
-        s = torch.tensor(std, dtype=torch.float32, device=x.device).repeat(w)
-        rows.div_(255.0).sub_(m).div_(s)
-        return x
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    return x.div_(255.0).sub_(m).div_(s)
+        view, m, s = x.permute(0, 2, 3, 1).view(n * h, w * c), m.repeat(w), s.repeat(w)
+    else:
+        view, m, s = x, m.view(-1, 1, 1), s.view(-1, 1, 1)
+    view.div_(255.0).sub_(m).div_(s)
+    return x
 
 
 def load_for_model(data: bytes, image_size: tuple[int, int], **limits) -> torch.Tensor:
