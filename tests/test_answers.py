@@ -187,6 +187,7 @@ def test_classify_many_posts_one_multipart_part_per_photo():
     parts = [(p.get_param("name", header="content-disposition"), p.get_payload(decode=True)) for p in msg.iter_parts()]
     assert parts == [("photos[0]", b"jpeg one"), ("photos[1]", b"\r\n--two")]
 
+
 def test_a_multipart_body_of_small_photos_is_one_send_and_a_large_photo_is_never_copied():
     small = [bytes([i]) * 1500 for i in range(8)]
     body = MultipartPhotos(small)
@@ -199,7 +200,6 @@ def test_a_multipart_body_of_small_photos_is_one_send_and_a_large_photo_is_never
     many = MultipartPhotos([b"m" * (MultipartPhotos.COALESCE_BYTES // 3)] * 7)
     assert max(map(len, many)) < 2 * MultipartPhotos.COALESCE_BYTES  # copies stay bounded
     assert sum(map(len, many)) == len(many)
-
 
 
 def test_classify_many_without_a_connection_is_transient_and_down_for_every_photo():

@@ -199,7 +199,6 @@ def test_metrics_endpoint_exposes_handler_metrics(torchserve, unseen_images):
         assert total(samples, "refund_stage_seconds_count", Stage=stage) >= 1, stage
 
 
-
 def test_requests_write_an_access_line_each_and_nothing_more_to_the_logs(torchserve, unseen_images):
     """TorchServe's own default logging writes tens of lines a request into ts_log.log and to
     standard output (console.log, which nothing rotates); serving/log4j2.xml keeps one access line
@@ -216,6 +215,7 @@ def test_requests_write_an_access_line_each_and_nothing_more_to_the_logs(torchse
     assert 1 <= grew["model_log.log"] <= len(bodies), grew  # the handler's line per batch, nothing per request
     assert "precision=" in logs["model_log.log"].read_text()  # the handler's start-up line is kept
     assert "Backend received inference" not in logs["model_log.log"].read_text()
+
 
 def test_no_train_serve_skew(torchserve, trained_run, unseen_images):
     """The served answer equals the offline path: training's decode cache + normalize + the checkpoint's model."""
