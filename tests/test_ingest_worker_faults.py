@@ -67,7 +67,11 @@ def test_worker_killed_mid_run_is_retried_and_every_photo_recorded_once(start_to
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     env = ingest_env(ts.inference_url, database_url, INGEST_TEST_HOOK="pause@after_commit", INGEST_TEST_HOOK_DIR=str(hooks))
-    proc = start_cli(inbox, env, "--batch-size", "16", "--concurrency", "16", "--retries", "10", "--backoff", "0.2", "--backoff-max", "2")
+    # At most 2 requests of 4 photos in flight (2 x --concurrency), so that most photos are still to be
+    # sent when the first batch is recorded: with the whole inbox in flight at once, a fast TorchServe
+    # could answer every photo before the worker is frozen, and nothing would be retried.
+    proc = start_cli(inbox, env, "--batch-size", "16", "--concurrency", "1", "--photos-per-request", "4",
+                     "--retries", "10", "--backoff", "0.2", "--backoff-max", "2")
     try:
         wait_for(hooks / "paused-after_commit", proc)  # mid-run: one batch recorded, most photos still to send
         # Freeze the worker, let the job send: the frontend hands the worker a batch it will never
