@@ -486,12 +486,22 @@ def test_k8s_torchserve_replicas_behind_a_service():
     assert max_request_bytes + per_request * MULTIPART_PART_OVERHEAD < int(props["max_request_size"])
 
 
-def test_a_request_of_several_photos_fits_every_torchserve_config():
-    """The job's default request (--photos-per-request photos, --max-request-bytes, the framing)
-    stays under max_request_size of the local and the compose TorchServe."""
+def test_every_torchserve_config_takes_the_job_s_largest_request_and_one_photo_of_max_bytes():
+    """The job's default request (--photos-per-request photos, --max-request-bytes, the framing),
+    its largest photo sent alone (--max-bytes) and the handler's largest photo (max_bytes) in base64
+    JSON all stay under max_request_size of the local, the compose and the Kubernetes TorchServe:
+    else the frontend refuses with a 413 a photo that the job and the handler accept."""
+    handler_max_bytes = yaml.safe_load((REPO_ROOT / "handler" / "model-config.yaml").read_text())["handler"]["max_bytes"]
+    k8s = k8s_kind(k8s_docs("torchserve.yaml"), "ConfigMap")["data"]["config.properties"]
+    configs = {"config.properties": load_properties(REPO_ROOT / "config.properties"),
+               "deploy/config.properties": load_properties(DEPLOY_CONFIG),
+               "deploy/k8s/torchserve.yaml": dict(l.strip().split("=", 1) for l in k8s.splitlines() if "=" in l)}
     most = BY_NAME["max_request_bytes"].default + BY_NAME["photos_per_request"].default * MULTIPART_PART_OVERHEAD
-    for config in (REPO_ROOT / "config.properties", DEPLOY_CONFIG):
-        assert most < int(load_properties(config)["max_request_size"]), config
+    for name, props in configs.items():
+        limit = int(props["max_request_size"])
+        assert most < limit, name
+        assert BY_NAME["max_bytes"].default + MULTIPART_PART_OVERHEAD < limit, name
+        assert 4 * -(-handler_max_bytes // 3) + 1024 < limit, name  # base64 in a JSON body
 
 
 def test_k8s_ingestion_cronjob_one_runner_per_inbox():
