@@ -108,7 +108,7 @@ FIELDS: list[Field] = [
     Field("db_retry_for", parse_duration, 60.0, "how long to keep reconnecting to PostgreSQL before stopping the run", "INGEST_DB_RETRY_FOR", "DURATION"),
     Field("min_age", parse_duration, 10.0, "skip files modified less than this long ago (still being written)", "INGEST_MIN_AGE", "DURATION"),
     Field("settle", parse_duration, 2.0, "a younger file is taken if its size and mtime stay the same this long (0: wait for --min-age)", "INGEST_SETTLE", "DURATION"),
-    Field("max_bytes", _positive_int, 20 * 1024 * 1024, "files larger than this are quarantined without being sent (TorchServe's max_request_size)", "INGEST_MAX_BYTES", "BYTES"),
+    Field("max_bytes", _positive_int, 20 * 1024 * 1024, "files larger than this are quarantined without being sent (the handler's max_bytes in model-config.yaml)", "INGEST_MAX_BYTES", "BYTES"),
     Field("max_in_flight_bytes", _positive_int, 256 * 1024 * 1024, "bytes of photos held in memory at once, read or being sent (a single larger photo still goes, alone)", "INGEST_MAX_IN_FLIGHT_BYTES", "BYTES"),
     Field("incomplete_grace", parse_duration, 3600.0, "a photo TorchServe calls truncated or empty stays in the inbox (skipped: incomplete) while modified less than this long ago; 0: quarantine it at once", "INGEST_INCOMPLETE_GRACE", "DURATION"),
     Field("limit", _positive_int, None, "stop after taking this many files (the rest waits for the next run)", "INGEST_LIMIT", "N"),
