@@ -29,8 +29,13 @@ class TorchServeError(RuntimeError):
 
 
 def load_properties(path: Path) -> dict[str, str]:
+    return parse_properties(Path(path).read_text())
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """key=value lines of a config.properties text; blank and `#` lines skipped."""
     props = {}
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)

@@ -25,7 +25,7 @@ import yaml
 from ingest.settings import BY_NAME
 from serving.client import MULTIPART_PART_OVERHEAD
 from serving.paths import REPO_ROOT
-from serving.torchserve import TorchServe, free_port, load_properties
+from serving.torchserve import TorchServe, free_port, load_properties, parse_properties
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -470,7 +470,7 @@ def test_k8s_torchserve_replicas_behind_a_service():
         assert container[probe]["httpGet"]["path"] == "/ping"
     # The k8s config: per-replica keys cannot be balanced, so token authorization is off and the
     # management API listens on the pod's loopback only (NetworkPolicy guards the rest).
-    props = dict(l.split("=", 1) for l in k8s_kind(docs, "ConfigMap")["data"]["config.properties"].splitlines() if "=" in l)
+    props = parse_properties(k8s_kind(docs, "ConfigMap")["data"]["config.properties"])
     assert props["disable_token_authorization"] == "true" and props["enable_model_api"] == "false"
     assert urlsplit(props["management_address"]).hostname == "127.0.0.1"
     assert urlsplit(props["inference_address"]).port == 8080 and urlsplit(props["metrics_address"]).port == 8082
@@ -492,10 +492,10 @@ def test_every_torchserve_config_takes_the_job_s_largest_request_and_one_photo_o
     JSON all stay under max_request_size of the local, the compose and the Kubernetes TorchServe:
     else the frontend refuses with a 413 a photo that the job and the handler accept."""
     handler_max_bytes = yaml.safe_load((REPO_ROOT / "handler" / "model-config.yaml").read_text())["handler"]["max_bytes"]
-    k8s = k8s_kind(k8s_docs("torchserve.yaml"), "ConfigMap")["data"]["config.properties"]
     configs = {"config.properties": load_properties(REPO_ROOT / "config.properties"),
                "deploy/config.properties": load_properties(DEPLOY_CONFIG),
-               "deploy/k8s/torchserve.yaml": dict(l.strip().split("=", 1) for l in k8s.splitlines() if "=" in l)}
+               "deploy/k8s/torchserve.yaml": parse_properties(
+                   k8s_kind(k8s_docs("torchserve.yaml"), "ConfigMap")["data"]["config.properties"])}
     most = BY_NAME["max_request_bytes"].default + BY_NAME["photos_per_request"].default * MULTIPART_PART_OVERHEAD
     for name, props in configs.items():
         limit = int(props["max_request_size"])
