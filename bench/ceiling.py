@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,28 +36,10 @@ from handler.refund_inference import served_precision
 from handler.refund_model import cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
 from training import quantize
 from training.checkpoint import load_archive_model
+from training.timing import measure
 
 PRECISIONS = ("fp32", "bf16", "int8")
 PARALLEL_TIMEOUT_S = 900  # one parallel measurement, loading included
-
-
-def measure(model: torch.nn.Module, x: torch.Tensor, *, bf16: bool, seconds: float, warmup: int = 2) -> dict:
-    """Images/s and mean batch latency of model(x), repeated for about `seconds` after `warmup` runs."""
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
-    with torch.inference_mode(), ctx():
-        for _ in range(warmup):
-            model(x)
-        runs, started, cpu0 = 0, time.perf_counter(), time.process_time()
-        while True:
-            model(x)
-            runs += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= seconds and runs >= 2:
-                break
-    cpu = time.process_time() - cpu0
-    batch = x.shape[0]
-    return {"images_per_s": round(runs * batch / elapsed, 2), "batch_ms": round(1000 * elapsed / runs, 2), "runs": runs,
-            "cpu_s": round(cpu, 2), "images_per_cpu_s": round(runs * batch / cpu, 2)}
 
 
 def int8_model(model: torch.nn.Module, info, image_size, tmp: Path) -> tuple[torch.nn.Module, str]:

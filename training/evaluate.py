@@ -55,6 +55,7 @@ from training import label_audit
 from training import prepare as prepare_mod
 from training.checkpoint import CALIBRATION, CHECKPOINT, EMA_CHOICES, SIZE_SWEEP, CheckpointError, load_run, served_size
 from training.engine import load_images, predict
+from training.timing import measure
 from training.metrics import confusion, macro_f1, per_class
 
 logger = logging.getLogger("training.evaluate")
@@ -482,8 +483,6 @@ def sweep_sizes(run: Path, sizes, *, ema: str = "auto", batch_size: int = 256, s
     size as export would serve it; with the in-process serving speed of each size (batch 32, bf16
     where the CPU has it natively, as the handler's `precision: auto`). The best by val macro-F1
     (ties: the fewer pixels) is what evaluate and export use by default afterwards."""
-    from bench.ceiling import measure  # the project's one timing loop
-
     run = Path(run)
     ckpt, model = load_run(run, ema=ema)
     classes, pre = ckpt["classes"], ckpt["preprocess"]
