@@ -5,7 +5,9 @@
 
 The method is PyTorch's eager-mode post-training quantization for the x86 backend (fbgemm/oneDNN
 kernels, no compiler at serving time): the architecture's quantizable form (torchvision's
-`torchvision.models.quantization` ResNets etc.; `QuantizableTinyNet` for the test model) with
+`torchvision.models.quantization` ResNets etc.; for our ResNet shapes (handler.refund_model
+RESNET_SHAPES) the same shape built of torchvision's quantizable blocks; `QuantizableTinyNet`
+for the test model) with
 the weights loaded, conv + bn (+ relu) fused, observers fitted on a few hundred training photos,
 then converted to int8 modules. Activations are quint8 over the full 8 bits (0..255), weights
 qint8 per output channel, symmetric. `get_default_qconfig("x86")` keeps activations to 7 bits
@@ -31,11 +33,12 @@ import torch
 import torchvision
 from torch import nn
 from torch.ao.quantization import DeQuantStub, HistogramObserver, PerChannelMinMaxObserver, QConfig, QuantStub
+from torchvision.models.quantization.resnet import QuantizableBasicBlock, QuantizableBottleneck, QuantizableResNet
 
 from handler.refund_model import INT8_BACKEND as BACKEND
-from handler.refund_model import TinyNet, int8_backend_available
+from handler.refund_model import RESNET_SHAPES, ResNetShape, TinyNet, int8_backend_available, shape_resnet
 from handler.refund_model import int8_deprecations_silenced as quietly
-from handler.refund_inference import calibrated_probs, calibration, class_bias
+from handler.refund_inference import calibrated_probs, calibration, class_bias, label_bias, served_answers
 from handler.refund_preprocess import normalize
 from training import prepare as prepare_mod
 from training.checkpoint import model_from
@@ -66,16 +69,39 @@ class QuantizableTinyNet(TinyNet):
         torch.ao.quantization.fuse_modules(self.features, [["0", "1", "2"], ["3", "4", "5"]], inplace=True)
 
 
+class QuantizableShapedResNet(QuantizableResNet):
+    """torchvision's quantizable ResNet that also fuses the deep stem (conv1 a Sequential of three
+    convs, the last one's BN and ReLU still bn1 and relu)."""
+
+    def fuse_model(self, is_qat: bool | None = None) -> None:
+        if not isinstance(self.conv1, nn.Sequential):
+            return super().fuse_model(is_qat)
+        torch.ao.quantization.fuse_modules(self, [["conv1.0", "conv1.1", "conv1.2"], ["conv1.3", "conv1.4", "conv1.5"],
+                                                  ["conv1.6", "bn1", "relu"]], inplace=True)
+        for m in self.modules():
+            if isinstance(m, (QuantizableBasicBlock, QuantizableBottleneck)):
+                m.fuse_model(is_qat)
+
+
+def quantizable_shape(shape: ResNetShape, num_classes: int) -> nn.Module:
+    """A ResNet shape of handler.refund_model in quantizable form: same state_dict keys."""
+    block = QuantizableBasicBlock if shape.block == "basic" else QuantizableBottleneck
+    return shape_resnet(shape, num_classes, resnet_class=QuantizableShapedResNet, block_class=block)
+
+
 def quantizable_archs() -> list[str]:
-    """The archs with an int8 form: TinyNet and torchvision's quantizable ones (registered as quantized_<arch>)."""
+    """The archs with an int8 form: TinyNet, our ResNet shapes and torchvision's quantizable ones
+    (registered as quantized_<arch>)."""
     names = torchvision.models.list_models(module=torchvision.models.quantization)
-    return ["tinynet"] + sorted(n.removeprefix("quantized_") for n in names)
+    return ["tinynet"] + sorted(RESNET_SHAPES) + sorted(n.removeprefix("quantized_") for n in names)
 
 
 def quantizable_model(arch: str, num_classes: int, state: dict) -> nn.Module:
     """The float model in its quantizable form with `state` loaded, fused, in eval mode."""
     if arch == "tinynet":
         model = QuantizableTinyNet(num_classes)
+    elif arch in RESNET_SHAPES:
+        model = quantizable_shape(RESNET_SHAPES[arch], num_classes)
     elif arch in quantizable_archs():
         model = torchvision.models.get_model(f"quantized_{arch}", weights=None, quantize=False, num_classes=num_classes)
     else:
@@ -113,6 +139,27 @@ def quantize_int8(arch: str, num_classes: int, state: dict, batches) -> torch.ji
             raise Int8Error("no calibration images")
         torch.ao.quantization.convert(model, inplace=True)
         return torch.jit.script(model)
+
+
+TIMING_ONLY = "timing-only"
+
+
+def build_int8_for_timing(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, batches: int = 4,
+                          batch_size: int = 16, seed: int = 0) -> tuple[dict, torch.jit.ScriptModule]:
+    """-> (the "int8" entry, the int8 program) of a model that has no data to calibrate or gate on
+    (the benchmarks' untrained archive): observers fitted on seeded random inputs, no gate, the
+    fp32 calibration copied. Its status `timing-only` says so; the handler serves it with a warning."""
+    arch, num_classes = ckpt["model_config"]["arch"], ckpt["model_config"]["num_classes"]
+    if arch not in quantizable_archs():
+        raise Int8Error(f"no quantizable form of arch {arch!r}; int8 exists for: {', '.join(quantizable_archs())}")
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(batch_size, 3, *image_size, generator=g) for _ in range(batches)]  # (B, 3, H, W), normalized
+    entry = {"status": TIMING_ONLY, "file": FILE, "method": METHOD, "backend": BACKEND, "requires": REQUIRES,
+             "reason": "built for timing: calibrated on random inputs, never gated on data",
+             "calibration_images": batches * batch_size, "calibration_source": "random normal inputs",
+             **{k: fp32_calibration[k] for k in ("temperature", "review_threshold", "class_bias", "prior_weight")
+                if k in fp32_calibration}}
+    return entry, quantize_int8(arch, num_classes, state, inputs)
 
 
 def save_int8(model: torch.jit.ScriptModule, path) -> None:
@@ -158,12 +205,14 @@ def gate_figures(logits32, out32, logits8, out8, y, *, fp32_calibration: dict, i
     t8, _ = calibration(int8_calibration)
     p32 = calibrated_probs(torch.cat([logits32, out32]), t32, class_bias(fp32_calibration, num_classes))
     p8 = calibrated_probs(torch.cat([logits8, out8]), t8, class_bias(int8_calibration, num_classes))
+    all32 = served_answers(p32, label_bias(fp32_calibration, num_classes))  # (confidence, label) as served
+    all8 = served_answers(p8, label_bias(int8_calibration, num_classes))
     n = len(y)
-    conf32, pred32 = p32[:n].max(1)
-    conf8, pred8 = p8[:n].max(1)
+    conf32, pred32 = all32[0][:n], all32[1][:n]
+    conf8, pred8 = all8[0][:n], all8[1][:n]
     return {
         "images": len(p32), "in_category": n,
-        "top1_agreement": float((p32.argmax(1) == p8.argmax(1)).double().mean()),
+        "top1_agreement": float((all32[1] == all8[1]).double().mean()),
         "fp32_top1": float((pred32 == y).double().mean()), "int8_top1": float((pred8 == y).double().mean()),
         "fp32_coverage": review_threshold(conf32, pred32 == y)["coverage"],
         "int8_coverage": review_threshold(conf8, pred8 == y)["coverage"],
@@ -228,7 +277,8 @@ def build_int8(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, c
     with quietly():
         logits8, out8 = logits_of(int8)
     fit = fit_served(logits8, y, out8, ckpt["classes"], train_log_prior(ckpt, prepared))
-    served = {k: fit[k] for k in ("temperature", "prior_weight", "class_bias", "review_threshold")}
+    served = {k: fit[k] for k in ("temperature", "prior_weight", "class_bias", "review_threshold", "label_bias",
+                                  "label_adjustment") if k in fit}
     figures = gate_figures(logits32, out32, logits8, out8, y, fp32_calibration=fp32_calibration, int8_calibration=served)
     failed = gate_failures(figures, gate)
     entry = {
