@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from handler.refund_inference import calibrated_probs, calibration, class_bias
+from handler.refund_inference import calibrated_probs, calibration, class_bias, label_bias, served_labels
 from handler.refund_model import build_model, cpu_supports_bf16
 from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from serving.archive import ArchiveError
@@ -106,12 +106,13 @@ def measure(args: argparse.Namespace) -> dict:
     model = model.eval().to(memory_format=torch.channels_last)
     temperature, _ = calibration(src["calibration"])
     bias = class_bias(src["calibration"], len(classes))
+    lbias = label_bias(src["calibration"], len(classes))
 
     x = normalize(load_images(items, src["image_size"]), mean=src["mean"], std=src["std"])  # (N, 3, H, W)
     fp32, t32 = logits_of(model, x, bf16=False, batch_size=args.batch_size)
     bf16, t16 = logits_of(model, x, bf16=True, batch_size=args.batch_size)
     p32, p16 = calibrated_probs(fp32, temperature, bias), calibrated_probs(bf16, temperature, bias)
-    top32, top16 = p32.argmax(1), p16.argmax(1)
+    top32, top16 = served_labels(p32, lbias), served_labels(p16, lbias)
     to_index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([to_index.get(it.label, -1) for it in items])
     known = labels >= 0
@@ -122,7 +123,7 @@ def measure(args: argparse.Namespace) -> dict:
         "top1_agreement": round((top32 == top16).float().mean().item(), 6),
         "disagreements": int((top32 != top16).sum()),
         "max_abs_dp": round((p32 - p16).abs().max().item(), 6),
-        "mean_abs_dconfidence": round((p32.max(1).values - p16.gather(1, top32[:, None])[:, 0]).abs().mean().item(), 6),
+        "mean_abs_dconfidence": round((p32.gather(1, top32[:, None]) - p16.gather(1, top32[:, None])).abs().mean().item(), 6),
         "fp32_ms_per_image": round(t32 * 1000, 3), "bf16_ms_per_image": round(t16 * 1000, 3),
     }
     if src["model"] is not None and bool(known.any()):

@@ -24,14 +24,15 @@ from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
     from refund_inference import (calibrated_probs, calibration, class_bias, error_response, format_prediction,
-                                  keep_freed_memory, load_meta, reject_counts, served_precision, threads_per_worker)
+                                  keep_freed_memory, label_bias, load_meta, reject_counts, served_labels,
+                                  served_precision, threads_per_worker)
     from refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 except ImportError:  # in the repository, as the `handler` package
     from handler.refund_inference import (calibrated_probs, calibration, class_bias, error_response,
-                                          format_prediction, keep_freed_memory, load_meta, reject_counts,
-                                          served_precision, threads_per_worker)
+                                          format_prediction, keep_freed_memory, label_bias, load_meta, reject_counts,
+                                          served_labels, served_precision, threads_per_worker)
     from handler.refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from handler.refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
@@ -78,7 +79,7 @@ class RefundClassifierHandler(BaseHandler):
         self.image_size = tuple(self.meta["image_size"])
         self.mean, self.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
         self.temperature, self.review_threshold = calibration(self.meta)
-        bias = class_bias(self.meta, len(self.classes))
+        bias, labels_bias = class_bias(self.meta, len(self.classes)), label_bias(self.meta, len(self.classes))
         self.topk = int(settings.get("topk", 5))
         self.max_pixels = int(settings.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_bytes = int(settings.get("max_bytes", DEFAULT_MAX_BYTES))
@@ -105,8 +106,10 @@ class RefundClassifierHandler(BaseHandler):
             logger.warning("precision %s: not bf16, %s", setting, bf16_reason)
         if self.precision == "int8":
             int8 = self.meta["int8"]  # its own calibration, fitted on its own validation outputs
+            if int8.get("status") != "passed":
+                logger.warning("precision int8: %s (%s): for benchmarks, not for answers", int8["status"], int8.get("reason"))
             self.temperature, self.review_threshold = calibration(int8)
-            bias = class_bias(int8, len(self.classes))
+            bias, labels_bias = class_bias(int8, len(self.classes)), label_bias(int8, len(self.classes))
             self.model = load_int8(os.path.join(model_dir, int8["file"]), torch.zeros(1, 3, *self.image_size))
         else:
             if int8_reason and setting in ("auto", "int8"):
@@ -119,14 +122,17 @@ class RefundClassifierHandler(BaseHandler):
             # channels_last: oneDNN's fast convolution layout (and the layout training used).
             self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.class_bias = None if bias is None else bias.to(self.device)  # once, not per batch
+        self.label_bias = labels_bias  # applied to the probabilities on the CPU
         self.initialized = True
         logger.info(
             "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d keep_freed_memory=%s "
-            "temperature=%.4g review_threshold=%.4g class_bias=%s",
+            "temperature=%.4g review_threshold=%.4g class_bias=%s label_bias=%s",
             self.model_name, self.model_version, self.meta["arch"], len(self.classes), self.image_size, self.device,
             self.precision, torch.get_num_threads(), self.memory_kept, self.temperature, self.review_threshold,
             "none" if self.class_bias is None else
             f"prior weight {(self.meta['int8'] if self.precision == 'int8' else self.meta).get('prior_weight', '?')}",
+            "none" if self.label_bias is None else
+            f"tau {(self.meta['int8'] if self.precision == 'int8' else self.meta).get('label_adjustment', '?')}",
         )
 
     def autocast(self):
@@ -179,10 +185,11 @@ class RefundClassifierHandler(BaseHandler):
         expanded, probs = data
         prepared = expanded.images
         answers: list[dict] = [None] * prepared.size  # type: ignore[list-item]  # one per photo
+        labels = served_labels(probs, self.label_bias).tolist() if probs is not None else []
         for row, i in enumerate(prepared.good):
             answers[i] = format_prediction(
                 probs[row], self.classes, topk=self.topk, review_threshold=self.review_threshold,
-                model=self.model_name, version=self.model_version,
+                model=self.model_name, version=self.model_version, label=labels[row],
             )
         for i, exc in prepared.errors.items():
             answers[i] = error_response(exc, model=self.model_name, version=self.model_version)

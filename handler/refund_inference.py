@@ -108,9 +108,12 @@ def prepare_batch(requests: list[dict], image_size: tuple[int, int], *, max_pixe
 
 
 def format_prediction(
-    probs: torch.Tensor, classes: list[str], *, topk: int, review_threshold: float, model: str, version: str
+    probs: torch.Tensor, classes: list[str], *, topk: int, review_threshold: float, model: str, version: str,
+    label: int | None = None,
 ) -> dict:
-    """probs: (num_classes,) calibrated probabilities for one image.
+    """probs: (num_classes,) calibrated probabilities for one image; label: the answer's class
+    index where it is chosen with a label bias (served_labels), else the most probable class.
+    `topk` lists the most probable classes, so with a label bias the label may be its second.
 
     A model with the `other` output (OTHER_LABEL among its classes) answers it like any class,
     plus `in_category`: false for "not a refund category", true otherwise. needs_review is the
@@ -120,11 +123,12 @@ def format_prediction(
     k = min(topk, probs.numel())
     p, idx = probs.topk(k)
     top = [{"label": classes[j], "p": round(float(q), 6)} for q, j in zip(p.tolist(), idx.tolist())]
+    chosen = top[0] if label is None else {"label": classes[label], "p": round(float(probs[label]), 6)}
     answer = {
-        "label": top[0]["label"],
-        "confidence": top[0]["p"],
+        "label": chosen["label"],
+        "confidence": chosen["p"],
         "topk": top,
-        "needs_review": top[0]["p"] < review_threshold,
+        "needs_review": chosen["p"] < review_threshold,
         "model": model,
         "version": version,
     }
@@ -176,11 +180,12 @@ def resolve_precision(setting: str, *, device_type: str, bf16_native: bool, int8
 
 def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool, vnni: bool = True) -> str | None:
     """Why this archive cannot serve int8 here (None: it can). model_meta.json's `int8` entry is
-    training.export's: status passed (with the file), failed (its gate, and the figures), unavailable or off."""
+    training.export's: status passed (with the file), failed (its gate, and the figures), unavailable
+    or off; or timing-only (the benchmarks' untrained model: served, and the handler says so)."""
     info = meta.get("int8")
     if not info:
         return "the archive carries no int8 model (exported before int8 existed)"
-    if info.get("status") != "passed":
+    if info.get("status") not in ("passed", "timing-only"):
         return f"int8 {info.get('status', 'missing')} at export: {info.get('reason', 'no reason recorded')}"
     if device_type != "cpu":
         return f"int8 runs on the CPU only (the x86 quantized kernels); this worker has a {device_type} device"
@@ -255,18 +260,47 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, KEEP_BLOCKS_UP_TO)) and bool(mallopt(m_trim_threshold, 8 * KEEP_BLOCKS_UP_TO))
 
 
+def _per_class(meta: dict, key: str, num_classes: int) -> torch.Tensor | None:
+    values = meta.get(key)
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != num_classes:
+        raise ValueError(f"Invalid {key} in {META_FILE}: expected a list of {num_classes} numbers, one per class")
+    out = torch.tensor([float(b) for b in values])
+    if not torch.isfinite(out).all():
+        raise ValueError(f"Invalid {key} in {META_FILE}: every entry must be a finite number")
+    return out
+
+
 def class_bias(meta: dict, num_classes: int) -> torch.Tensor | None:
     """The per-class logit bias from model_meta.json (None when absent): `training.evaluate` fits
     it on validation to undo the prior shift that class-weighted training leaves in the logits."""
-    bias = meta.get("class_bias")
+    return _per_class(meta, "class_bias", num_classes)
+
+
+def label_bias(meta: dict, num_classes: int) -> torch.Tensor | None:
+    """The per-class bias the answer's label is chosen with (model_meta.json `label_bias`, None
+    when absent: the label is the most probable class). See served_labels."""
+    return _per_class(meta, "label_bias", num_classes)
+
+
+def served_labels(probs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C) calibrated probabilities -> (N,) the index of each answer's label.
+
+    Without a label bias: the most probable class. With one (-tau * log class prior, fitted by
+    training.evaluate): the argmax of log p + bias, logit adjustment (Menon et al. 2021, "Long-tail
+    learning via logit adjustment"), which trades a little accuracy on the large classes for
+    recall on the small ones. The confidence stays the calibrated probability of that label, so
+    the review threshold still means "this answer is right with that probability"."""
     if bias is None:
-        return None
-    if not isinstance(bias, list) or len(bias) != num_classes:
-        raise ValueError(f"Invalid class_bias in {META_FILE}: expected a list of {num_classes} numbers, one per class")
-    out = torch.tensor([float(b) for b in bias])
-    if not torch.isfinite(out).all():
-        raise ValueError(f"Invalid class_bias in {META_FILE}: every entry must be a finite number")
-    return out
+        return probs.argmax(1)
+    return (probs.clamp(min=1e-30).log() + bias.to(probs.device)).argmax(1)
+
+
+def served_answers(probs: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, label index) of each row, as served: see served_labels."""
+    labels = served_labels(probs, bias)
+    return probs.gather(1, labels[:, None])[:, 0], labels
 
 
 def calibrated_probs(logits: torch.Tensor, temperature: float, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,7 +22,8 @@ from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from handler.refund_handler import (METRIC_BATCH_SIZE, METRIC_IMAGES, METRIC_INFERENCE, METRIC_PREPROCESS,
                                     METRIC_REJECTS, METRIC_STAGE, STAGES, RefundClassifierHandler)
-from handler.refund_inference import calibrated_probs, calibration, class_bias, extract_payload, prepare_batch, resolve_precision, threads_per_worker
+from handler.refund_inference import (calibrated_probs, calibration, class_bias, extract_payload, label_bias, prepare_batch,
+                                      resolve_precision, served_answers, served_labels, threads_per_worker)
 from handler.refund_preprocess import ImageError, decode_image, load_for_model, normalize
 from support import make_handler
 from training.catalogue import list_items
@@ -417,6 +418,36 @@ def test_class_bias_from_model_meta_shifts_the_answer(handler, extracted_archive
     assert calibrated_probs(logits, 2.0, torch.tensor([0.0, 0.0, -1.0]))[0].tolist() == pytest.approx(
         torch.softmax(torch.tensor([0.5, 1.0, 0.5]), 0).tolist())
     assert calibrated_probs(logits, 1.0, None)[0].tolist() == pytest.approx(torch.softmax(logits[0], 0).tolist())
+
+
+def test_a_label_bias_chooses_the_label_and_the_confidence_stays_its_calibrated_probability(
+        handler, extracted_archive, tmp_path, unseen_images):
+    h1, ctx1 = handler
+    body = list_items(unseen_images)[0][0].path.read_bytes()
+    plain = h1.handle([{"body": body}], ctx1)[0]
+    runner_up = plain["topk"][1]
+    bias = [0.0] * len(h1.classes)
+    bias[h1.classes.index(runner_up["label"])] = 50.0
+    h2, ctx2 = make_handler(variant(extracted_archive, tmp_path, meta={"label_bias": bias, "label_adjustment": 0.5}))
+    got = h2.handle([{"body": body}], ctx2)[0]
+    assert got["label"] == runner_up["label"]
+    assert got["confidence"] == pytest.approx(runner_up["p"], abs=2e-2)  # bf16 on CPUs that have it
+    assert got["needs_review"] is (got["confidence"] < h2.review_threshold)
+    assert [t["label"] for t in got["topk"]] == [t["label"] for t in plain["topk"]]  # still the most probable first
+    assert h2.label_bias is not None and h1.label_bias is None
+
+
+def test_served_labels_is_the_argmax_of_log_probabilities_plus_the_label_bias():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.05, 0.05, 0.9]])
+    assert served_labels(probs).tolist() == [0, 2]
+    bias = torch.tensor([0.0, 0.0, 1.2])  # log(0.6 / 0.1) = 1.79 > 1.2: the first row keeps its label
+    assert served_labels(probs, bias).tolist() == [0, 2]
+    bias = torch.tensor([0.0, 0.8, 0.0])  # log(0.6 / 0.3) = 0.69 < 0.8: class 1 wins the first row
+    conf, labels = served_answers(probs, bias)
+    assert labels.tolist() == [1, 2] and conf.tolist() == pytest.approx([0.3, 0.9])
+    with pytest.raises(ValueError, match="label_bias .* 3 numbers"):
+        label_bias({"label_bias": [0.0, 1.0]}, 3)
+    assert label_bias({}, 3) is None
 
 
 def test_invalid_calibration_and_settings_are_refused():

@@ -181,6 +181,61 @@ def test_out_of_category_photos_count_at_trainings_share_in_the_fit():
     assert fit["val_top1"] >= fit["val_top1_uncorrected"] - 0.005
     assert fit["val_macro_f1"] >= fit["val_macro_f1_uncorrected"] - 0.01
 
+def long_tailed_val(seed: int = 0, n: int = 6000):
+    """A model calibrated to a long-tailed training prior (its logits the Bayes posterior's): the
+    most probable class favours the large classes, at the small ones' recall."""
+    torch.manual_seed(seed)
+    prior = torch.tensor([0.40, 0.25, 0.15, 0.08, 0.05, 0.03, 0.02, 0.01, 0.007, 0.003])
+    z = 1.5 * torch.randn(n, len(prior)) + prior.log()
+    y = torch.multinomial(torch.softmax(z, 1), 1).flatten()
+    return z, y, prior.log()
+
+
+def test_label_adjustment_is_adopted_where_it_raises_macro_f1_on_the_half_it_was_not_chosen_on():
+    logits, y, log_prior = long_tailed_val()
+    classes = [f"c{i}" for i in range(10)]
+    fit = evaluate_mod.fit_served(logits, y, torch.empty(0, 10), classes, log_prior)
+    adj = fit["label_adjustment_fit"]
+    assert adj["adopted"] and fit["label_adjustment"] > 0
+    assert adj["cross_fit"]["macro_f1_gain"] > 0.01 and adj["cross_fit"]["coverage_gain"] >= 0
+    assert fit["label_bias"] == pytest.approx((-fit["label_adjustment"] * log_prior).tolist(), abs=1e-5)
+    assert fit["val_macro_f1"] > fit["val_macro_f1_uncorrected"] + 0.01
+    # the served figures are those of the adopted rule, the threshold fitted on its confidence
+    by_tau = {r["tau"]: r for r in adj["val"]}
+    assert fit["val_macro_f1"] == pytest.approx(by_tau[fit["label_adjustment"]]["macro_f1"])
+    assert fit["review_threshold"] == pytest.approx(by_tau[fit["label_adjustment"]]["threshold"])
+    a, b = evaluate_mod.val_halves(y)  # disjoint, together all of val, each class split within one photo
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(len(y)))
+    assert ((torch.bincount(y[a], minlength=10) - torch.bincount(y[b], minlength=10)).abs() <= 1).all()
+
+
+def test_label_adjustment_is_not_adopted_where_the_classes_are_balanced():
+    torch.manual_seed(0)
+    y = torch.randint(0, 5, (3000,))
+    logits = torch.randn(3000, 5)
+    logits[torch.arange(3000), y] += 1.5
+    fit = evaluate_mod.fit_served(logits, y, torch.empty(0, 5), list("abcde"), torch.full((5,), 0.2).log())
+    assert fit["label_adjustment"] == 0.0 and not fit["label_adjustment_fit"]["adopted"]
+    assert "label_bias" not in fit
+
+
+def test_label_adjustment_that_would_route_fewer_out_of_category_photos_is_not_eligible():
+    """`other` is the largest class here: adjusting by the prior takes the out-of-category photos'
+    answers from `other` to a category, confidently enough to be accepted."""
+    classes = ["a", "b", "c", "other"]
+    log_prior = torch.tensor([0.05, 0.05, 0.05, 0.85]).log()
+    y = torch.arange(3000) % 3
+    logits = torch.zeros(3000, 4)
+    logits[:, 3] = -5.0
+    logits[torch.arange(3000), y] += 0.3  # always right, at a confidence of 0.40: the threshold is that low
+    out_logits = torch.tensor([[0.0, -3.0, -3.0, 0.05]]).repeat(2000, 1)  # `other` at 0.51, `a` at 0.49
+    fit = evaluate_mod.fit_served(logits, y, out_logits, classes, log_prior)
+    rows = {r["tau"]: r for r in fit["label_adjustment_fit"]["val"]}
+    assert rows[0.0]["outside_handled"] == 1.0 and rows[1.0]["outside_handled"] == 0.0
+    assert fit["label_adjustment_fit"]["eligible"] == [0.0]
+    assert fit["label_adjustment"] == 0.0 and fit["val_outside"]["handled_share"] == 1.0
+
+
 def test_macro_f1():
     cm = confusion(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 2]), 4)
     assert cm.tolist()[1] == [1, 2, 0, 0]
@@ -260,8 +315,9 @@ def test_export_carries_the_fitted_calibration(evaluated_run, tmp_path):
         meta = json.loads(z.read("model_meta.json"))
         index = json.loads(z.read("index_to_name.json"))
         names = set(z.namelist())
-    for key in ("temperature", "review_threshold", "class_bias", "prior_weight"):
+    for key in ("temperature", "review_threshold", "class_bias", "prior_weight", "label_adjustment"):
         assert meta[key] == calib[key], key
+    assert meta.get("label_bias") == calib.get("label_bias")
     assert {"arch", "num_classes", "image_size", "mean", "std"} <= set(meta)
     assert meta["num_classes"] == len(index) == 6 and meta["version"] == "7"
     assert {"weights.pt", "model-config.yaml", "refund_preprocess.py"} <= names

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from handler.refund_inference import OTHER_LABEL, calibrated_probs
+from handler.refund_inference import OTHER_LABEL, calibrated_probs, served_answers, served_labels
 from handler.refund_model import cpu_supports_bf16
 from training import label_audit
 from training import prepare as prepare_mod
@@ -196,11 +196,11 @@ def other_index(classes: list[str]) -> int | None:
     return classes.index(OTHER_LABEL) if OTHER_LABEL in classes else None
 
 
-def routing(probs: torch.Tensor, threshold: float, classes: list[str]) -> dict:
+def routing(probs: torch.Tensor, threshold: float, classes: list[str], label_bias: torch.Tensor | None = None) -> dict:
     """What the served decision does with out-of-category photos, as shares that add up to 1:
     answered `other` (confidently), sent to review (any answer under the threshold), accepted as
     one of the refund categories. handled = answered other + sent to review."""
-    conf, pred = probs.max(1)
+    conf, pred = served_answers(probs, label_bias)
     n = max(len(conf), 1)
     review = conf < threshold
     other = other_index(classes)
@@ -329,7 +329,10 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
     temperature, prior_weight = fit_calibration(fit_x, fit_y, log_prior, weights)
     bias = prior_weight * log_prior
     probs = calibrated_probs(logits, temperature, bias)
-    conf, pred = probs.max(1)
+    out_probs = calibrated_probs(out_logits, temperature, bias) if len(out_logits) else None
+    adjustment = choose_label_adjustment(probs, y, log_prior, out_probs, classes)
+    lbias = -adjustment["tau"] * log_prior if adjustment["tau"] else None
+    conf, pred = served_answers(probs, lbias)
     review = review_threshold(conf, pred == y)
     raw_pred = logits.argmax(1)
     fit_probs = calibrated_probs(fit_x, temperature, bias)
@@ -344,12 +347,77 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
         "val_nll_before": float(F.cross_entropy(fit_x, fit_y)),
         "val_nll_after": float(F.nll_loss(fit_probs.clamp(min=1e-12).log(), fit_y)),
         "outside_weight": float(weights[-1]) if weights is not None else None,
+        "label_adjustment": adjustment["tau"], "label_adjustment_fit": adjustment,
     }
+    if lbias is not None:
+        result["label_bias"] = [round(float(b), 6) for b in lbias]
     if other is not None:
         result["val_in_category_answered_other"] = float((pred == other).double().mean())
-    if len(out_logits):
-        result["val_outside"] = routing(calibrated_probs(out_logits, temperature, bias), review["threshold"], classes)
+    if out_probs is not None:
+        result["val_outside"] = routing(out_probs, review["threshold"], classes, lbias)
     return result
+
+
+# Logit adjustment strengths tried: the label is argmax(log p - tau * log prior) (served_labels).
+LABEL_ADJUSTMENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MIN_ROUTING = 0.95  # out-of-category photos answered `other` or sent to review: never below this for a tau
+
+
+def served_figures(probs: torch.Tensor, y: torch.Tensor, tau: float, log_prior: torch.Tensor) -> dict:
+    """Top-1, macro-F1 and coverage at 98 % precision (threshold fitted on these photos) of the
+    served answer with label adjustment `tau`."""
+    conf, pred = served_answers(probs, -tau * log_prior if tau else None)
+    review = review_threshold(conf, pred == y)
+    return {"tau": tau, "top1": float((pred == y).double().mean()), "macro_f1": macro_f1(confusion(pred, y, probs.shape[1])),
+            "coverage": review["coverage"], "threshold": review["threshold"]}
+
+
+def val_halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two halves of val, each class split evenly between them (every other photo of a class)."""
+    first = torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique():
+        first[torch.nonzero(y == c).flatten()[::2]] = True
+    return torch.nonzero(first).flatten(), torch.nonzero(~first).flatten()
+
+
+def choose_label_adjustment(probs: torch.Tensor, y: torch.Tensor, log_prior: torch.Tensor, out_probs: torch.Tensor | None,
+                            classes: list[str]) -> dict:
+    """The served label adjustment tau, chosen so that it is adopted only where it helps on photos
+    it was not chosen on.
+
+    A tau is eligible where the out-of-category photos stay >= 95 % answered `other` or sent to
+    review (or as many as without it) and, on the photos it is chosen on, it loses no coverage at
+    98 % precision against tau = 0; among those, the best macro-F1 over the categories wins. Chosen
+    on each half of val and scored on the other (cross-fitted), it is adopted only if it raised
+    macro-F1 and lost no coverage there on average; the served tau is then the one chosen on all
+    of val. Otherwise tau = 0: the most probable class, as without adjustment."""
+    def routed(tau):
+        if out_probs is None or not len(out_probs):
+            return None
+        fig = served_figures(probs, y, tau, log_prior)
+        return routing(out_probs, fig["threshold"], classes, -tau * log_prior if tau else None)["handled_share"]
+
+    base_routing = routed(0.0)
+    eligible = [t for t in LABEL_ADJUSTMENTS
+                if base_routing is None or routed(t) >= min(MIN_ROUTING, base_routing)]
+
+    def pick(idx):
+        base = served_figures(probs[idx], y[idx], 0.0, log_prior)
+        rows = [served_figures(probs[idx], y[idx], t, log_prior) for t in eligible]
+        return max((r for r in rows if r["coverage"] >= base["coverage"]), key=lambda r: (r["macro_f1"], -r["tau"]))["tau"]
+
+    folds = []
+    a, b = val_halves(y)
+    for chose_on, scored_on in ((a, b), (b, a)):
+        tau = pick(chose_on)
+        got, base = (served_figures(probs[scored_on], y[scored_on], t, log_prior) for t in (tau, 0.0))
+        folds.append({"tau": tau, "macro_f1_gain": got["macro_f1"] - base["macro_f1"],
+                      "top1_gain": got["top1"] - base["top1"], "coverage_gain": got["coverage"] - base["coverage"]})
+    mean = {k: sum(f[k] for f in folds) / len(folds) for k in ("macro_f1_gain", "top1_gain", "coverage_gain")}
+    adopted = mean["macro_f1_gain"] > 0 and mean["coverage_gain"] >= 0
+    rows = [served_figures(probs, y, t, log_prior) | {"outside_handled": routed(t)} for t in LABEL_ADJUSTMENTS]
+    return {"tau": pick(torch.arange(len(y))) if adopted else 0.0, "adopted": adopted, "eligible": eligible,
+            "cross_fit": {"folds": folds, **mean}, "val": rows}
 
 
 def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size: int) -> dict:
@@ -365,8 +433,9 @@ def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size
         x = load_images(prepare_mod.read_manifest(prepared / "val.csv"), image_size, desc="decode val")
         bf16 = predict(model, x, batch_size=batch_size, device=torch.device("cpu"), amp=True, mean=mean, std=std)
         bias = torch.tensor(result["class_bias"])
-        pred = calibrated_probs(logits, result["temperature"], bias).argmax(1)
-        bf16_pred = calibrated_probs(bf16, result["temperature"], bias).argmax(1)
+        lbias = torch.tensor(result["label_bias"]) if "label_bias" in result else None
+        pred = served_labels(calibrated_probs(logits, result["temperature"], bias), lbias)
+        bf16_pred = served_labels(calibrated_probs(bf16, result["temperature"], bias), lbias)
         result["val_bf16_fp32_top1_agreement"] = float((bf16_pred == pred).double().mean())
         result["val_top1_bf16"] = float((bf16_pred == y).double().mean())
     (Path(run) / CALIBRATION).write_text(json.dumps(result, indent=1))
@@ -377,7 +446,8 @@ def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size
 def calibration_fits(calib: dict | None, ckpt: dict, image_size) -> bool:
     """Whether RUN/calibration.json was fitted for these weights, data and size (older files:
     the raw weights at the training size)."""
-    return (calib is not None and "class_bias" in calib and calib.get("manifest_hash") == ckpt.get("manifest_hash")
+    return (calib is not None and "class_bias" in calib and "label_adjustment" in calib
+            and calib.get("manifest_hash") == ckpt.get("manifest_hash")
             and list(calib.get("image_size", ckpt["preprocess"]["image_size"])) == list(image_size)
             and calib.get("weights", "raw") == ckpt.get("weights", "raw"))
 
@@ -396,6 +466,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
         calib = calibrate(run, ckpt, model, image_size=image_size, mean=mean, std=std, batch_size=batch_size)
     temperature, threshold = calib["temperature"], calib["review_threshold"]
     bias = torch.tensor(calib["class_bias"])
+    lbias = torch.tensor(calib["label_bias"]) if "label_bias" in calib else None
 
     name, records, (outside_source, outside), dropped = records_to_evaluate(ckpt, data_dir, split)
     out = Path(out) if out else run / f"eval-{name}"
@@ -406,7 +477,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     infer = dict(batch_size=batch_size, device=torch.device("cpu"), amp=False, mean=mean, std=std)
     x = load_images(records, image_size, desc=f"decode {name}")
     probs = calibrated_probs(predict(model, x, **infer), temperature, bias)
-    conf, pred = probs.max(1)
+    conf, pred = served_answers(probs, lbias)
     known = torch.tensor([r.label in to_index for r in records])
     y = torch.tensor([to_index.get(r.label, -1) for r in records])
     correct = (pred == y) & known  # an out-of-category photo is never right, an `other` answer neither
@@ -424,6 +495,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
         "top1_in_category": float(correct[known].double().mean()) if known.any() else float("nan"),
         "calibration": calib,
         "review": {"threshold": threshold, "temperature": temperature, "prior_weight": calib.get("prior_weight", 0.0),
+                   "label_adjustment": calib.get("label_adjustment", 0.0),
                    **at_threshold(conf[known], correct[known], threshold)},
         "per_class": {c: {"precision": float(stats["precision"][i]), "recall": float(stats["recall"][i]),
                           "f1": float(stats["f1"][i]), "support": int(stats["support"][i])}
@@ -442,16 +514,16 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     if outside:  # the prepared out-of-category photos of this split, evaluated on their own
         oprobs = calibrated_probs(predict(model, load_images(outside, image_size, desc="decode outside"), **infer),
                                   temperature, bias)
-        metrics["outside"] = {"source": outside_source, **routing(oprobs, threshold, classes)}
+        metrics["outside"] = {"source": outside_source, **routing(oprobs, threshold, classes, lbias)}
     elif (~known).any():
-        metrics["outside"] = {"source": name, **routing(probs[~known], threshold, classes)}
+        metrics["outside"] = {"source": name, **routing(probs[~known], threshold, classes, lbias)}
     for folder in outside_dirs:
         recs, folder_dropped = outside_folder(folder, set(to_index))
         if not recs:
             raise EvaluateError(f"--outside-dir {folder} holds no readable out-of-category image")
         fprobs = calibrated_probs(predict(model, load_images(recs, image_size, desc=f"decode {Path(folder).name}"), **infer),
                                   temperature, bias)
-        metrics.setdefault("outside_dirs", {})[str(folder)] = {**routing(fprobs, threshold, classes), "dropped": folder_dropped}
+        metrics.setdefault("outside_dirs", {})[str(folder)] = {**routing(fprobs, threshold, classes, lbias), "dropped": folder_dropped}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_confusion(cm, classes, out / "confusion_matrix.png",
                    f"{name}: top-1 {metrics['top1_in_category']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (row-normalized)")

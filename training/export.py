@@ -94,7 +94,8 @@ def write_sample(ckpt: dict, out: Path, *, per_class: int) -> int:
     return len(rows)
 
 
-INT8_CHOICES = ("auto", "on", "off")
+# timing: for the benchmarks' untrained archive only (quantize.build_int8_for_timing).
+INT8_CHOICES = ("auto", "on", "off", "timing")
 
 
 def int8_entry(ckpt: dict, state: dict, *, mode: str, image_size, calibration: dict, calibration_images: int,
@@ -108,6 +109,13 @@ def int8_entry(ckpt: dict, state: dict, *, mode: str, image_size, calibration: d
         raise ExportError(f"Invalid --int8-calibration-images {calibration_images}: at least 1")
     if mode == "off":
         return {"status": "off", "reason": "exported with --int8 off"}, None
+    if mode == "timing":
+        try:
+            entry, model = quantize.build_int8_for_timing(ckpt, state, image_size=image_size, fp32_calibration=calibration)
+        except quantize.Int8Error as exc:
+            raise ExportError(f"--int8 timing: {exc}") from exc
+        logger.warning("int8 %s: %s", entry["status"], entry["reason"])
+        return entry, model
     try:
         entry, model = quantize.build_int8(ckpt, state, image_size=image_size, fp32_calibration=calibration,
                                            calibration_images=calibration_images, gate=gate)
@@ -157,7 +165,8 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
                 f"{calib_path} was fitted for the {fitted_for[1]} weights at {'x'.join(map(str, fitted_for[0]))}; "
                 f"this export serves the {weights} weights at {'x'.join(map(str, size))}: run python -m "
                 f"training.evaluate --run {run} --serve-size {size[0]} {size[1]} --ema {'on' if weights == 'ema' else 'off'} first")
-        served = ("temperature", "review_threshold", "class_bias", "prior_weight")  # what the handler applies
+        # what the handler applies
+        served = ("temperature", "review_threshold", "class_bias", "prior_weight", "label_bias", "label_adjustment")
         calibration = {k: fitted[k] for k in served if k in fitted}
         calibration["calibration"] = {k: v for k, v in fitted.items() if k not in served}
     else:
@@ -229,7 +238,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="serve the run's EMA weights (auto: when it kept them)")
     parser.add_argument("--int8", type=str, default="auto", choices=list(INT8_CHOICES),
                         help="also build the int8 model (auto: where the arch and the run's prepared data allow; "
-                             "on: fail otherwise; off: no int8)")
+                             "on: fail otherwise; off: no int8; timing: for benchmarks of an untrained model, "
+                             "calibrated on random inputs and not gated, served with a warning)")
     parser.add_argument("--int8-calibration-images", type=int, default=300,
                         help="training photos the int8 observers are calibrated on")
     parser.add_argument("--int8-min-agreement", type=float, default=quantize.Gate.min_agreement,
