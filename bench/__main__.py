@@ -179,7 +179,8 @@ def peers_markdown(serving: dict | None, ingestion: dict | None) -> list[str]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark (about 3 minutes on a quiet machine)")
-    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
+    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: training.train's default network, random init, with an int8 model "
+                             "built for timing, made now)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and summary (default: runs/bench/<time>)")
     parser.add_argument("--with-100k", action="store_true", help="bench.ingestion: one more scaling run of 100,000 files (several minutes)")
     parser.add_argument("--only", nargs="+", choices=BENCHES, default=BENCHES, help="run only these")

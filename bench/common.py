@@ -125,7 +125,9 @@ def default_out() -> Path:
     return BENCH_ROOT / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-# -- the bench archive: a randomly initialised ResNet-50, exported by the project's exporter -----
+# -- the bench archive: the default network, randomly initialised, exported by the project's exporter
+# with an int8 model built for timing (training.export --int8 timing), so that `precision: auto`
+# serves what production serves: int8 on CPUs with VNNI.
 
 def default_image_size() -> tuple[int, int]:
     """training.train's default --image-size: what a real run serves."""
@@ -134,7 +136,14 @@ def default_image_size() -> tuple[int, int]:
     return tuple(train.get_args_parser().get_default("image_size"))
 
 
-def build_random_run(run: Path, *, arch: str = "resnet50", image_size: tuple[int, int], seed: int = 0) -> Path:
+def default_arch() -> str:
+    """training.train's default --arch: what a real run serves."""
+    from training import train
+
+    return train.get_args_parser().get_default("arch")
+
+
+def build_random_run(run: Path, *, arch: str, image_size: tuple[int, int], seed: int = 0) -> Path:
     """A training-run folder holding a checkpoint in training.checkpoint's format, with random weights."""
     from handler.refund_model import build_model  # the one model definition
     from handler.refund_preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -151,10 +160,10 @@ def build_random_run(run: Path, *, arch: str = "resnet50", image_size: tuple[int
     return run
 
 
-def export_archive(run: Path, model_store: Path, version: str = "bench") -> Path:
+def export_archive(run: Path, model_store: Path, version: str = "bench", *, int8: str = "timing") -> Path:
     """The project's exporter, through its CLI (its stable interface)."""
     cmd = [sys.executable, "-m", "training.export", "--run", str(run), "--version", version,
-           "--model-store", str(model_store), "--force"]
+           "--model-store", str(model_store), "--force", "--int8", int8]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=private_tmp_env(model_store))
     if result.returncode != 0:
         raise SystemExit(f"bench: export failed ({result.returncode}):\n{result.stderr or result.stdout}")
@@ -172,12 +181,14 @@ def private_tmp_env(near: Path) -> dict:
     return {**os.environ, "TMPDIR": str(tmp)}
 
 
-def make_bench_archive(work: Path, *, image_size: tuple[int, int] | None = None, arch: str = "resnet50") -> Path:
-    image_size = tuple(image_size or default_image_size())
+def make_bench_archive(work: Path, *, image_size: tuple[int, int] | None = None, arch: str | None = None,
+                       int8: str = "timing") -> Path:
+    image_size, arch = tuple(image_size or default_image_size()), arch or default_arch()
     t0 = time.monotonic()
     run = build_random_run(work / f"run-{arch}", arch=arch, image_size=image_size)
-    mar = export_archive(run, work / f"model_store-{arch}")
-    print(f"bench archive: {mar} ({arch}, random init, {image_size[0]}x{image_size[1]}) in {time.monotonic() - t0:.0f}s", flush=True)
+    mar = export_archive(run, work / f"model_store-{arch}", int8=int8)
+    print(f"bench archive: {mar} ({arch}, random init, int8 {int8}, {image_size[0]}x{image_size[1]}) in "
+          f"{time.monotonic() - t0:.0f}s", flush=True)
     return mar
 
 

@@ -204,7 +204,7 @@ def test_an_arch_without_a_quantizable_form_exports_without_int8(trained_run):
     assert {"tinynet", "resnet18", "resnet50"} <= set(quantize.quantizable_archs())
     ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
     ckpt["model_config"] = {**ckpt["model_config"], "arch": "vgg11"}
-    with pytest.raises(quantize.Int8Error, match="no quantizable form of arch 'vgg11'; int8 exists for: tinynet, googlenet"):
+    with pytest.raises(quantize.Int8Error, match="no quantizable form of arch 'vgg11'; int8 exists for: tinynet, resnet10_s2, resnet18_deep2"):
         quantize.build_int8(ckpt, ckpt["model"], image_size=(32, 32), fp32_calibration={})
     ckpt["model_config"]["arch"], ckpt["data_dir"] = "tinynet", None
     with pytest.raises(quantize.Int8Error, match="records no prepared data"):
@@ -230,3 +230,30 @@ def test_auto_skips_bf16_that_failed_its_agreement(extracted_archive, tmp_path, 
         assert ("not bf16, bf16 agreed with fp32 on 0.9800" in caplog.text) is (expected == "fp32")
     folder = with_settings(tmp_path / "0.98", tmp_path / "forced", precision="bf16")
     assert make_handler(folder)[0].precision == "bf16"  # bf16 forces it
+
+
+def test_the_bench_archive_serves_the_default_network_s_int8_marked_timing_only(tmp_path, caplog):
+    from bench import common
+    from handler.refund_model import cpu_supports_vnni, int8_backend_available
+    from training import train
+
+    assert common.default_arch() == train.get_args_parser().get_default("arch")
+    mar = common.make_bench_archive(tmp_path / "bench", image_size=(32, 32), arch="tinynet")
+    folder = extract(mar, tmp_path / "mar")
+    meta = json.loads((folder / "model_meta.json").read_text())
+    assert meta["int8"]["status"] == quantize.TIMING_ONLY and "never gated" in meta["int8"]["reason"]
+    assert (folder / meta["int8"]["file"]).is_file() and "gate" not in meta["int8"]
+    assert int8_unavailable(meta, device_type="cpu", backend_available=True, vnni=True) is None
+    with caplog.at_level(logging.WARNING):
+        h, ctx = make_handler(folder)
+    if cpu_supports_vnni() and int8_backend_available():
+        assert h.precision == "int8"
+        assert "timing-only" in caplog.text and "not for answers" in caplog.text
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 80), (200, 40, 40)).save(buf, format="JPEG")
+    answer = h.handle([{"body": buf.getvalue()}], ctx)[0]
+    assert answer["label"] in h.classes and 0.0 <= answer["confidence"] <= 1.0
