@@ -50,9 +50,11 @@ class ResNetShape:
         return BasicBlock if self.block == "basic" else Bottleneck
 
 
-# Our shapes (torchvision's own resnet18/34/50 stay available under their names).
+# Our shapes (torchvision's own resnet18/50 stay available under their names). resnet34 is
+# torchvision's network rebuilt here, the same modules and keys: torchvision has no quantizable form of it.
 RESNET_SHAPES = {
     "resnet26": ResNetShape("bottleneck", (2, 2, 2, 2)),
+    "resnet34": ResNetShape("basic", (3, 4, 6, 3)),
     "resnet18_s2": ResNetShape("basic", (2, 2, 2, 2), stem="s2"),
     "resnet26_s2": ResNetShape("bottleneck", (2, 2, 2, 2), stem="s2"),
     "resnet50_s2": ResNetShape("bottleneck", (3, 4, 6, 3), stem="s2"),
@@ -98,7 +100,8 @@ def shape_resnet(shape: ResNetShape, num_classes: int, *, resnet_class: type[Res
 
 
 def available_archs() -> list[str]:
-    return ["tinynet"] + sorted(RESNET_SHAPES) + sorted(torchvision.models.list_models(module=torchvision.models))
+    theirs = set(torchvision.models.list_models(module=torchvision.models)) - set(RESNET_SHAPES)
+    return ["tinynet"] + sorted(RESNET_SHAPES) + sorted(theirs)
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

@@ -57,6 +57,16 @@ def test_a_shape_without_a_new_stem_or_width_keeps_torchvision_s_state_dict_keys
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
+def test_resnet34_is_torchvision_s_network_with_an_int8_form():
+    import torchvision
+
+    ours, theirs = build_model("resnet34", 31), torchvision.models.resnet34(num_classes=31)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert "resnet34" in quantize.quantizable_archs() and available_archs().count("resnet34") == 1
+    q = quantize.quantizable_model("resnet34", 31, theirs.state_dict())
+    assert not [n for n, m in q.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
 def test_the_wide_shape_is_wider_everywhere():
     model = build_model("wide_resnet18_s2", 31)
     assert model.conv1.out_channels == 96 and model.layer4[-1].conv2.out_channels == 768

@@ -92,8 +92,8 @@ def quantizable_shape(shape: ResNetShape, num_classes: int) -> nn.Module:
 def quantizable_archs() -> list[str]:
     """The archs with an int8 form: TinyNet, our ResNet shapes and torchvision's quantizable ones
     (registered as quantized_<arch>)."""
-    names = torchvision.models.list_models(module=torchvision.models.quantization)
-    return ["tinynet"] + sorted(RESNET_SHAPES) + sorted(n.removeprefix("quantized_") for n in names)
+    names = {n.removeprefix("quantized_") for n in torchvision.models.list_models(module=torchvision.models.quantization)}
+    return ["tinynet"] + sorted(RESNET_SHAPES) + sorted(names - set(RESNET_SHAPES))
 
 
 def quantizable_model(arch: str, num_classes: int, state: dict) -> nn.Module:
