@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench import common
-from handler.refund_inference import served_precision
+from handler.refund_inference import INT8_SERVABLE, served_precision
 from handler.refund_model import cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
 from training import quantize
 from training.checkpoint import load_archive_model
@@ -46,7 +46,7 @@ def int8_model(model: torch.nn.Module, info, image_size, tmp: Path) -> tuple[tor
     """The archive's int8 program, else this model quantized here the export's way on random inputs."""
     entry = info.meta.get("int8") or {}
     example = torch.zeros(1, 3, *image_size)
-    if entry.get("status") in ("passed", quantize.TIMING_ONLY):
+    if entry.get("status") in INT8_SERVABLE:
         path = tmp / quantize.FILE
         path.write_bytes(info.read(entry["file"]))
         what = "the archive's int8 model" if entry["status"] == "passed" else "the archive's int8 model, built for timing (not gated)"

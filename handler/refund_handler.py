@@ -124,15 +124,14 @@ class RefundClassifierHandler(BaseHandler):
         self.class_bias = None if bias is None else bias.to(self.device)  # once, not per batch
         self.label_bias = labels_bias  # applied to the probabilities on the CPU
         self.initialized = True
+        served = self.meta["int8"] if self.precision == "int8" else self.meta  # whose calibration is applied
         logger.info(
             "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d keep_freed_memory=%s "
             "temperature=%.4g review_threshold=%.4g class_bias=%s label_bias=%s",
             self.model_name, self.model_version, self.meta["arch"], len(self.classes), self.image_size, self.device,
             self.precision, torch.get_num_threads(), self.memory_kept, self.temperature, self.review_threshold,
-            "none" if self.class_bias is None else
-            f"prior weight {(self.meta['int8'] if self.precision == 'int8' else self.meta).get('prior_weight', '?')}",
-            "none" if self.label_bias is None else
-            f"tau {(self.meta['int8'] if self.precision == 'int8' else self.meta).get('label_adjustment', '?')}",
+            "none" if self.class_bias is None else f"prior weight {served.get('prior_weight', '?')}",
+            "none" if self.label_bias is None else f"tau {served.get('label_adjustment', '?')}",
         )
 
     def autocast(self):

@@ -178,6 +178,14 @@ def resolve_precision(setting: str, *, device_type: str, bf16_native: bool, int8
     return setting
 
 
+# model_meta.json's keys (top level, and under `int8` for the int8 model) that the served answer
+# applies: training.evaluate fits them, training.export and training.quantize copy them.
+SERVED_CALIBRATION = ("temperature", "review_threshold", "class_bias", "prior_weight", "label_bias", "label_adjustment")
+# int8 statuses the handler serves: a passed gate, or the benchmarks' untrained model (training.export --int8 timing).
+INT8_TIMING_ONLY = "timing-only"
+INT8_SERVABLE = ("passed", INT8_TIMING_ONLY)
+
+
 def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool, vnni: bool = True) -> str | None:
     """Why this archive cannot serve int8 here (None: it can). model_meta.json's `int8` entry is
     training.export's: status passed (with the file), failed (its gate, and the figures), unavailable
@@ -185,7 +193,7 @@ def int8_unavailable(meta: dict, *, device_type: str, backend_available: bool, v
     info = meta.get("int8")
     if not info:
         return "the archive carries no int8 model (exported before int8 existed)"
-    if info.get("status") not in ("passed", "timing-only"):
+    if info.get("status") not in INT8_SERVABLE:
         return f"int8 {info.get('status', 'missing')} at export: {info.get('reason', 'no reason recorded')}"
     if device_type != "cpu":
         return f"int8 runs on the CPU only (the x86 quantized kernels); this worker has a {device_type} device"

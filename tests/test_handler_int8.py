@@ -13,7 +13,7 @@ import requests
 import torch
 import yaml
 
-from handler.refund_inference import bf16_unavailable, calibrated_probs, class_bias, int8_unavailable, resolve_precision
+from handler.refund_inference import INT8_TIMING_ONLY, bf16_unavailable, calibrated_probs, class_bias, int8_unavailable, resolve_precision
 from handler.refund_model import load_int8
 from handler.refund_preprocess import normalize
 from serving.archive import MODEL_NAME, archive_name
@@ -241,7 +241,7 @@ def test_the_bench_archive_serves_the_default_network_s_int8_marked_timing_only(
     mar = common.make_bench_archive(tmp_path / "bench", image_size=(32, 32), arch="tinynet")
     folder = extract(mar, tmp_path / "mar")
     meta = json.loads((folder / "model_meta.json").read_text())
-    assert meta["int8"]["status"] == quantize.TIMING_ONLY and "never gated" in meta["int8"]["reason"]
+    assert meta["int8"]["status"] == INT8_TIMING_ONLY and "never gated" in meta["int8"]["reason"]
     assert (folder / meta["int8"]["file"]).is_file() and "gate" not in meta["int8"]
     assert int8_unavailable(meta, device_type="cpu", backend_available=True, vnni=True) is None
     with caplog.at_level(logging.WARNING):

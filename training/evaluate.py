@@ -391,15 +391,12 @@ def choose_label_adjustment(probs: torch.Tensor, y: torch.Tensor, log_prior: tor
     on each half of val and scored on the other (cross-fitted), it is adopted only if it raised
     macro-F1 and lost no coverage there on average; the served tau is then the one chosen on all
     of val. Otherwise tau = 0: the most probable class, as without adjustment."""
-    def routed(tau):
-        if out_probs is None or not len(out_probs):
-            return None
-        fig = served_figures(probs, y, tau, log_prior)
-        return routing(out_probs, fig["threshold"], classes, -tau * log_prior if tau else None)["handled_share"]
-
-    base_routing = routed(0.0)
-    eligible = [t for t in LABEL_ADJUSTMENTS
-                if base_routing is None or routed(t) >= min(MIN_ROUTING, base_routing)]
+    rows = [served_figures(probs, y, t, log_prior) for t in LABEL_ADJUSTMENTS]  # all of val; rows[0]: tau = 0
+    for r in rows:  # the out-of-category photos at each tau's own threshold
+        r["outside_handled"] = None if out_probs is None or not len(out_probs) else \
+            routing(out_probs, r["threshold"], classes, -r["tau"] * log_prior if r["tau"] else None)["handled_share"]
+    base_routing = rows[0]["outside_handled"]
+    eligible = [r["tau"] for r in rows if base_routing is None or r["outside_handled"] >= min(MIN_ROUTING, base_routing)]
 
     def pick(idx):
         base = served_figures(probs[idx], y[idx], 0.0, log_prior)
@@ -415,7 +412,6 @@ def choose_label_adjustment(probs: torch.Tensor, y: torch.Tensor, log_prior: tor
                       "top1_gain": got["top1"] - base["top1"], "coverage_gain": got["coverage"] - base["coverage"]})
     mean = {k: sum(f[k] for f in folds) / len(folds) for k in ("macro_f1_gain", "top1_gain", "coverage_gain")}
     adopted = mean["macro_f1_gain"] > 0 and mean["coverage_gain"] >= 0
-    rows = [served_figures(probs, y, t, log_prior) | {"outside_handled": routed(t)} for t in LABEL_ADJUSTMENTS]
     return {"tau": pick(torch.arange(len(y))) if adopted else 0.0, "adopted": adopted, "eligible": eligible,
             "cross_fit": {"folds": folds, **mean}, "val": rows}
 

@@ -38,7 +38,7 @@ import torch
 
 from serving.archive import MODEL_NAME, archive_name
 from training import prepare as prepare_mod
-from handler.refund_inference import OTHER_LABEL
+from handler.refund_inference import OTHER_LABEL, SERVED_CALIBRATION
 from training.checkpoint import CALIBRATION, CHECKPOINT, EMA_CHOICES, CheckpointError, load_checkpoint, served_size, weights_key
 from training import quantize
 
@@ -165,10 +165,8 @@ def export(run: Path, version: str, *, model_store: Path, model_name: str = MODE
                 f"{calib_path} was fitted for the {fitted_for[1]} weights at {'x'.join(map(str, fitted_for[0]))}; "
                 f"this export serves the {weights} weights at {'x'.join(map(str, size))}: run python -m "
                 f"training.evaluate --run {run} --serve-size {size[0]} {size[1]} --ema {'on' if weights == 'ema' else 'off'} first")
-        # what the handler applies
-        served = ("temperature", "review_threshold", "class_bias", "prior_weight", "label_bias", "label_adjustment")
-        calibration = {k: fitted[k] for k in served if k in fitted}
-        calibration["calibration"] = {k: v for k, v in fitted.items() if k not in served}
+        calibration = {k: fitted[k] for k in SERVED_CALIBRATION if k in fitted}  # what the handler applies
+        calibration["calibration"] = {k: v for k, v in fitted.items() if k not in SERVED_CALIBRATION}
     else:
         logger.warning("%s has no %s: exporting the default temperature and review threshold; run "
                        "python -m training.evaluate --run %s first to fit them", run, CALIBRATION, run)

@@ -38,7 +38,8 @@ from torchvision.models.quantization.resnet import QuantizableBasicBlock, Quanti
 from handler.refund_model import INT8_BACKEND as BACKEND
 from handler.refund_model import RESNET_SHAPES, ResNetShape, TinyNet, int8_backend_available, shape_resnet
 from handler.refund_model import int8_deprecations_silenced as quietly
-from handler.refund_inference import calibrated_probs, calibration, class_bias, label_bias, served_answers
+from handler.refund_inference import (INT8_TIMING_ONLY, SERVED_CALIBRATION, calibrated_probs, calibration, class_bias,
+                                      label_bias, served_answers)
 from handler.refund_preprocess import normalize
 from training import prepare as prepare_mod
 from training.checkpoint import model_from
@@ -141,9 +142,6 @@ def quantize_int8(arch: str, num_classes: int, state: dict, batches) -> torch.ji
         return torch.jit.script(model)
 
 
-TIMING_ONLY = "timing-only"
-
-
 def build_int8_for_timing(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, batches: int = 4,
                           batch_size: int = 16, seed: int = 0) -> tuple[dict, torch.jit.ScriptModule]:
     """-> (the "int8" entry, the int8 program) of a model that has no data to calibrate or gate on
@@ -154,11 +152,10 @@ def build_int8_for_timing(ckpt: dict, state: dict, *, image_size, fp32_calibrati
         raise Int8Error(f"no quantizable form of arch {arch!r}; int8 exists for: {', '.join(quantizable_archs())}")
     g = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(batch_size, 3, *image_size, generator=g) for _ in range(batches)]  # (B, 3, H, W), normalized
-    entry = {"status": TIMING_ONLY, "file": FILE, "method": METHOD, "backend": BACKEND, "requires": REQUIRES,
+    entry = {"status": INT8_TIMING_ONLY, "file": FILE, "method": METHOD, "backend": BACKEND, "requires": REQUIRES,
              "reason": "built for timing: calibrated on random inputs, never gated on data",
              "calibration_images": batches * batch_size, "calibration_source": "random normal inputs",
-             **{k: fp32_calibration[k] for k in ("temperature", "review_threshold", "class_bias", "prior_weight")
-                if k in fp32_calibration}}
+             **{k: fp32_calibration[k] for k in SERVED_CALIBRATION if k in fp32_calibration}}
     return entry, quantize_int8(arch, num_classes, state, inputs)
 
 
@@ -277,8 +274,7 @@ def build_int8(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, c
     with quietly():
         logits8, out8 = logits_of(int8)
     fit = fit_served(logits8, y, out8, ckpt["classes"], train_log_prior(ckpt, prepared))
-    served = {k: fit[k] for k in ("temperature", "prior_weight", "class_bias", "review_threshold", "label_bias",
-                                  "label_adjustment") if k in fit}
+    served = {k: fit[k] for k in SERVED_CALIBRATION if k in fit}
     figures = gate_figures(logits32, out32, logits8, out8, y, fp32_calibration=fp32_calibration, int8_calibration=served)
     failed = gate_failures(figures, gate)
     entry = {
