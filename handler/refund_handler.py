@@ -7,8 +7,8 @@ A request carries one photo or several (refund_requests.py): TorchServe batches 
 preprocess lays the batch out as photos and postprocess folds their answers back, one per request.
 
 Handler settings come from the `handler:` section of the archive's model-config.yaml
-(precision, threads, topk, max_pixels, max_bytes, max_photos); calibration (temperature, per-class
-logit bias, review_threshold) comes from model_meta.json, written by training.export: its top
+(precision, threads, topk, max_pixels, max_bytes, max_photos, decode_timeout); calibration (temperature, per-class
+logit bias, label bias, confidence fit, review_threshold) comes from model_meta.json, written by training.export: its top
 level for fp32/bf16, its `int8` entry for the int8 model the archive may carry (weights_int8.pt,
 quantized and gated at export; loaded here as it is).
 """
@@ -23,16 +23,17 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a model archive every file sits flat in the model dir
-    from refund_inference import (calibrated_probs, calibration, class_bias, error_response, format_prediction,
-                                  keep_freed_memory, label_bias, load_meta, reject_counts, served_labels,
-                                  served_precision, threads_per_worker)
+    from refund_inference import (DEFAULT_DECODE_TIMEOUT_S, calibrated_probs, calibration, class_bias, confidence_fit,
+                                  error_response, format_prediction, keep_freed_memory, label_bias, load_meta,
+                                  reject_counts, served_answers, served_precision, threads_per_worker)
     from refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
 except ImportError:  # in the repository, as the `handler` package
-    from handler.refund_inference import (calibrated_probs, calibration, class_bias, error_response,
-                                          format_prediction, keep_freed_memory, label_bias, load_meta, reject_counts,
-                                          served_labels, served_precision, threads_per_worker)
+    from handler.refund_inference import (DEFAULT_DECODE_TIMEOUT_S, calibrated_probs, calibration, class_bias,
+                                          confidence_fit, error_response, format_prediction, keep_freed_memory,
+                                          label_bias, load_meta, reject_counts, served_answers, served_precision,
+                                          threads_per_worker)
     from handler.refund_model import build_model, cpu_supports_bf16, cpu_supports_vnni, int8_backend_available, load_int8
     from handler.refund_preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, normalize
     from handler.refund_requests import DEFAULT_MAX_PHOTOS, Expanded, fold_answers, prepare_requests, request_errors
@@ -80,10 +81,12 @@ class RefundClassifierHandler(BaseHandler):
         self.mean, self.std = tuple(self.meta["mean"]), tuple(self.meta["std"])
         self.temperature, self.review_threshold = calibration(self.meta)
         bias, labels_bias = class_bias(self.meta, len(self.classes)), label_bias(self.meta, len(self.classes))
+        margin_fit = confidence_fit(self.meta)
         self.topk = int(settings.get("topk", 5))
         self.max_pixels = int(settings.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.max_bytes = int(settings.get("max_bytes", DEFAULT_MAX_BYTES))
         self.max_photos = int(settings.get("max_photos", DEFAULT_MAX_PHOTOS))
+        self.decode_timeout_s = float(settings.get("decode_timeout", DEFAULT_DECODE_TIMEOUT_S))
 
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
@@ -110,6 +113,7 @@ class RefundClassifierHandler(BaseHandler):
                 logger.warning("precision int8: %s (%s): for benchmarks, not for answers", int8["status"], int8.get("reason"))
             self.temperature, self.review_threshold = calibration(int8)
             bias, labels_bias = class_bias(int8, len(self.classes)), label_bias(int8, len(self.classes))
+            margin_fit = confidence_fit(int8)
             self.model = load_int8(os.path.join(model_dir, int8["file"]), torch.zeros(1, 3, *self.image_size))
         else:
             if int8_reason and setting in ("auto", "int8"):
@@ -123,15 +127,17 @@ class RefundClassifierHandler(BaseHandler):
             self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.class_bias = None if bias is None else bias.to(self.device)  # once, not per batch
         self.label_bias = labels_bias  # applied to the probabilities on the CPU
+        self.confidence_fit = margin_fit
         self.initialized = True
         served = self.meta["int8"] if self.precision == "int8" else self.meta  # whose calibration is applied
         logger.info(
             "loaded %s v%s: arch=%s classes=%d image_size=%s device=%s precision=%s threads=%d keep_freed_memory=%s "
-            "temperature=%.4g review_threshold=%.4g class_bias=%s label_bias=%s",
+            "temperature=%.4g review_threshold=%.4g class_bias=%s label_bias=%s confidence=%s",
             self.model_name, self.model_version, self.meta["arch"], len(self.classes), self.image_size, self.device,
             self.precision, torch.get_num_threads(), self.memory_kept, self.temperature, self.review_threshold,
             "none" if self.class_bias is None else f"prior weight {served.get('prior_weight', '?')}",
             "none" if self.label_bias is None else f"tau {served.get('label_adjustment', '?')}",
+            "probability" if margin_fit is None else f"margin (slope {margin_fit.slope:.4g}, intercept {margin_fit.intercept:.4g})",
         )
 
     def autocast(self):
@@ -143,7 +149,7 @@ class RefundClassifierHandler(BaseHandler):
     def preprocess(self, data):
         started = time.perf_counter()
         expanded = prepare_requests(data, self.image_size, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
-                                    max_photos=self.max_photos)
+                                    max_photos=self.max_photos, decode_timeout_s=self.decode_timeout_s)
         prepared = expanded.images
         metrics = self.context.metrics
         emit(metrics, METRIC_IMAGES, prepared.size, "count", "counter")
@@ -184,11 +190,12 @@ class RefundClassifierHandler(BaseHandler):
         expanded, probs = data
         prepared = expanded.images
         answers: list[dict] = [None] * prepared.size  # type: ignore[list-item]  # one per photo
-        labels = served_labels(probs, self.label_bias).tolist() if probs is not None else []
+        confidences, labels = ([], []) if probs is None else \
+            (t.tolist() for t in served_answers(probs, self.label_bias, self.confidence_fit))
         for row, i in enumerate(prepared.good):
             answers[i] = format_prediction(
                 probs[row], self.classes, topk=self.topk, review_threshold=self.review_threshold,
-                model=self.model_name, version=self.model_version, label=labels[row],
+                model=self.model_name, version=self.model_version, label=labels[row], confidence=confidences[row],
             )
         for i, exc in prepared.errors.items():
             answers[i] = error_response(exc, model=self.model_name, version=self.model_version)

@@ -10,7 +10,10 @@ import binascii
 import json
 import os
 import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -90,12 +93,48 @@ class Prepared:
     assemble_s: float = 0.0
 
 
-def prepare_batch(requests: list[dict], image_size: tuple[int, int], *, max_pixels: int, max_bytes: int) -> Prepared:
+# Seconds one photo's decode (and resize) may take before it is answered `decode_timeout`.
+DEFAULT_DECODE_TIMEOUT_S = 10.0
+
+
+class _Expired(BaseException):  # not Exception: the decoder's "except Exception" must not take it for a corrupt image
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float | None):
+    """Raise _Expired in the block after `seconds` of wall time, by SIGALRM: in the process's main
+    thread only (where TorchServe's worker calls the handler); elsewhere, or with None, no limit.
+    PIL decodes in a Python loop over the file's chunks, so the alarm stops a slow decode between two."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Expired()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def prepare_batch(requests: list[dict], image_size: tuple[int, int], *, max_pixels: int, max_bytes: int,
+                  decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> Prepared:
+    """Each request's photo decoded and resized; a photo that fails (ImageError) or takes longer
+    than decode_timeout_s (code decode_timeout) is set aside with its error, the rest go on."""
     tensors, good, errors = [], [], {}
     started = time.perf_counter()
     for i, request in enumerate(requests):
         try:
-            tensors.append(load_for_model(extract_payload(request), image_size, max_pixels=max_pixels, max_bytes=max_bytes))
+            try:
+                with time_limit(decode_timeout_s):
+                    tensor = load_for_model(extract_payload(request), image_size, max_pixels=max_pixels, max_bytes=max_bytes)
+            except _Expired:
+                raise ImageError("decode_timeout", f"decoding this photo took longer than {decode_timeout_s:g}s") from None
+            tensors.append(tensor)
             good.append(i)
         except ImageError as exc:
             errors[i] = exc
@@ -109,11 +148,13 @@ def prepare_batch(requests: list[dict], image_size: tuple[int, int], *, max_pixe
 
 def format_prediction(
     probs: torch.Tensor, classes: list[str], *, topk: int, review_threshold: float, model: str, version: str,
-    label: int | None = None,
+    label: int | None = None, confidence: float | None = None,
 ) -> dict:
     """probs: (num_classes,) calibrated probabilities for one image; label: the answer's class
     index where it is chosen with a label bias (served_labels), else the most probable class.
     `topk` lists the most probable classes, so with a label bias the label may be its second.
+    confidence: the answer's served confidence (served_answers) where it is not the label's
+    probability (a margin fit); needs_review compares it with the threshold.
 
     A model with the `other` output (OTHER_LABEL among its classes) answers it like any class,
     plus `in_category`: false for "not a refund category", true otherwise. needs_review is the
@@ -124,6 +165,8 @@ def format_prediction(
     p, idx = probs.topk(k)
     top = [{"label": classes[j], "p": round(float(q), 6)} for q, j in zip(p.tolist(), idx.tolist())]
     chosen = top[0] if label is None else {"label": classes[label], "p": round(float(probs[label]), 6)}
+    if confidence is not None:
+        chosen = {"label": chosen["label"], "p": round(float(confidence), 6)}
     answer = {
         "label": chosen["label"],
         "confidence": chosen["p"],
@@ -180,7 +223,8 @@ def resolve_precision(setting: str, *, device_type: str, bf16_native: bool, int8
 
 # model_meta.json's keys (top level, and under `int8` for the int8 model) that the served answer
 # applies: training.evaluate fits them, training.export and training.quantize copy them.
-SERVED_CALIBRATION = ("temperature", "review_threshold", "class_bias", "prior_weight", "label_bias", "label_adjustment")
+SERVED_CALIBRATION = ("temperature", "review_threshold", "class_bias", "prior_weight", "label_bias", "label_adjustment",
+                      "confidence_fit")
 # int8 statuses the handler serves: a passed gate, or the benchmarks' untrained model (training.export --int8 timing).
 INT8_TIMING_ONLY = "timing-only"
 INT8_SERVABLE = ("passed", INT8_TIMING_ONLY)
@@ -305,10 +349,55 @@ def served_labels(probs: torch.Tensor, bias: torch.Tensor | None = None) -> torc
     return (probs.clamp(min=1e-30).log() + bias.to(probs.device)).argmax(1)
 
 
-def served_answers(probs: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, label index) of each row, as served: see served_labels."""
+@dataclass(frozen=True)
+class MarginFit:
+    """The answer's confidence read from its margin: sigmoid(slope * margin + intercept), the
+    probability that the answer is right, fitted on validation (training.evaluate) and stored in
+    model_meta.json as {"score": "margin", "slope": .., "intercept": ..} under `confidence_fit`."""
+    slope: float
+    intercept: float
+
+
+def label_margin(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) log p(label) - log p(the most probable other class): how far the answer is ahead of
+    its runner-up, in calibrated logits."""
+    logp = probs.clamp(min=1e-30).log()
+    runner_up = logp.scatter(1, labels[:, None], float("-inf")).max(1).values
+    return logp.gather(1, labels[:, None])[:, 0] - runner_up
+
+
+def confidence_fit(meta: dict) -> MarginFit | None:
+    """model_meta.json's `confidence_fit` (None when absent: the confidence is the label's
+    calibrated probability)."""
+    fit = meta.get("confidence_fit")
+    if fit is None:
+        return None
+    try:
+        slope, intercept = float(fit["slope"]), float(fit["intercept"])
+        ok = fit.get("score") == "margin" and slope > 0 and abs(intercept) < 1e6
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"Invalid confidence_fit in {META_FILE}: expected "
+                         '{"score": "margin", "slope": a number > 0, "intercept": a finite number}')
+    return MarginFit(slope, intercept)
+
+
+def served_answers(probs: torch.Tensor, bias: torch.Tensor | None = None,
+                   fit: MarginFit | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, label index) of each row, as served: the label as served_labels chooses it;
+    the confidence is that label's calibrated probability, or, with a margin fit, the probability
+    that the answer is right given its margin over the runner-up (MarginFit).
+
+    Why a margin: a network trained to the end with label smoothing caps its probabilities, so
+    its right and wrong answers reach the same top probability and no threshold on it is 98 %
+    precise; how far the runner-up trails still tells them apart. training.evaluate keeps the
+    probability unless the margin answers more photos on validation photos it was not fitted on."""
     labels = served_labels(probs, bias)
-    return probs.gather(1, labels[:, None])[:, 0], labels
+    if fit is None:
+        return probs.gather(1, labels[:, None])[:, 0], labels
+    z = fit.slope * label_margin(probs, labels).double() + fit.intercept
+    return torch.sigmoid(z).to(probs.dtype), labels
 
 
 def calibrated_probs(logits: torch.Tensor, temperature: float, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass
 
 try:  # inside a model archive every file sits flat in the model dir
-    from refund_inference import Prepared, error_response, error_status, prepare_batch
+    from refund_inference import DEFAULT_DECODE_TIMEOUT_S, Prepared, error_response, error_status, prepare_batch
     from refund_preprocess import ImageError
 except ImportError:  # in the repository, as the `handler` package
-    from handler.refund_inference import Prepared, error_response, error_status, prepare_batch
+    from handler.refund_inference import DEFAULT_DECODE_TIMEOUT_S, Prepared, error_response, error_status, prepare_batch
     from handler.refund_preprocess import ImageError
 
 # Photos one request may carry: each becomes a row of the worker's batch, so this times the
@@ -73,7 +73,7 @@ class Expanded:
 
 
 def prepare_requests(requests: list[dict], image_size: tuple[int, int], *, max_pixels: int, max_bytes: int,
-                     max_photos: int = DEFAULT_MAX_PHOTOS) -> Expanded:
+                     max_photos: int = DEFAULT_MAX_PHOTOS, decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> Expanded:
     rows: list[dict] = []
     shape: list[int | list[int] | ImageError] = []
     for request in requests:
@@ -88,7 +88,8 @@ def prepare_requests(requests: list[dict], image_size: tuple[int, int], *, max_p
         else:
             shape.append(list(range(len(rows), len(rows) + len(photos))))
             rows.extend(photos)
-    return Expanded(prepare_batch(rows, image_size, max_pixels=max_pixels, max_bytes=max_bytes), shape)
+    return Expanded(prepare_batch(rows, image_size, max_pixels=max_pixels, max_bytes=max_bytes,
+                                  decode_timeout_s=decode_timeout_s), shape)
 
 
 def fold_answers(expanded: Expanded, answers: list[dict], *, model: str, version: str) -> list[tuple[dict | list, int]]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -22,7 +24,8 @@ from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from handler.refund_handler import (METRIC_BATCH_SIZE, METRIC_IMAGES, METRIC_INFERENCE, METRIC_PREPROCESS,
                                     METRIC_REJECTS, METRIC_STAGE, STAGES, RefundClassifierHandler)
-from handler.refund_inference import (calibrated_probs, calibration, class_bias, extract_payload, label_bias, prepare_batch,
+from handler.refund_inference import (MarginFit, calibrated_probs, calibration, class_bias, confidence_fit, extract_payload,
+                                      label_bias, label_margin, prepare_batch,
                                       resolve_precision, served_answers, served_labels, threads_per_worker)
 from handler.refund_preprocess import ImageError, decode_image, load_for_model, normalize
 from support import make_handler
@@ -435,6 +438,56 @@ def test_a_label_bias_chooses_the_label_and_the_confidence_stays_its_calibrated_
     assert got["needs_review"] is (got["confidence"] < h2.review_threshold)
     assert [t["label"] for t in got["topk"]] == [t["label"] for t in plain["topk"]]  # still the most probable first
     assert h2.label_bias is not None and h1.label_bias is None
+
+
+def test_a_margin_fit_serves_the_confidence_and_needs_review_follows_it(handler, extracted_archive, tmp_path, unseen_images):
+    h1, ctx1 = handler
+    bodies = [item.path.read_bytes() for item in list_items(unseen_images)[0][:4]]
+    plain = h1.handle([{"body": b} for b in bodies], ctx1)
+    fit = {"score": "margin", "slope": 2.0, "intercept": -1.0}
+    margins = [math.log(a["topk"][0]["p"] / a["topk"][1]["p"]) for a in plain]
+    threshold = 1 / (1 + math.exp(-(2.0 * sorted(margins)[1] - 1.0))) + 1e-6  # two of the four go to review
+    h2, ctx2 = make_handler(variant(extracted_archive, tmp_path, meta={"confidence_fit": fit, "review_threshold": threshold}))
+    got = h2.handle([{"body": b} for b in bodies], ctx2)
+    for a, m, b in zip(got, margins, plain):
+        assert a["label"] == b["label"] and a["topk"] == pytest.approx(b["topk"], abs=2e-2)  # bf16 where the CPU has it
+        assert a["confidence"] == pytest.approx(1 / (1 + math.exp(-(2.0 * m - 1.0))), abs=2e-2)
+        assert a["needs_review"] is (a["confidence"] < threshold)
+    assert sum(a["needs_review"] for a in got) == 2
+    assert h1.confidence_fit is None and h2.confidence_fit == MarginFit(2.0, -1.0)
+
+
+def test_served_answers_reads_the_confidence_from_the_margin_with_a_margin_fit():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+    assert label_margin(probs, torch.tensor([0, 0, 1])).tolist() == pytest.approx(
+        [math.log(2), math.log(18), math.log(0.3 / 0.5)], abs=1e-5)
+    conf, labels = served_answers(probs, torch.tensor([0.0, 1.0, 0.0]), MarginFit(1.5, 0.5))
+    assert labels.tolist() == [1, 0, 1]  # the label bias still chooses the label; the margin is that label's
+    expected = [1.5 * math.log(0.3 / 0.6) + 0.5, 1.5 * math.log(0.9 / 0.05) + 0.5, 1.5 * math.log(0.3 / 0.5) + 0.5]
+    assert conf.tolist() == pytest.approx([1 / (1 + math.exp(-z)) for z in expected], abs=1e-6)
+    assert confidence_fit({}) is None
+    for bad in ({"score": "margin", "slope": 0.0, "intercept": 0.0}, {"score": "entropy", "slope": 1, "intercept": 0},
+                {"score": "margin", "slope": "x", "intercept": 0}, {"score": "margin"}, [1, 2]):
+        with pytest.raises(ValueError, match="confidence_fit"):
+            confidence_fit({"confidence_fit": bad})
+
+
+def test_a_photo_whose_decode_outlasts_its_time_limit_is_answered_on_its_own():
+    width, height = 3000, 3000  # 9 MP: under max_pixels, but tens of milliseconds to decode
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((width, height)).convert("RGB").save(buf, "PNG")
+    slow = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), "red").save(buf, "PNG")
+    quick = buf.getvalue()
+    started = time.perf_counter()
+    prepared = prepare_batch([{"body": slow}, {"body": quick}], (80, 60), max_pixels=50_000_000, max_bytes=100_000_000,
+                             decode_timeout_s=0.005)
+    assert prepared.good == [1] and prepared.errors[0].code == "decode_timeout"
+    assert "longer than 0.005s" in prepared.errors[0].message and time.perf_counter() - started < 5
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert prepare_batch([{"body": slow}], (80, 60), max_pixels=50_000_000, max_bytes=100_000_000,
+                         decode_timeout_s=None).good == [0]  # no limit: decoded
 
 
 def test_served_labels_is_the_argmax_of_log_probabilities_plus_the_label_bias():
