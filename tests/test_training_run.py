@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.refund_inference import prepare_batch
+from handler.refund_inference import calibrated_probs, confidence_fit, prepare_batch, served_answers
 from handler.refund_model import build_model
 from handler.refund_preprocess import normalize
 from support import TINY, run_train
@@ -234,6 +234,73 @@ def test_label_adjustment_that_would_route_fewer_out_of_category_photos_is_not_e
     assert rows[0.0]["outside_handled"] == 1.0 and rows[1.0]["outside_handled"] == 0.0
     assert fit["label_adjustment_fit"]["eligible"] == [0.0]
     assert fit["label_adjustment"] == 0.0 and fit["val_outside"]["handled_share"] == 1.0
+
+
+def capped_val(*, wrong_runner_up_close: bool, seed: int = 0, n: int = 4000):
+    """Calibrated-looking logits of 10 classes, 90 % of answers right.
+
+    wrong_runner_up_close: the top probability is drawn alike for right and wrong answers (as a
+    network trained to the end with label smoothing caps it), but a wrong answer's runner-up is the
+    true class, close behind; a right answer's rest is spread evenly. Otherwise the top probability
+    tells them apart (right 0.80-0.95, wrong 0.50-0.80) and it is a right answer whose runner-up is
+    close: the margin mixes them."""
+    g = torch.Generator().manual_seed(seed)
+    k = 10
+    y = torch.randint(0, k, (n,), generator=g)
+    right = torch.rand(n, generator=g) < 0.9
+    label = torch.where(right, y, (y + torch.randint(1, k, (n,), generator=g)) % k)
+    u = torch.rand(n, generator=g)
+    top = 0.90 + 0.07 * u if wrong_runner_up_close else torch.where(right, 0.80 + 0.15 * u, 0.50 + 0.30 * u)
+    close = ~right if wrong_runner_up_close else right
+    runner_up = torch.where(right, (label + 1) % k, y)
+    probs = ((1 - top) / (k - 1))[:, None].repeat(1, k)
+    probs[close] = ((1 - top[close]) * 0.1 / (k - 2))[:, None].repeat(1, k)
+    probs[close, runner_up[close]] = (1 - top[close]) * 0.9
+    probs[torch.arange(n), label] = top
+    return probs.log(), y
+
+
+def test_the_margin_serves_the_confidence_where_the_top_probability_cannot_tell_right_from_wrong():
+    logits, y = capped_val(wrong_runner_up_close=True)
+    classes = [f"c{i}" for i in range(10)]
+    fit = evaluate_mod.fit_served(logits, y, torch.empty(0, 10), classes, torch.full((10,), 0.1).log())
+    choice = fit["confidence_choice"]
+    assert choice["score"] == "margin"
+    assert choice["probability"]["cross_fit_coverage"] < 0.1 and choice["margin"]["cross_fit_coverage"] > 0.8
+    assert fit["confidence_fit"]["score"] == "margin" and fit["confidence_fit"]["slope"] > 0
+    assert fit["val_coverage"] > 0.8 and fit["val_precision_accepted"] >= 0.98
+    # the served confidence is P(right | margin): near 1 where the answers are right, well below where they are not
+    served = served_answers(calibrated_probs(logits, fit["temperature"], torch.tensor(fit["class_bias"])), None,
+                            confidence_fit(fit))[0]
+    right = logits.argmax(1) == y
+    assert served[right].mean() > 0.97 and served[~right].mean() < 0.5
+    assert ((served >= fit["review_threshold"]) == right).double().mean() > 0.95
+
+
+def test_the_top_probability_stays_the_confidence_where_the_margin_answers_no_more():
+    logits, y = capped_val(wrong_runner_up_close=False)
+    classes = [f"c{i}" for i in range(10)]
+    fit = evaluate_mod.fit_served(logits, y, torch.empty(0, 10), classes, torch.full((10,), 0.1).log())
+    choice = fit["confidence_choice"]
+    assert choice["score"] == "probability" and "confidence_fit" not in fit
+    assert choice["probability"]["cross_fit_coverage"] > choice["margin"]["cross_fit_coverage"]
+    assert fit["val_coverage"] > 0.85
+
+
+def test_the_margin_is_not_chosen_where_it_would_accept_out_of_category_photos():
+    """The out-of-category photos are answered a category at a top probability below most right
+    answers', but far ahead of their runner-up: the margin would accept them."""
+    logits, y = capped_val(wrong_runner_up_close=True)
+    classes = [f"c{i}" for i in range(9)] + ["other"]
+    keep = y != 9
+    logits, y = logits[keep], y[keep]
+    out = torch.zeros(1000, 10)
+    out[:, 0] = 5.0  # the rest alike: p = 0.94, a margin of 5 (a right answer's: about 4.8)
+    fit = evaluate_mod.fit_served(logits, y, out, classes, torch.full((10,), 0.1).log())
+    choice = fit["confidence_choice"]
+    assert choice["margin"]["cross_fit_coverage"] > choice["probability"]["cross_fit_coverage"]
+    assert choice["margin"]["outside_handled"] < 0.95 <= choice["probability"]["outside_handled"]
+    assert choice["score"] == "probability" and "confidence_fit" not in fit
 
 
 def test_macro_f1():

@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from handler.refund_inference import OTHER_LABEL, calibrated_probs, served_answers, served_labels
+from handler.refund_inference import (OTHER_LABEL, MarginFit, calibrated_probs, confidence_fit, label_margin,
+                                      served_answers, served_labels)
 from handler.refund_model import cpu_supports_bf16
 from training import label_audit
 from training import prepare as prepare_mod
@@ -196,11 +197,12 @@ def other_index(classes: list[str]) -> int | None:
     return classes.index(OTHER_LABEL) if OTHER_LABEL in classes else None
 
 
-def routing(probs: torch.Tensor, threshold: float, classes: list[str], label_bias: torch.Tensor | None = None) -> dict:
+def routing(probs: torch.Tensor, threshold: float, classes: list[str], label_bias: torch.Tensor | None = None,
+            fit: MarginFit | None = None) -> dict:
     """What the served decision does with out-of-category photos, as shares that add up to 1:
     answered `other` (confidently), sent to review (any answer under the threshold), accepted as
     one of the refund categories. handled = answered other + sent to review."""
-    conf, pred = served_answers(probs, label_bias)
+    conf, pred = served_answers(probs, label_bias, fit)
     n = max(len(conf), 1)
     review = conf < threshold
     other = other_index(classes)
@@ -330,9 +332,15 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
     bias = prior_weight * log_prior
     probs = calibrated_probs(logits, temperature, bias)
     out_probs = calibrated_probs(out_logits, temperature, bias) if len(out_logits) else None
-    adjustment = choose_label_adjustment(probs, y, log_prior, out_probs, classes)
+    choice = choose_confidence(probs, y, out_probs, classes)
+    order = RAW_MARGIN if choice["score"] == "margin" else None  # the confidence's order, before its fit
+    adjustment = choose_label_adjustment(probs, y, log_prior, out_probs, classes, order)
     lbias = -adjustment["tau"] * log_prior if adjustment["tau"] else None
-    conf, pred = served_answers(probs, lbias)
+    fit = None
+    if order is not None:
+        labels = served_labels(probs, lbias)
+        fit = fit_margin_confidence(label_margin(probs, labels), labels == y)
+    conf, pred = served_answers(probs, lbias, fit)
     review = review_threshold(conf, pred == y)
     raw_pred = logits.argmax(1)
     fit_probs = calibrated_probs(fit_x, temperature, bias)
@@ -348,13 +356,16 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
         "val_nll_after": float(F.nll_loss(fit_probs.clamp(min=1e-12).log(), fit_y)),
         "outside_weight": float(weights[-1]) if weights is not None else None,
         "label_adjustment": adjustment["tau"], "label_adjustment_fit": adjustment,
+        "confidence_choice": choice,
     }
     if lbias is not None:
         result["label_bias"] = [round(float(b), 6) for b in lbias]
+    if fit is not None:
+        result["confidence_fit"] = {"score": "margin", "slope": fit.slope, "intercept": fit.intercept}
     if other is not None:
         result["val_in_category_answered_other"] = float((pred == other).double().mean())
     if out_probs is not None:
-        result["val_outside"] = routing(out_probs, review["threshold"], classes, lbias)
+        result["val_outside"] = routing(out_probs, review["threshold"], classes, lbias, fit)
     return result
 
 
@@ -363,10 +374,11 @@ LABEL_ADJUSTMENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIN_ROUTING = 0.95  # out-of-category photos answered `other` or sent to review: never below this for a tau
 
 
-def served_figures(probs: torch.Tensor, y: torch.Tensor, tau: float, log_prior: torch.Tensor) -> dict:
+def served_figures(probs: torch.Tensor, y: torch.Tensor, tau: float, log_prior: torch.Tensor,
+                   order: MarginFit | None = None) -> dict:
     """Top-1, macro-F1 and coverage at 98 % precision (threshold fitted on these photos) of the
-    served answer with label adjustment `tau`."""
-    conf, pred = served_answers(probs, -tau * log_prior if tau else None)
+    served answer with label adjustment `tau`, its confidence ordered as `order` orders it."""
+    conf, pred = served_answers(probs, -tau * log_prior if tau else None, order)
     review = review_threshold(conf, pred == y)
     return {"tau": tau, "top1": float((pred == y).double().mean()), "macro_f1": macro_f1(confusion(pred, y, probs.shape[1])),
             "coverage": review["coverage"], "threshold": review["threshold"]}
@@ -381,7 +393,7 @@ def val_halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def choose_label_adjustment(probs: torch.Tensor, y: torch.Tensor, log_prior: torch.Tensor, out_probs: torch.Tensor | None,
-                            classes: list[str]) -> dict:
+                            classes: list[str], order: MarginFit | None = None) -> dict:
     """The served label adjustment tau, chosen so that it is adopted only where it helps on photos
     it was not chosen on.
 
@@ -390,30 +402,85 @@ def choose_label_adjustment(probs: torch.Tensor, y: torch.Tensor, log_prior: tor
     98 % precision against tau = 0; among those, the best macro-F1 over the categories wins. Chosen
     on each half of val and scored on the other (cross-fitted), it is adopted only if it raised
     macro-F1 and lost no coverage there on average; the served tau is then the one chosen on all
-    of val. Otherwise tau = 0: the most probable class, as without adjustment."""
-    rows = [served_figures(probs, y, t, log_prior) for t in LABEL_ADJUSTMENTS]  # all of val; rows[0]: tau = 0
+    of val. Otherwise tau = 0: the most probable class, as without adjustment. Coverage is that of
+    the served confidence (`order`: the margin's, where choose_confidence chose it)."""
+    rows = [served_figures(probs, y, t, log_prior, order) for t in LABEL_ADJUSTMENTS]  # all of val; rows[0]: tau = 0
     for r in rows:  # the out-of-category photos at each tau's own threshold
         r["outside_handled"] = None if out_probs is None or not len(out_probs) else \
-            routing(out_probs, r["threshold"], classes, -r["tau"] * log_prior if r["tau"] else None)["handled_share"]
+            routing(out_probs, r["threshold"], classes, -r["tau"] * log_prior if r["tau"] else None, order)["handled_share"]
     base_routing = rows[0]["outside_handled"]
     eligible = [r["tau"] for r in rows if base_routing is None or r["outside_handled"] >= min(MIN_ROUTING, base_routing)]
 
     def pick(idx):
-        base = served_figures(probs[idx], y[idx], 0.0, log_prior)
-        rows = [served_figures(probs[idx], y[idx], t, log_prior) for t in eligible]
+        base = served_figures(probs[idx], y[idx], 0.0, log_prior, order)
+        rows = [served_figures(probs[idx], y[idx], t, log_prior, order) for t in eligible]
         return max((r for r in rows if r["coverage"] >= base["coverage"]), key=lambda r: (r["macro_f1"], -r["tau"]))["tau"]
 
     folds = []
     a, b = val_halves(y)
     for chose_on, scored_on in ((a, b), (b, a)):
         tau = pick(chose_on)
-        got, base = (served_figures(probs[scored_on], y[scored_on], t, log_prior) for t in (tau, 0.0))
+        got, base = (served_figures(probs[scored_on], y[scored_on], t, log_prior, order) for t in (tau, 0.0))
         folds.append({"tau": tau, "macro_f1_gain": got["macro_f1"] - base["macro_f1"],
                       "top1_gain": got["top1"] - base["top1"], "coverage_gain": got["coverage"] - base["coverage"]})
     mean = {k: sum(f[k] for f in folds) / len(folds) for k in ("macro_f1_gain", "top1_gain", "coverage_gain")}
     adopted = mean["macro_f1_gain"] > 0 and mean["coverage_gain"] >= 0
     return {"tau": pick(torch.arange(len(y))) if adopted else 0.0, "adopted": adopted, "eligible": eligible,
             "cross_fit": {"folds": folds, **mean}, "val": rows}
+
+
+# The margin in the same order as the served confidence will have it, before its fit (any slope > 0 orders alike).
+RAW_MARGIN = MarginFit(1.0, 0.0)
+
+
+def choose_confidence(probs: torch.Tensor, y: torch.Tensor, out_probs: torch.Tensor | None, classes: list[str]) -> dict:
+    """Which score the served confidence is read from: the label's calibrated probability, or its
+    margin over the runner-up (served_answers), whichever answers more photos at 98 % precision on
+    photos its threshold was not fitted on.
+
+    Each score's threshold is fitted on one stratified half of val and applied to the other, both
+    ways (the label: the most probable class). The margin is chosen only if its cross-fitted coverage
+    is higher and it sends at least min(95 %, the probability's share) of the out-of-category photos
+    to `other` or to review at its threshold on all of val; otherwise the probability, as before."""
+    halves = val_halves(y)
+    rows = {}
+    for score, order in (("probability", None), ("margin", RAW_MARGIN)):
+        conf, pred = served_answers(probs, None, order)
+        ok = pred == y
+        folds = []
+        for fitted_on, applied_to in (halves, halves[::-1]):
+            cut = review_threshold(conf[fitted_on], ok[fitted_on])["threshold"]
+            got = at_threshold(conf[applied_to], ok[applied_to], cut)
+            folds.append({"coverage": got["coverage"], "precision": got["precision_accepted"]})
+        whole = review_threshold(conf, ok)
+        rows[score] = {"cross_fit_coverage": sum(f["coverage"] for f in folds) / len(folds), "folds": folds,
+                       "val_coverage": whole["coverage"],
+                       "outside_handled": None if out_probs is None or not len(out_probs) else
+                       routing(out_probs, whole["threshold"], classes, None, order)["handled_share"]}
+    prob, margin = rows["probability"], rows["margin"]
+    routes = prob["outside_handled"] is None or margin["outside_handled"] >= min(MIN_ROUTING, prob["outside_handled"])
+    chosen = "margin" if margin["cross_fit_coverage"] > prob["cross_fit_coverage"] and routes else "probability"
+    return {"score": chosen, **rows}
+
+
+def fit_margin_confidence(margin: torch.Tensor, correct: torch.Tensor) -> MarginFit:
+    """(slope, intercept) of P(right | margin) = sigmoid(slope * margin + intercept), by logistic
+    regression on val (Platt 1999): the served confidence keeps meaning "right this often"."""
+    x, t = margin.double(), correct.double()
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([params], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(params[0] * x + params[1], t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    slope, intercept = (float(v) for v in params.detach())
+    if not (math.isfinite(slope) and slope > 0 and math.isfinite(intercept)):
+        raise EvaluateError(f"the margin does not order right answers above wrong ones on val (slope {slope:.4g})")
+    return MarginFit(slope, intercept)
 
 
 def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size: int) -> dict:
@@ -442,7 +509,7 @@ def calibrate(run: Path, ckpt: dict, model, *, image_size, mean, std, batch_size
 def calibration_fits(calib: dict | None, ckpt: dict, image_size) -> bool:
     """Whether RUN/calibration.json was fitted for these weights, data and size (older files:
     the raw weights at the training size)."""
-    return (calib is not None and "class_bias" in calib and "label_adjustment" in calib
+    return (calib is not None and "class_bias" in calib and "label_adjustment" in calib and "confidence_choice" in calib
             and calib.get("manifest_hash") == ckpt.get("manifest_hash")
             and list(calib.get("image_size", ckpt["preprocess"]["image_size"])) == list(image_size)
             and calib.get("weights", "raw") == ckpt.get("weights", "raw"))
@@ -463,6 +530,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     temperature, threshold = calib["temperature"], calib["review_threshold"]
     bias = torch.tensor(calib["class_bias"])
     lbias = torch.tensor(calib["label_bias"]) if "label_bias" in calib else None
+    fit = confidence_fit(calib)
 
     name, records, (outside_source, outside), dropped = records_to_evaluate(ckpt, data_dir, split)
     out = Path(out) if out else run / f"eval-{name}"
@@ -473,7 +541,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     infer = dict(batch_size=batch_size, device=torch.device("cpu"), amp=False, mean=mean, std=std)
     x = load_images(records, image_size, desc=f"decode {name}")
     probs = calibrated_probs(predict(model, x, **infer), temperature, bias)
-    conf, pred = served_answers(probs, lbias)
+    conf, pred = served_answers(probs, lbias, fit)
     known = torch.tensor([r.label in to_index for r in records])
     y = torch.tensor([to_index.get(r.label, -1) for r in records])
     correct = (pred == y) & known  # an out-of-category photo is never right, an `other` answer neither
@@ -492,6 +560,7 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
         "calibration": calib,
         "review": {"threshold": threshold, "temperature": temperature, "prior_weight": calib.get("prior_weight", 0.0),
                    "label_adjustment": calib.get("label_adjustment", 0.0),
+                   "confidence": (calib.get("confidence_fit") or {}).get("score", "probability"),
                    **at_threshold(conf[known], correct[known], threshold)},
         "per_class": {c: {"precision": float(stats["precision"][i]), "recall": float(stats["recall"][i]),
                           "f1": float(stats["f1"][i]), "support": int(stats["support"][i])}
@@ -510,16 +579,16 @@ def evaluate_run(run: Path, *, data_dir: Path | None = None, out: Path | None = 
     if outside:  # the prepared out-of-category photos of this split, evaluated on their own
         oprobs = calibrated_probs(predict(model, load_images(outside, image_size, desc="decode outside"), **infer),
                                   temperature, bias)
-        metrics["outside"] = {"source": outside_source, **routing(oprobs, threshold, classes, lbias)}
+        metrics["outside"] = {"source": outside_source, **routing(oprobs, threshold, classes, lbias, fit)}
     elif (~known).any():
-        metrics["outside"] = {"source": name, **routing(probs[~known], threshold, classes, lbias)}
+        metrics["outside"] = {"source": name, **routing(probs[~known], threshold, classes, lbias, fit)}
     for folder in outside_dirs:
         recs, folder_dropped = outside_folder(folder, set(to_index))
         if not recs:
             raise EvaluateError(f"--outside-dir {folder} holds no readable out-of-category image")
         fprobs = calibrated_probs(predict(model, load_images(recs, image_size, desc=f"decode {Path(folder).name}"), **infer),
                                   temperature, bias)
-        metrics.setdefault("outside_dirs", {})[str(folder)] = {**routing(fprobs, threshold, classes, lbias), "dropped": folder_dropped}
+        metrics.setdefault("outside_dirs", {})[str(folder)] = {**routing(fprobs, threshold, classes, lbias, fit), "dropped": folder_dropped}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_confusion(cm, classes, out / "confusion_matrix.png",
                    f"{name}: top-1 {metrics['top1_in_category']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (row-normalized)")

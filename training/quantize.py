@@ -39,7 +39,7 @@ from handler.refund_model import INT8_BACKEND as BACKEND
 from handler.refund_model import RESNET_SHAPES, ResNetShape, TinyNet, int8_backend_available, shape_resnet
 from handler.refund_model import int8_deprecations_silenced as quietly
 from handler.refund_inference import (INT8_TIMING_ONLY, SERVED_CALIBRATION, calibrated_probs, calibration, class_bias,
-                                      label_bias, served_answers)
+                                      confidence_fit, label_bias, served_answers)
 from handler.refund_preprocess import normalize
 from training import prepare as prepare_mod
 from training.checkpoint import model_from
@@ -202,8 +202,8 @@ def gate_figures(logits32, out32, logits8, out8, y, *, fp32_calibration: dict, i
     t8, _ = calibration(int8_calibration)
     p32 = calibrated_probs(torch.cat([logits32, out32]), t32, class_bias(fp32_calibration, num_classes))
     p8 = calibrated_probs(torch.cat([logits8, out8]), t8, class_bias(int8_calibration, num_classes))
-    all32 = served_answers(p32, label_bias(fp32_calibration, num_classes))  # (confidence, label) as served
-    all8 = served_answers(p8, label_bias(int8_calibration, num_classes))
+    all32 = served_answers(p32, label_bias(fp32_calibration, num_classes), confidence_fit(fp32_calibration))  # as served
+    all8 = served_answers(p8, label_bias(int8_calibration, num_classes), confidence_fit(int8_calibration))
     n = len(y)
     conf32, pred32 = all32[0][:n], all32[1][:n]
     conf8, pred8 = all8[0][:n], all8[1][:n]
