@@ -10,11 +10,28 @@ from importlib import resources
 from typing import Iterator
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Any constant: serializes migrations between processes that start at once.
 MIGRATION_LOCK = 0x5EF0D
+# How long a start waits for another process's migrations (the lock above) before giving up.
+MIGRATION_LOCK_TIMEOUT_S = 120.0
+
+# Probe an idle connection after 30 s, every 10 s, 3 times: a silent peer is dead after ~60 s. For a
+# session that holds an advisory lock (the ingest run's, a migration's): a client that vanished (a
+# killed pod, a network partition) must not keep it for the kernel's default two hours.
+KEEPALIVE = {"idle": 30, "interval": 10, "count": 3}
+KEEPALIVE_S = KEEPALIVE["idle"] + KEEPALIVE["interval"] * KEEPALIVE["count"]
+# libpq's keepalives on our side, and the server's tcp_keepalives_* and tcp_user_timeout for this
+# session on PostgreSQL's (any role may set these).
+KEEPALIVE_ARGS = {
+    "keepalives": 1, "keepalives_idle": KEEPALIVE["idle"], "keepalives_interval": KEEPALIVE["interval"],
+    "keepalives_count": KEEPALIVE["count"],
+    "options": (f"-c tcp_keepalives_idle={KEEPALIVE['idle']} -c tcp_keepalives_interval={KEEPALIVE['interval']} "
+                f"-c tcp_keepalives_count={KEEPALIVE['count']} -c tcp_user_timeout={KEEPALIVE_S * 1000}"),
+}
 
 
 def load_query(name: str, package: str = "ingest.sql") -> str:
@@ -33,9 +50,9 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 @contextmanager
-def connect(url: str) -> Iterator[psycopg2.extensions.connection]:
-    """Commit on success, roll back on error, always close."""
-    conn = psycopg2.connect(url, connect_timeout=10, application_name="refund-classifier")
+def connect(url: str, **extra) -> Iterator[psycopg2.extensions.connection]:
+    """Commit on success, roll back on error, always close. extra: more libpq parameters."""
+    conn = psycopg2.connect(url, connect_timeout=10, application_name="refund-classifier", **extra)
     try:
         yield conn
         conn.commit()
@@ -57,11 +74,27 @@ def pending_migrations(url: str) -> list[str]:
     return [name for number, name, _ in migrations() if number not in done]
 
 
-def migrate(url: str) -> list[str]:
-    """Apply the migrations not yet applied, in order, each in its own transaction; returns their names."""
+class MigrationLockTimeout(psycopg2.OperationalError):
+    """Another process held the migration lock for longer than the wait (what runs as PostgreSQL
+    being unavailable: the job exits 4 and the next run tries again)."""
+
+
+def migrate(url: str, *, lock_timeout_s: float = MIGRATION_LOCK_TIMEOUT_S) -> list[str]:
+    """Apply the migrations not yet applied, in order, each in its own transaction; returns their names.
+
+    One process at a time (an advisory lock), waiting at most lock_timeout_s for it: PostgreSQL's
+    lock_timeout, which also bounds each migration's wait for a table lock, so that a migration
+    queued behind a long query cannot stall every query queued behind it. The session probes its
+    peer (KEEPALIVE_ARGS): a migrating client that vanished frees the lock within ~KEEPALIVE_S s."""
     applied_now = []
-    with connect(url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK})
+    with connect(url, **KEEPALIVE_ARGS) as conn, conn.cursor() as cur:
+        cur.execute("SELECT set_config('lock_timeout', %(ms)s, false)", {"ms": f"{int(lock_timeout_s * 1000)}ms"})
+        try:
+            cur.execute("SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK})
+        except psycopg2.errors.LockNotAvailable as exc:
+            raise MigrationLockTimeout(
+                f"another process has held the migration lock for over {lock_timeout_s:.0f}s (applying migrations, or "
+                f"gone without closing its session): see pg_locks where locktype = 'advisory' and objid = {MIGRATION_LOCK}") from exc
         try:
             cur.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
                                version integer PRIMARY KEY, name text NOT NULL,

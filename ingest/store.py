@@ -28,12 +28,7 @@ T = TypeVar("T")
 
 # (namespace, key) of the advisory lock that one ingest run at a time holds, per database.
 LOCK_KEYS = (0x5EF0D, 1)
-# Probe an idle connection after 30 s, every 10 s, 3 times: a silent peer is dead after ~60 s.
-KEEPALIVE = {"idle": 30, "interval": 10, "count": 3}
-KEEPALIVE_S = KEEPALIVE["idle"] + KEEPALIVE["interval"] * KEEPALIVE["count"]
-# The server's side of the same, for this session only (any role may set these).
-SERVER_KEEPALIVE = (f"-c tcp_keepalives_idle={KEEPALIVE['idle']} -c tcp_keepalives_interval={KEEPALIVE['interval']} "
-                    f"-c tcp_keepalives_count={KEEPALIVE['count']} -c tcp_user_timeout={KEEPALIVE_S * 1000}")
+KEEPALIVE, KEEPALIVE_S = db.KEEPALIVE, db.KEEPALIVE_S
 
 
 class StoreError(RuntimeError):
@@ -65,10 +60,8 @@ class Store:
 
     # -- connection and lock ---------------------------------------------------------------
     def _connect(self) -> psycopg2.extensions.connection:
-        conn = psycopg2.connect(self.url, connect_timeout=10, application_name="refund-classifier-ingest",
-                                keepalives=1, keepalives_idle=KEEPALIVE["idle"], keepalives_interval=KEEPALIVE["interval"],
-                                keepalives_count=KEEPALIVE["count"], options=SERVER_KEEPALIVE)
-        return conn
+        return psycopg2.connect(self.url, connect_timeout=10, application_name="refund-classifier-ingest",
+                                **db.KEEPALIVE_ARGS)
 
     def acquire(self) -> None:
         """Connect and take the ingest lock, or raise LockBusy at once."""

@@ -521,6 +521,19 @@ def test_k8s_ingestion_cronjob_one_runner_per_inbox():
     for secret in ("DATABASE_URL", "PGPASSWORD"):
         assert "secretKeyRef" in env[secret]["valueFrom"], f"{secret} comes from a Secret"
     assert job["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # One mount of the volume holding the three folders: a move is a link within one mount, not a copy
+    # (a subPath per folder is a bind mount each, and link(2) across them fails with EXDEV).
+    mounts = container["volumeMounts"]
+    assert len(mounts) == 1 and "subPath" not in mounts[0]
+    from ingest import __main__ as ingest_cli
+
+    assert container["command"][:3] == ["python", "-m", "ingest"]
+    command = ingest_cli.get_args_parser().parse_args(container["command"][3:])
+    for folder in (command.inbox, command.processed, command.quarantine):
+        assert Path(folder).parent == Path(mounts[0]["mountPath"]), folder
+    init = job["template"]["spec"]["initContainers"][0]
+    assert init["volumeMounts"] == mounts and all(f"'{Path(f).name}'" in init["command"][-1]
+                                                  for f in (command.inbox, command.processed, command.quarantine))
 
 
 # The manifests against the real Kubernetes schemas (kubernetes-validate ships them), strictly:

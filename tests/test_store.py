@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import psycopg2
 import pytest
@@ -45,3 +46,31 @@ def test_lock_busy_names_the_session_that_holds_it_and_how_to_end_it(database_ur
         store.close()
     finally:
         holder.close()
+
+
+def test_migrations_wait_for_the_migration_lock_a_bounded_time_on_a_probed_session(database_url):
+    from ingest import db
+
+    holder = psycopg2.connect(database_url, application_name="a-migration-that-hangs")
+    holder.autocommit = True
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%(key)s)", {"key": db.MIGRATION_LOCK})
+    errors = []
+
+    def attempt():
+        try:
+            db.migrate(database_url, lock_timeout_s=1)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+    try:
+        waiting = threading.Thread(target=attempt, daemon=True)
+        waiting.start()
+        waiting.join(30)
+        assert not waiting.is_alive(), "migrate waits for the migration lock without a bound"
+        assert isinstance(errors[0], db.MigrationLockTimeout) and "held the migration lock for over 1s" in str(errors[0])
+    finally:
+        holder.close()
+    assert db.migrate(database_url, lock_timeout_s=1) == []  # free again: nothing left to apply
+    with db.connect(database_url, **db.KEEPALIVE_ARGS) as conn, conn.cursor() as cur:
+        cur.execute("SHOW tcp_keepalives_idle")
+        assert cur.fetchone() == (str(KEEPALIVE["idle"]),)
