@@ -1,4 +1,5 @@
-"""python -m ingest run|schedule|report — the inbox -> TorchServe -> PostgreSQL job, its schedule and its reports.
+"""python -m ingest run|schedule|report|health — the inbox -> TorchServe -> PostgreSQL job, its schedule, its reports
+and its health check.
 
 The exit codes of `run` (listed below) are decided in ingest.outcomes.
 """
@@ -14,12 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ingest import db, logs
+from ingest import health as health_mod
 from ingest import report as report_mod
 from ingest.job import Job
 from ingest.outcomes import exit_code_for, exit_codes_help
 from ingest.schedule import Cron, CronError, next_due
 from ingest.settings import Settings, SettingsError, add_arguments, parse_duration, resolve
-from ingest.store import DatabaseDown, LockBusy
+from ingest.store import TRANSIENT, DatabaseDown, LockBusy
 
 logger = logging.getLogger("ingest")
 
@@ -162,6 +164,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 healthy, 1 with one line per problem on stdout, 4 when PostgreSQL cannot be asked."""
+    logs.setup("human", logging.WARNING)
+    from serving.postgres import database_url
+
+    url = database_url(args.database_url)
+    limits = health_mod.Limits(no_success_for=args.no_success_for, waiting_for=args.waiting_for,
+                               pending_for=args.pending_for, quarantine_share=args.quarantine_share, window=args.window)
+    try:
+        found = health_mod.check(url, limits, inbox=Path(args.inbox).resolve() if args.inbox else None)
+    except TRANSIENT as exc:
+        print(f"ingest health: PostgreSQL unavailable: {str(exc).strip()}")
+        return exit_code_for(DatabaseDown(str(exc)))
+    text = health_mod.exposition(found)
+    if args.textfile:
+        health_mod.write_textfile(args.textfile, text)
+    if args.pushgateway:
+        health_mod.push(args.pushgateway, text)
+    for problem in found.problems:
+        print(f"ingest health: {problem}")
+    if not found.problems:
+        print("ingest health: ok")
+    return 1 if found.problems else 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from serving.postgres import database_url
 
@@ -169,6 +196,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     applied = db.migrate(url)
     print(f"ingest migrate: applied {', '.join(applied)}" if applied else "ingest migrate: the schema is up to date")
     return 0
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -192,6 +226,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--latest", type=int, default=0, help="also list the newest N rows (table format)")
     p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("health", help="exit 1 with one line per problem (for an alert); --textfile / --pushgateway: "
+                                      "the same figures for Prometheus")
+    p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
+    p.add_argument("--inbox", type=Path, default=None, help="also check the photos waiting in this inbox")
+    p.add_argument("--no-success-for", type=_duration, default=3600.0, help="a problem when no run succeeded for this long (default 1h)")
+    p.add_argument("--waiting-for", type=_duration, default=3600.0, help="a problem when a photo has waited in --inbox this long (default 1h)")
+    p.add_argument("--pending-for", type=_duration, default=900.0, help="a problem when a move has been pending this long (default 15m)")
+    p.add_argument("--quarantine-share", type=float, default=0.2, help="a problem when more than this share of the photos "
+                   "recorded in --window was quarantined (default 0.2; judged from 20 photos)")
+    p.add_argument("--window", type=_duration, default=86400.0, help="the quarantine share's window (default 24h)")
+    p.add_argument("--textfile", type=Path, default=None, help="write the figures here for node_exporter's textfile collector (*.prom)")
+    p.add_argument("--pushgateway", type=str, default=None, help="push the figures to this Prometheus Pushgateway URL")
+    p.set_defaults(fn=cmd_health)
     p = sub.add_parser("migrate", help="apply the database migrations this version has (`run` does it too)")
     p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
     p.set_defaults(fn=cmd_migrate)

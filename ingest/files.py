@@ -39,6 +39,7 @@ class Skip:
     path: Path
     relative: str
     reason: str  # unsupported | symlink | not_a_file | hidden | unreadable | not_settled | changed
+    mtime: float | None = None  # its modification time (lstat), where it could be read: how long it has waited
 
 
 def walk(inbox: Path, *, exclude: tuple[Path, ...] = ()) -> Iterator[Entry | Skip]:
@@ -53,7 +54,7 @@ def walk(inbox: Path, *, exclude: tuple[Path, ...] = ()) -> Iterator[Entry | Ski
         try:
             names = sorted(os.listdir(folder))
         except OSError as exc:
-            yield Skip(folder, _rel(folder, inbox), f"unreadable ({exc.strerror})")
+            yield Skip(folder, _rel(folder, inbox), f"unreadable ({exc.strerror})", _mtime(folder))
             continue
         subfolders = []
         base = os.fspath(folder)
@@ -70,20 +71,27 @@ def walk(inbox: Path, *, exclude: tuple[Path, ...] = ()) -> Iterator[Entry | Ski
                         subfolders.append(path)
                     continue
             except OSError as exc:
-                yield Skip(path, rel, f"unreadable ({exc.strerror})")
+                yield Skip(path, rel, f"unreadable ({exc.strerror})", _mtime(path))
                 continue
             if stat.S_ISLNK(st.st_mode):
-                yield Skip(path, rel, "symlink")
+                yield Skip(path, rel, "symlink", st.st_mtime)
             elif not stat.S_ISREG(st.st_mode):
-                yield Skip(path, rel, "not_a_file")
+                yield Skip(path, rel, "not_a_file", st.st_mtime)
             elif name.startswith("."):
-                yield Skip(path, rel, "hidden")
+                yield Skip(path, rel, "hidden", st.st_mtime)
             elif path.suffix.lower() not in IMAGE_SUFFIXES:
-                yield Skip(path, rel, "unsupported")
+                yield Skip(path, rel, "unsupported", st.st_mtime)
             else:
                 yield Entry(path, rel, st.st_size, st.st_mtime_ns, st.st_ino)
         del names  # before descending
         stack.extend(reversed(subfolders))  # pop() takes them in sorted order
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return None
 
 
 def _rel(path: Path, inbox: Path) -> str:
@@ -196,7 +204,29 @@ def move(src: Path, dest: Path, *, linked=None) -> None:
         raise error
 
 
-def move_many(moves: list[tuple[Path, Path]], *, linked=None, moved_one=None) -> list[OSError | None]:
+class Replaced(OSError):
+    """The file under the inbox name is not the one that was read (another inode, size or mtime):
+    it is not moved, so that no row stands for content it was not made from."""
+
+
+Identity = tuple[int, int, int]  # (inode, size, mtime_ns) of a file as it was read
+
+
+def identity_of(st: os.stat_result) -> Identity:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_identity(src: Path, expect: Identity | None, st: os.stat_result | None = None) -> None:
+    """Raise Replaced unless src (or `st`, its stat) is still the file read as `expect`."""
+    if expect is None:
+        return
+    got = identity_of(st if st is not None else os.lstat(src))
+    if got != expect:
+        raise Replaced(errno.ESTALE, f"replaced or changed since it was read (inode, size, mtime {got} != {expect})", str(src))
+
+
+def move_many(moves: list[tuple[Path, Path]], *, linked=None, moved_one=None,
+              expect: list[Identity | None] | None = None) -> list[OSError | None]:
     """Move each src to its dest without overwriting anything and without a moment where neither
     holds the photo, durably; in its place, None for a moved photo or the OSError that stopped it
     (one photo's failure costs that photo alone).
@@ -207,11 +237,15 @@ def move_many(moves: list[tuple[Path, Path]], *, linked=None, moved_one=None) ->
     (unlink_sources) every destination folder is fsynced, once for the batch, before any source is unlinked, so a power cut
     after an unlink cannot lose both names; then the sources' folders are fsynced, once each. A crash
     in between leaves photos under both names, which recovery resolves. Two fsyncs per folder for a
-    batch, instead of two per photo: fsyncs were most of the job's time between answers."""
+    batch, instead of two per photo: fsyncs were most of the job's time between answers.
+
+    expect: each photo's identity as it was read (Identity); a photo whose inbox file is no longer
+    that file -- replaced under its name, or written to since -- fails with Replaced and stays where
+    it is (checked before the link or copy, and on what was linked or copied)."""
     errors: list[OSError | None] = [None] * len(moves)
     for i, (src, dest) in enumerate(moves):
         try:
-            _link(src, dest)
+            _link(src, dest, expect[i] if expect is not None else None)
         except OSError as exc:
             errors[i] = exc
     return unlink_sources(moves, errors, linked=linked, moved_one=moved_one)
@@ -251,32 +285,42 @@ def unlink_sources(moves: list[tuple[Path, Path]], errors: list[OSError | None] 
     return errors
 
 
-def _link(src: Path, dest: Path) -> None:
-    """dest as a second name of src (or, across filesystems, a durable copy of it); never over a file."""
+def _link(src: Path, dest: Path, expect: Identity | None = None) -> None:
+    """dest as a second name of src (or, across filesystems, a durable copy of it); never over a file;
+    with `expect`, only while src is still the file that was read (else Replaced, nothing left at dest)."""
     _makedirs(dest.parent)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists")
+    check_identity(src, expect)
     try:
         os.link(src, dest, follow_symlinks=False)  # fails instead of overwriting
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
-        _copy_then_link(src, dest)
+        _copy_then_link(src, dest, expect)
+        return
+    try:  # what was linked: the file src named at that instant (a replacement between the check and the link)
+        check_identity(dest, expect)
+    except Replaced:
+        os.unlink(dest)  # our own new name of the wrong file; src keeps it
+        raise
 
 
-def _copy_then_link(src: Path, dest: Path) -> None:
+def _copy_then_link(src: Path, dest: Path, expect: Identity | None = None) -> None:
     tmp = partial_name(dest)
     tmp.unlink(missing_ok=True)  # our own unfinished copy from a killed run, never a photo of record
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            check_identity(src, expect, os.fstat(fin.fileno()))  # the file opened is the one read
             while chunk := fin.read(1 << 20):
                 fout.write(chunk)
+            check_identity(src, expect, os.fstat(fin.fileno()))  # and nobody wrote to it during the copy
             fout.flush()
             os.fsync(fout.fileno())
         os.link(tmp, dest)  # EEXIST rather than overwrite a file that appeared at dest meanwhile
     finally:
-        tmp.unlink(missing_ok=True)  # after a failure (ENOSPC, EEXIST) it must not take space or a name
+        tmp.unlink(missing_ok=True)  # after a failure (ENOSPC, EEXIST, Replaced) it must not take space or a name
 
 
 def _makedirs(folder: Path) -> None:

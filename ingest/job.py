@@ -21,7 +21,8 @@ stay under --max-in-flight-bytes (a single larger photo goes alone).
 
 This module only orchestrates; each concern has its own module:
   ingest.inbox     which files are taken (settled photos, read and hashed)
-  ingest.predict   asking TorchServe, with retries (serving.client reads its answers)
+  ingest.predict   asking TorchServe, with retries, isolating a photo that kills the worker (serving.client reads its answers)
+  ingest.crashes   how often a worker died holding each content, in PostgreSQL
   ingest.journal   the rows, the planned moves (steps 1 and 3) and finishing an earlier run's moves
   ingest.files     reading and moving files on disk (step 2)
   ingest.outcomes  Item, Outcome, Summary, the errors that stop a run, and the exit codes
@@ -37,6 +38,7 @@ from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ingest import db, files, inbox
+from ingest.crashes import CrashLog
 from ingest.hooks import Hooks
 from ingest.journal import Journal
 from ingest.outcomes import FileFailed, IngestError, Item, Outcome, RunFailed, Summary
@@ -56,13 +58,16 @@ class Job:
         self.summary = Summary()
         self.hook = Hooks.from_env()
         self._lock = threading.Lock()
-        self.predictor = Predictor(settings, build_client(settings), self.stop, on_retry=self._count_retry)
+        self.predictor = Predictor(settings, build_client(settings), self.stop, on_retry=self._count_retry,
+                                   crashes=CrashLog(settings.database_url, settings.model_name, lambda: self.summary.run_id),
+                                   on_worker_died=self._count_worker_death)
         self.store = Store(settings.database_url, retry_for=settings.db_retry_for)
         self.journal = Journal(self.store, settings, hook=self.hook)
         self.fatal: BaseException | None = None  # IngestError, DatabaseDown or LockLost: ends the run
         self.buffer: list[Outcome] = []
         self.held = 0  # bytes of photos read and not yet answered (or dropped unsent)
         self.most_held = 0
+        self.clock = inbox.Clock()  # the inbox's, probed when the run starts reading it
 
     def request_stop(self) -> None:
         """Graceful stop (SIGTERM): finish what is in flight, commit, move, and end the run."""
@@ -72,6 +77,10 @@ class Job:
     def _count_retry(self) -> None:
         with self._lock:  # called from the request threads
             self.summary.retried += 1
+
+    def _count_worker_death(self) -> None:
+        with self._lock:
+            self.summary.worker_died += 1
 
     # -- run -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +115,11 @@ class Job:
 
     def _finish(self) -> None:
         s = self.summary
+        s.waited_too_long = inbox.waited_too_long(s.skipped, self.s.stuck_after, self.clock.now())
+        for relative, reason, age in s.waited_too_long:
+            logger.error("%s: left in the inbox (%s) for %s: a person has to act on it", relative, reason,
+                         "an unknown time" if age is None else f"{age / 3600:.1f} h",
+                         extra={"event": "stuck", "path": relative, "reason": reason})
         s.conclude(self.fatal, stopped=self.stop_requested)
         if isinstance(self.fatal, (DatabaseDown, LockLost)):
             return  # nothing more can be written; the next run marks this one interrupted
@@ -129,7 +143,8 @@ class Job:
 
     def _predict(self, items: list[Item]):
         """One request's photos -> one result per photo (see Predictor.predict_many)."""
-        return self.predictor.predict_many([item.data for item in items], [item.entry.relative for item in items])
+        return self.predictor.predict_many([item.data for item in items], [item.entry.relative for item in items],
+                                           [item.sha256 for item in items])
 
     def _requests(self, outcomes: list[Outcome]) -> list[list[Outcome]]:
         """Photos to send -> requests of up to --photos-per-request photos and --max-request-bytes
@@ -163,21 +178,28 @@ class Job:
         return cost == 0 or self.held == 0 or self.held + cost <= self.s.max_in_flight_bytes
 
     def _incomplete(self, item: Item, code: str | None, error: str | None) -> bool:
-        """A rejection that a stalled upload gets, for a file modified within --incomplete-grace:
-        it stays in the inbox (skipped `incomplete`) instead of going to quarantine."""
-        if not (self.s.incomplete_grace > 0 and inbox.incomplete(code, error)
-                and inbox.young(item.entry, self.s.incomplete_grace)):
+        """A rejection that a file still being written gets: it stays in the inbox (skipped
+        `incomplete`) instead of going to quarantine. A stalled upload (empty, truncated) modified
+        within --incomplete-grace; any photo that failed to decode modified within --min-age (it
+        passed the settle check, but a share can keep a growing file's size and mtime for seconds).
+        Ages on the inbox's clock."""
+        now = self.clock.now()
+        if self.s.incomplete_grace > 0 and inbox.incomplete(code, error) and inbox.young(item.entry, self.s.incomplete_grace, now):
+            why = (f"modified less than --incomplete-grace {self.s.incomplete_grace:.0f}s ago by the inbox's clock: "
+                   f"an upload may still resume")
+        elif inbox.undecoded(code) and inbox.young(item.entry, self.s.min_age, now):
+            why = f"modified less than --min-age {self.s.min_age:.0f}s ago by the inbox's clock: it may still be being written"
+        else:
             return False
-        inbox.skip(self.summary.skipped, item.entry.relative,
-                   f"incomplete (TorchServe: {code}; modified less than --incomplete-grace "
-                   f"{self.s.incomplete_grace:.0f}s ago: an upload may still resume)")
+        inbox.skip(self.summary.skipped, item.entry.relative, f"incomplete (TorchServe: {code}; {why})")
         return True
 
     def _pump(self, pool: ThreadPoolExecutor, progress) -> None:
         """Keep up to 2 x concurrency requests of up to --photos-per-request photos in flight (and the
         photos read under --max-in-flight-bytes), and record their answers in batches."""
         window = 2 * self.s.concurrency  # one server-side batch being computed while the next fills
-        source = inbox.candidates(self.s, self.stop, self.summary.skipped)
+        self.clock = inbox.Clock.probe(self.s.inbox)
+        source = inbox.candidates(self.s, self.stop, self.summary.skipped, self.clock)
         pending: dict[Future, list[Outcome]] = {}  # a request in flight -> its photos
         waiting: dict[str, list[Item]] = defaultdict(list)  # same content as a request in flight
         in_flight: dict[str, Outcome] = {}
@@ -303,9 +325,16 @@ class Job:
             logger.error("%s: its row could not be recorded (%s); left in the inbox for the next run",
                          o.item.entry.relative, reason, extra={"event": "unrecorded", "path": o.item.entry.relative})
         errors = files.move_many([(o.item.entry.path, dest) for o, dest, _, _ in written.plan],
-                                 linked=lambda: self.hook("mid_link"), moved_one=lambda: self.hook("mid_move"))
-        moved = []
+                                 linked=lambda: self.hook("mid_link"), moved_one=lambda: self.hook("mid_move"),
+                                 expect=[(o.item.entry.inode, o.item.entry.size, o.item.entry.mtime_ns)
+                                         for o, _, _, _ in written.plan])
+        moved, replaced = [], []
         for (o, dest, destination, file_id), exc in zip(written.plan, errors):
+            if isinstance(exc, files.Replaced):
+                replaced.append(file_id)
+                inbox.skip(self.summary.skipped, o.item.entry.relative,
+                           "replaced (the file changed after it was read; not moved, read again by the next run)")
+                continue
             if exc is not None:
                 self.summary.move_failed += 1
                 logger.error("%s: recorded, but moving it to %s failed (%s); the next run retries the move",
@@ -324,6 +353,9 @@ class Job:
                                dest, extra={"event": "quarantined", "path": o.item.entry.relative})
         self.hook("after_moves")
         self.journal.mark(moved, "moved")
+        if replaced:
+            self.journal.mark(replaced, "superseded", "the file under this name changed after it was read; left in the "
+                                                      "inbox for the next run")
 
 
 class _NoProgress:

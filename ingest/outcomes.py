@@ -49,11 +49,13 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
 EXIT_CODES = {
     EXIT_DONE: "done (rejected photos were quarantined: that is not an error)",
-    EXIT_LEFT: "some photos could not be classified, recorded or moved and stay for the next run; or the run failed unexpectedly",
+    EXIT_LEFT: ("some photos could not be classified, recorded or moved and stay for the next run (a stopped run too, where "
+                "moves were left unfinished); files left in the inbox for a lasting reason (unreadable, symlink, not a file, "
+                "unsupported) for longer than --stuck-after; or the run failed unexpectedly"),
     EXIT_SETTINGS: "bad settings",
     EXIT_TORCHSERVE: "TorchServe unavailable or refusing",
     EXIT_DATABASE: "PostgreSQL unavailable",
-    EXIT_LOCKED: "another run holds the ingest lock (nothing was done)",
+    EXIT_LOCKED: "another run holds the ingest lock (nothing was done; under Kubernetes the Job ends Failed)",
 }
 
 # The error that ended a run -> its exit status; the first matching row wins.
@@ -113,6 +115,16 @@ class Outcome:
     duplicate: bool = False
 
 
+class Skipped(Counter):
+    """Files left in the inbox, counted by reason; `lasting`: (relative path, reason, mtime) of those
+    left for a reason that does not pass by itself (ingest.inbox.LASTING), so that the run can name
+    the ones that waited too long."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lasting: list[tuple[str, str, float | None]] = []
+
+
 @dataclass
 class Summary:
     run_id: int | None = None
@@ -126,7 +138,10 @@ class Summary:
     recovered: int = 0
     move_failed: int = 0
     recovery_failed: int = 0  # an earlier run's moves that could not be finished now: left pending
-    skipped: Counter = field(default_factory=Counter)
+    worker_died: int = 0  # requests TorchServe answered "Worker died." (ingest.predict isolates their photos)
+    skipped: Counter = field(default_factory=Skipped)
+    # Files left for a lasting reason, modified longer than --stuck-after ago: (relative path, reason, age s)
+    waited_too_long: list = field(default_factory=list)
     elapsed_s: float = 0.0
     error: str | None = None
     exit_code: int = 0
@@ -140,7 +155,9 @@ class Summary:
         return {"taken": self.taken, "processed": self.processed, "duplicates": self.duplicates,
                 "quarantined": self.quarantined, "failed": self.failed, "retried": self.retried,
                 "recovered": self.recovered, "move_failed": self.move_failed,
-                "recovery_failed": self.recovery_failed, "skipped": dict(self.skipped),
+                "recovery_failed": self.recovery_failed, "worker_died": self.worker_died, "skipped": dict(self.skipped),
+                "waited_too_long": len(self.waited_too_long),
+                "waited_too_long_names": [f"{rel} ({reason})" for rel, reason, _ in self.waited_too_long[:20]],
                 "elapsed_s": round(self.elapsed_s, 3), "images_per_s": round(self.images_per_s, 2)}
 
     def line(self) -> str:
@@ -148,16 +165,30 @@ class Summary:
         return (f"run {self.run_id} {self.status}: {self.processed} processed, {self.duplicates} duplicates, "
                 f"{self.quarantined} quarantined, {self.failed} failed (left in the inbox), {self.retried} retried, "
                 f"{self.recovered} recovered from an earlier run"
-                f"{f' ({self.recovery_failed} left pending)' if self.recovery_failed else ''}; skipped: {skipped}; "
+                f"{f' ({self.recovery_failed} left pending)' if self.recovery_failed else ''}"
+                f"{f'; the worker died on {self.worker_died} requests' if self.worker_died else ''}; skipped: {skipped}"
+                f"{self._waited_line()}; "
                 f"{self.elapsed_s:.1f}s, {self.images_per_s:.1f} images/s")
+
+    def _waited_line(self) -> str:
+        if not self.waited_too_long:
+            return ""
+        names = ", ".join(f"{rel} ({reason})" for rel, reason, _ in self.waited_too_long[:5])
+        more = f" and {len(self.waited_too_long) - 5} more" if len(self.waited_too_long) > 5 else ""
+        return f"; {len(self.waited_too_long)} left longer than --stuck-after, for a person to act on: {names}{more}"
 
     def conclude(self, fatal: BaseException | None, *, stopped: bool) -> None:
         """Status and exit code of a run that has ended (before its end is recorded). A graceful stop
-        (SIGTERM) exits 0: what was left waits for the next run, as it would on any schedule."""
+        (SIGTERM) exits 0 (what was not taken waits for the next run, as it would on any schedule),
+        unless moves it owed were left unfinished: a recorded photo whose move failed, or an earlier
+        run's move it could not finish. A finished run exits 1 for those, for photos left without an
+        answer, and for files left for a lasting reason for longer than --stuck-after."""
         if fatal is not None:
             self.status, self.error, self.exit_code = "failed", str(fatal), exit_code_for(fatal)
         elif stopped:
-            self.status, self.exit_code = "stopped", EXIT_DONE
+            self.status = "stopped"
+            self.exit_code = EXIT_LEFT if (self.move_failed or self.recovery_failed) else EXIT_DONE
         else:
             self.status = "succeeded"
-            self.exit_code = EXIT_LEFT if (self.failed or self.move_failed or self.recovery_failed) else EXIT_DONE
+            left = self.failed or self.move_failed or self.recovery_failed or self.waited_too_long
+            self.exit_code = EXIT_LEFT if left else EXIT_DONE

@@ -101,6 +101,11 @@ FIELDS: list[Field] = [
     Field("database_url", str, None, "PostgreSQL libpq URL (default: the private cluster of `python -m serving up`)", "DATABASE_URL", "URL"),
     Field("timeout", parse_duration, READ_TIMEOUT_S, "read timeout of one request; keep it above TorchServe's responseTimeout "
           "(120s), so that TorchServe answers a slow batch (e.g. 507, worker restarted) before the job gives up and sends it again", "INGEST_TIMEOUT", "DURATION"),
+    Field("response_timeout", parse_duration, 120.0, "TorchServe's responseTimeout for the model (model-config.yaml): a worker "
+          "that dies on a request after about this long was killed for hanging on it (worker_timeout), sooner it crashed (worker_crash)",
+          "INGEST_RESPONSE_TIMEOUT", "DURATION"),
+    Field("worker_wait", parse_duration, 120.0, "after a worker died, how long to wait for TorchServe to report it up again "
+          "(/ping Healthy) before stopping the run (exit 3)", "INGEST_WORKER_WAIT", "DURATION"),
     Field("connect_timeout", parse_duration, 5.0, "connect timeout of one request", "INGEST_CONNECT_TIMEOUT", "DURATION"),
     Field("retries", _positive_int, 8, "attempts per photo for an answer that is not a verdict on it (no connection, timeout, 5xx, a 4xx without the handler's code) before giving up", "INGEST_RETRIES", "N"),
     Field("backoff", parse_duration, 0.5, "first retry delay; doubles per attempt, with jitter", "INGEST_BACKOFF", "DURATION"),
@@ -110,6 +115,9 @@ FIELDS: list[Field] = [
     Field("settle", parse_duration, 2.0, "a younger file is taken if its size and mtime stay the same this long (0: wait for --min-age)", "INGEST_SETTLE", "DURATION"),
     Field("max_bytes", _positive_int, 20 * 1024 * 1024, "files larger than this are quarantined without being sent (the handler's max_bytes in model-config.yaml)", "INGEST_MAX_BYTES", "BYTES"),
     Field("max_in_flight_bytes", _positive_int, 256 * 1024 * 1024, "bytes of photos held in memory at once, read or being sent (a single larger photo still goes, alone)", "INGEST_MAX_IN_FLIGHT_BYTES", "BYTES"),
+    Field("stuck_after", parse_duration, 3600.0, "a file left in the inbox for a reason that does not pass by itself (unreadable, "
+          "symlink, not a file, unsupported) and modified longer ago than this is named in the summary and makes the run exit 1",
+          "INGEST_STUCK_AFTER", "DURATION"),
     Field("incomplete_grace", parse_duration, 3600.0, "a photo TorchServe calls truncated or empty stays in the inbox (skipped: incomplete) while modified less than this long ago; 0: quarantine it at once", "INGEST_INCOMPLETE_GRACE", "DURATION"),
     Field("limit", _positive_int, None, "stop after taking this many files (the rest waits for the next run)", "INGEST_LIMIT", "N"),
     Field("flush_every", parse_duration, 2.0, "commit at least this often even when a batch is not full", "INGEST_FLUSH_EVERY", "DURATION"),
@@ -144,6 +152,8 @@ class Settings:
     management_url: str | None = _default("management_url")
     key_file: Path | None = _default("key_file")
     timeout: float = _default("timeout")
+    response_timeout: float = _default("response_timeout")
+    worker_wait: float = _default("worker_wait")
     connect_timeout: float = _default("connect_timeout")
     retries: int = _default("retries")
     backoff: float = _default("backoff")
@@ -153,6 +163,7 @@ class Settings:
     settle: float = _default("settle")
     max_bytes: int = _default("max_bytes")
     max_in_flight_bytes: int = _default("max_in_flight_bytes")
+    stuck_after: float = _default("stuck_after")
     incomplete_grace: float = _default("incomplete_grace")
     limit: int | None = _default("limit")
     flush_every: float = _default("flush_every")

@@ -85,11 +85,17 @@ class Answer:
 
 class Transient(Exception):
     """No verdict now; asking again later may get one. down: TorchServe itself is unavailable
-    (see ANSWERS), as opposed to an answer about this one request."""
+    (see ANSWERS), as opposed to an answer about this one request. worker_died: TorchServe's
+    "Worker died.": the worker process that held this request's batch crashed, or was killed for
+    not answering within responseTimeout, and is being restarted (a photo in the batch may be the
+    cause: ingest.predict isolates it)."""
 
-    def __init__(self, reason: str, *, down: bool):
+    def __init__(self, reason: str, *, down: bool, worker_died: bool = False):
         super().__init__(reason)
-        self.reason, self.down = reason, down
+        self.reason, self.down, self.worker_died = reason, down, worker_died
+
+
+WORKER_DIED = "Worker died."  # TorchServe's message (WorkerThread) for the batch a dying worker held
 
 
 class Refused(Exception):
@@ -148,7 +154,7 @@ ANSWERS: tuple[Rule, ...] = (
          lambda code, body, keyed: code in (503, 507, 408, 429), "down"),
     Rule("500 'Worker died.': the worker died holding the batch (TorchServe's frontend answers 507 only "
          "when it has already seen the process killed, else 500) and is being restarted",
-         lambda code, body, keyed: code == 500 and body.get("message") == "Worker died.", "down"),
+         lambda code, body, keyed: code == 500 and body.get("message") == WORKER_DIED, "down"),
     Rule("anything else: 500, 502, 504, a 4xx without the handler's code, a body that is not "
          "TorchServe's, a 200 without a label",
          lambda code, body, keyed: True, "transient"),
@@ -175,7 +181,8 @@ def _answer(code: int, body: dict, *, model: str, has_key_file: bool) -> Answer:
         raise Refused(TOKEN_REQUIRED if _invalid_key(code, body) else f"TorchServe has no model {model!r}: {detail}")
     if _invalid_key(code, body):
         raise Transient(f"token refused: {detail}", down=True)
-    raise Transient(f"HTTP {code}: {str(detail)[:300]}", down=rule.means == "down")
+    raise Transient(f"HTTP {code}: {str(detail)[:300]}", down=rule.means == "down",
+                    worker_died=code >= 500 and body.get("message") == WORKER_DIED)
 
 
 def read_answers(response: requests.Response, n: int, *, model: str, has_key_file: bool) -> list[Answer | Transient]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import requests
@@ -74,6 +75,7 @@ def test_torchserves_worker_death_and_out_of_memory_are_down_not_a_verdict():
         with pytest.raises(Transient) as info:
             read(code, body)
         assert info.value.down and info.value.reason == f"HTTP {code}: {body['message']}"
+        assert info.value.worker_died is (body["message"] == "Worker died.")  # isolated, not retried whole
 
 
 def test_unknown_model_is_refused_not_a_rejected_photo():
@@ -599,3 +601,99 @@ def test_a_reviewed_sample_counts_other_right_when_answered_other():
     assert "all, other right" in table and "8/8 1.000" in table and "4/8 0.500" in table, table
     promoted, reason = rollout.judge(with_other, without, 0.02)
     assert promoted and "0.500 vs" not in reason and "1.000 vs the default's 0.500" in reason, reason
+
+
+# -- a photo that kills the worker ------------------------------------------------------------
+
+class DyingWorkerClient:
+    """A TorchServe whose worker dies on any request holding b"kill" (after `hang_s` for b"hang"), or on
+    every request where `all_die`; answers the rest. Records each request's photos and how many other
+    requests were in flight while it was."""
+
+    DIED = {"code": 500, "type": "InternalServerException", "message": "Worker died."}
+
+    def __init__(self, *, all_die=False, hang_s=0.0):
+        self.all_die, self.hang_s, self.key_file = all_die, hang_s, None
+        self.sent, self.beside, self.in_flight, self.lock = [], [], 0, threading.Lock()
+
+    def _answers(self, photos):
+        with self.lock:
+            self.sent.append(list(photos))
+            self.beside.append(self.in_flight)
+            self.in_flight += 1
+        try:
+            time.sleep(0.01)
+            if any(b"hang" in p for p in photos):
+                time.sleep(self.hang_s)
+            if self.all_die or any(b"kill" in p or b"hang" in p for p in photos):
+                died = Transient("HTTP 500: Worker died.", down=True, worker_died=True)
+                return [died] * len(photos)
+            return [Answer(True, {**PREDICTION}) for _ in photos]
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def classify_many(self, model, photos, *, timeout=None):
+        return self._answers(photos)
+
+    def classify(self, model, data, *, timeout=None):
+        (answer,) = self._answers([data])
+        if isinstance(answer, Transient):
+            raise answer
+        return answer
+
+    def ping(self, *, timeout=None):
+        return Ping(200, "HTTP 200", status="Healthy")
+
+
+def isolating_predictor(tmp_path, client, **kw):
+    s = Settings(inbox=tmp_path, database_url="unused", torchserve_url="http://ts.invalid:8080", retries=4,
+                 backoff=0, backoff_max=0, **kw)
+    return Predictor(s, client, threading.Event())
+
+
+def test_a_request_the_worker_died_on_is_halved_down_to_the_photo_and_the_rest_answered(tmp_path):
+    client = DyingWorkerClient()
+    p = isolating_predictor(tmp_path, client)
+    photos = [b"p%d" % i for i in range(8)]
+    photos[5] = b"p5 kill"
+    got = p.predict_many(photos, [f"{i}.png" for i in range(8)])
+    assert [g.ok for g in got] == [True] * 5 + [False] + [True] * 2
+    assert got[5].body["code"] == "worker_crash" and "2 times with this photo alone" in got[5].body["error"]
+    sizes = [len(r) for r in client.sent if r != [predict_mod.CANARY]]
+    assert sizes[:3] == [8, 4, 4] and sizes.count(1) >= 2  # whole, halves, ..., the photo alone twice
+    assert client.sent.count([predict_mod.CANARY]) == 2
+    bad = predict_mod._content_key(photos[5])
+    assert p.crashes.alone[bad] == 2 and all(n == 0 for key, n in p.crashes.alone.items() if key != bad)
+
+
+def test_a_photo_that_outlasts_the_response_timeout_is_a_worker_timeout(tmp_path):
+    client = DyingWorkerClient(hang_s=0.1)
+    p = isolating_predictor(tmp_path, client, response_timeout=0.1)
+    got = p.predict_many([b"a", b"b hang", b"c"], ["a.png", "b.png", "c.png"])
+    assert [g.ok for g in got] == [True, False, True]
+    assert got[1].body["code"] == "worker_timeout" and "responseTimeout" in got[1].body["error"]
+
+
+def test_photos_the_worker_died_on_go_alone_while_other_requests_wait(tmp_path):
+    client = DyingWorkerClient()
+    p = isolating_predictor(tmp_path, client)
+    groups = [[b"g%d-%d" % (g, i) for i in range(4)] for g in range(6)]
+    groups[2][1] = b"kill"
+    threads = [threading.Thread(target=p.predict_many, args=(g, [f"{i}" for i in range(4)])) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    isolated = [beside for photos, beside in zip(client.sent, client.beside)
+                if len(photos) < 4 or photos == [predict_mod.CANARY]]
+    assert isolated and all(beside == 0 for beside in isolated)
+
+
+def test_a_worker_that_dies_on_the_test_image_too_is_an_outage_not_the_photo(tmp_path):
+    client = DyingWorkerClient(all_die=True)
+    p = isolating_predictor(tmp_path, client)
+    got = p.predict_many([b"a", b"b", b"c"], ["a.png", "b.png", "c.png"])
+    assert all(isinstance(g, TorchServeDown) for g in got)
+    assert "plain test image" in str(got[0]) and "not the photo" in str(got[0])
+    assert all(n == 0 for n in p.crashes.alone.values())

@@ -181,6 +181,21 @@ def test_bad_inputs(torchserve, database_url, tmp_path, unseen_images):
     # Nothing was recorded for what was skipped: the secret behind the link never reached TorchServe.
     assert not fetch(database_url, "SELECT 1 FROM predictions WHERE sha256 = %(s)s", {"s": sha(good[::-1])})
 
+    # Left for a reason that does not pass by itself, for longer than --stuck-after: named, and exit 1
+    long_ago = time.time() - 2 * 3600
+    for name in ("scan.pdf", "link.jpg", "linkdir", "pipe.jpg", ".hidden.jpg"):
+        os.utime(inbox / name, (long_ago, long_ago), follow_symlinks=False)
+    again = Job(settings_for(inbox, database_url, torchserve.inference_url, max_bytes=limit)).run()
+    assert (again.status, again.exit_code) == ("succeeded", 1)
+    assert sorted((rel, reason) for rel, reason, _ in again.waited_too_long) == [
+        ("link.jpg", "symlink"), ("linkdir", "symlink"), ("pipe.jpg", "not_a_file"), ("scan.pdf", "unsupported")]
+    assert "4 left longer than --stuck-after" in again.line() and "scan.pdf (unsupported)" in again.line()
+    runs = report_mod.collect(database_url, since=datetime(2000, 1, 1, tzinfo=timezone.utc), limit=5, sections=["runs"])["runs"]
+    latest = dict(zip(runs["columns"], runs["rows"][0]))
+    assert latest["waited_too_long"] == 4 and "pipe.jpg (not_a_file)" in latest["waited_too_long_names"]
+    assert latest["skipped"] == "hidden 1, not_a_file 1, symlink 2, unsupported 1"
+    assert latest["pending_moves"] == latest["move_failed"] == latest["recovery_failed"] == 0
+
 
 @pytest.mark.integration
 def test_unreadable_file_stays_in_the_inbox(torchserve, database_url, tmp_path, unseen_images):
@@ -206,7 +221,7 @@ def test_file_still_being_written_waits_for_the_next_run(torchserve, database_ur
     growing = inbox / "growing.jpg"
     fresh = inbox / "fresh.jpg"
     good = sorted((inbox / "batch-a").iterdir())[0].read_bytes()
-    fresh.write_bytes(good[::-1] + b"x")  # young but unchanged for --settle: taken (and rejected)
+    fresh.write_bytes(good[::-1] + b"x")  # young but unchanged for --settle: taken, fails to decode, left: it may still grow
     growing.write_bytes(good[:100])
     import threading
 
@@ -227,7 +242,7 @@ def test_file_still_being_written_waits_for_the_next_run(torchserve, database_ur
         done.set()
         t.join()
     assert summary.skipped["not_settled"] == 1 and growing.exists()
-    assert summary.processed == 2 and summary.quarantined == 1
+    assert summary.processed == 2 and summary.quarantined == 0 and summary.skipped["incomplete"] == 1 and fresh.exists()
 
 
 @pytest.mark.integration
@@ -425,6 +440,14 @@ def test_exit_codes_are_decided_in_one_table():
         s = Summary(failed=failed)
         s.conclude(fatal, stopped=stopped)
         assert (s.status, s.exit_code) == expected
+    # a stop (SIGTERM) that left moves unfinished is not a clean exit
+    for unfinished in ({"move_failed": 1}, {"recovery_failed": 1}):
+        s = Summary(**unfinished)
+        s.conclude(None, stopped=True)
+        assert (s.status, s.exit_code) == ("stopped", 1)
+    s = Summary(waited_too_long=[("scan.pdf", "unsupported", 7200.0)])
+    s.conclude(None, stopped=False)
+    assert (s.status, s.exit_code) == ("succeeded", 1)
 
 
 def test_journal_rows_match_the_insert_columns():

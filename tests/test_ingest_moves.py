@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from ingest import files
-from ingest_helpers import assert_exactly_once, cli, fetch, fill_inbox, ingest_env, snapshot, summary_of
+from ingest_helpers import (assert_exactly_once, cli, fetch, fill_inbox, ingest_env, sha, snapshot, start_cli,
+                            summary_of, wait_for)
 
 PARTIAL = ".ingest-partial"
 
@@ -161,7 +162,7 @@ def test_a_cross_filesystem_move_copies_and_syncs_the_folder_before_the_unlink(t
     src.write_bytes(b"photo" * 1000)
     dest = other_fs / "2026-11-29" / "a.jpg"
     real_copy = files._copy_then_link
-    monkeypatch.setattr(files, "_copy_then_link", lambda s, d: (events.append("copy"), real_copy(s, d))[1])
+    monkeypatch.setattr(files, "_copy_then_link", lambda s, d, *expect: (events.append("copy"), real_copy(s, d, *expect))[1])
     files.move(src, dest)
     assert dest.read_bytes() == b"photo" * 1000 and not src.exists() and not partials(other_fs)
     assert "copy" in events  # EXDEV: the copy path
@@ -276,3 +277,48 @@ def test_a_full_processed_folder_leaves_the_photos_then_a_bigger_one_takes_them_
     assert where["processed"] == good and not where["inbox"] and not partials(split)
     (n,), = fetch(database_url, "SELECT count(*) FROM predictions")
     assert n == len(set(originals.values()))  # one row per content: the copy and its original share one
+
+
+# -- a file replaced between its read and its move -----------------------------------------------
+
+@pytest.mark.integration
+@pytest.mark.parametrize("layout", ["one filesystem", "separate mounts"])
+def test_a_file_replaced_after_it_was_read_is_not_moved_under_its_row(layout, request, tmp_path, torchserve,
+                                                                       database_url, unseen_images):
+    """The job pauses with the batch's rows committed and its moves not yet made; a new photo is
+    renamed over one of the names meanwhile. That file stays in the inbox (its planned move is
+    superseded, nothing of it lands under the old row), and the next run records it as what it is."""
+    root = request.getfixturevalue("split") if layout == "separate mounts" else tmp_path
+    inbox = root / "inbox"
+    fill_inbox(inbox, unseen_images, n=4)
+    victim = sorted((inbox / "batch-a").iterdir())[1]
+    old = victim.read_bytes()
+    new = sorted((unseen_images / "images").glob("*.jpg"))[6].read_bytes()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = ingest_env(torchserve.inference_url, database_url)
+    proc = start_cli(inbox, {**env, "INGEST_TEST_HOOK": "pause@after_commit", "INGEST_TEST_HOOK_DIR": str(hooks)},
+                     "--batch-size", "10")
+    try:
+        wait_for(hooks / "paused-after_commit", proc)
+        (victim.parent / ".upload").write_bytes(new)
+        os.replace(victim.parent / ".upload", victim)  # a scanner writes the next photo under the same name
+        (hooks / "resume-after_commit").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    summary = summary_of(out)
+    assert summary["processed"] == 3 and summary["skipped"] == {"replaced": 1}, summary
+    assert victim.read_bytes() == new
+    assert not any(p.read_bytes() == old for p in (root / "processed").rglob("*") if p.is_file())
+    (state, note), = fetch(database_url, "SELECT state, note FROM ingest_files WHERE sha256 = %(s)s", {"s": sha(old)})
+    assert state == "superseded" and "changed after it was read" in note
+
+    rerun = cli(inbox, env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert snapshot(inbox) == {}
+    moved = fetch(database_url, "SELECT dest_path FROM ingest_files WHERE sha256 = %(s)s AND state = 'moved'", {"s": sha(new)})
+    assert len(moved) == 1 and Path(moved[0][0]).read_bytes() == new

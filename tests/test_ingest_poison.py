@@ -171,6 +171,41 @@ def test_a_long_destination_name_moves_across_filesystems(tmp_path, monkeypatch)
     assert sorted(p.name for p in dest.parent.iterdir()) == sorted([dest.name, src.name])  # no partial left
 
 
+@pytest.mark.parametrize("path", ["link", "copy"])
+@pytest.mark.parametrize("change", ["replaced", "written to"])
+def test_a_file_that_is_not_the_one_read_is_not_moved(path, change, tmp_path, monkeypatch):
+    """Right before a move the inbox file's identity (inode, size, mtime) is checked against the one
+    read: a file replaced under its name, or written to since, stays where it is, and nothing of it
+    is left at the destination -- on the link path and on the copy path (EXDEV, as between mounts)."""
+    src = tmp_path / "inbox" / "a.jpg"
+    src.parent.mkdir()
+    src.write_bytes(b"what was read")
+    read_as = files.identity_of(os.lstat(src))
+    dest = tmp_path / "processed" / "2026-01-01" / "a.jpg"
+    if change == "replaced":  # a new file renamed over the name (a new inode)
+        (src.parent / ".upload").write_bytes(b"what came after")
+        os.replace(src.parent / ".upload", src)
+    else:  # the same inode, appended to
+        with open(src, "ab") as f:
+            f.write(b" and more")
+        os.utime(src, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    if path == "copy":
+        real_link = os.link
+
+        def link(a, b, **kw):
+            if Path(a) == src:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real_link(a, b, **kw)
+        monkeypatch.setattr(os, "link", link)
+    (error,) = files.move_many([(src, dest)], expect=[read_as])
+    assert isinstance(error, files.Replaced), error
+    assert src.exists() and not dest.exists() and not list(dest.parent.iterdir())  # no partial copy either
+    unchanged = tmp_path / "inbox" / "b.jpg"
+    unchanged.write_bytes(b"still as read")
+    (error,) = files.move_many([(unchanged, dest)], expect=[files.identity_of(os.lstat(unchanged))])
+    assert error is None and dest.read_bytes() == b"still as read" and not unchanged.exists()
+
+
 # -- answers PostgreSQL cannot hold ----------------------------------------------------------
 
 GOOD = {"label": "Tshirts", "confidence": 0.9, "topk": [{"label": "Tshirts", "p": 0.9}], "needs_review": False,
@@ -314,7 +349,7 @@ def test_recovery_never_marks_a_destination_with_other_content_moved(torchserve,
     originals = snapshot(inbox)
     s = settings_for(inbox, database_url, torchserve.inference_url)
 
-    def refuse(src, dest):
+    def refuse(src, dest, expect=None):
         raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(files, "_link", refuse)
     assert Job(s).run().move_failed == 4  # recorded, every move pending
@@ -418,7 +453,7 @@ def test_photos_held_in_memory_stay_under_the_byte_bound(per_request, tmp_path, 
     requests = []
 
     class Predictor:
-        def predict_many(self, photos, names):
+        def predict_many(self, photos, names, keys):
             requests.append(len(photos))
             time.sleep(0.02)
             return [Answer(True, {**GOOD}) for _ in photos]
@@ -464,6 +499,34 @@ def test_a_stalled_upload_waits_then_is_quarantined(torchserve, database_url, tm
     codes = dict(fetch(database_url, "SELECT filename, error_code FROM predictions WHERE status = 'rejected'"))
     assert codes == {"stalled.jpg": "corrupt", "empty.jpg": "empty"}
     assert not stalled.exists() and not empty.exists()
+
+
+def test_a_photo_that_fails_to_decode_while_younger_than_min_age_waits(torchserve, database_url, tmp_path, unseen_images):
+    """It stayed unchanged through --settle, but a network share can keep a growing file's size and
+    mtime that long: a decode failure within --min-age leaves it for the next run."""
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, unseen_images, n=2)
+    growing = inbox / "growing.jpg"
+    growing.write_bytes(b"the first bytes of an upload, not yet an image")
+    s = settings_for(inbox, database_url, torchserve.inference_url, min_age=60, settle=0.2, incomplete_grace=0)
+    first = Job(s).run()
+    assert (first.processed, first.quarantined, first.skipped["incomplete"], first.exit_code) == (2, 0, 1, EXIT_DONE)
+    assert growing.exists() and not fetch(database_url, "SELECT 1 FROM predictions WHERE status = 'rejected'")
+    two_minutes_ago = time.time() - 120  # older than --min-age now: judged
+    os.utime(growing, (two_minutes_ago, two_minutes_ago))
+    second = Job(s).run()
+    assert (second.quarantined, second.skipped["incomplete"]) == (1, 0) and not growing.exists()
+    assert fetch(database_url, "SELECT error_code FROM predictions WHERE status = 'rejected'") == [("not_an_image",)]
+
+
+def test_ages_in_the_inbox_are_measured_on_the_inbox_s_clock(tmp_path):
+    """A file server whose clock is 5 minutes behind stamps a file written just now 5 minutes old:
+    on this machine's clock it would look settled at once."""
+    written_now_by_a_late_server = files.Entry(Path("x.jpg"), "x.jpg", 1, int((time.time() - 300) * 1e9), 1)
+    assert files.settled(written_now_by_a_late_server, 60, inbox_mod.Clock(0.0).now())
+    assert not files.settled(written_now_by_a_late_server, 60, inbox_mod.Clock(-300.0).now())
+    clock = inbox_mod.Clock.probe(tmp_path)  # a local folder: the same clock, and no probe file left behind
+    assert abs(clock.offset_s) < 2 and list(tmp_path.iterdir()) == []
 
 
 def test_incomplete_answers_are_truncated_or_empty():

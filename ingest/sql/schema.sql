@@ -144,3 +144,15 @@ $$;
 CREATE TRIGGER predictions_review_enqueue AFTER INSERT ON predictions
     REFERENCING NEW TABLE AS new_predictions
     FOR EACH STATEMENT EXECUTE FUNCTION review_enqueue();
+
+CREATE TABLE worker_crashes (
+    sha256       text NOT NULL,
+    model_name   text NOT NULL,
+    in_flight    integer NOT NULL DEFAULT 0,
+    alone        integer NOT NULL DEFAULT 0,
+    last_kind    text NOT NULL CHECK (last_kind IN ('worker_crash', 'worker_timeout')),
+    first_at     timestamptz NOT NULL DEFAULT now(),
+    last_at      timestamptz NOT NULL DEFAULT now(),
+    last_run_id  bigint REFERENCES ingest_runs (id),
+    PRIMARY KEY (sha256, model_name)
+);
