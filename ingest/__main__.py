@@ -1,5 +1,5 @@
-"""python -m ingest run|schedule|report|health — the inbox -> TorchServe -> PostgreSQL job, its schedule, its reports
-and its health check.
+"""python -m ingest run|schedule|report|health|prune — the inbox -> TorchServe -> PostgreSQL job, its schedule, its
+reports, its health check and its retention.
 
 The exit codes of `run` (listed below) are decided in ingest.outcomes.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ingest import db, logs
 from ingest import health as health_mod
+from ingest import prune as prune_mod
 from ingest import report as report_mod
 from ingest.job import Job
 from ingest.outcomes import exit_code_for, exit_codes_help
@@ -189,6 +190,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 1 if found.problems else 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    logs.setup("human", logging.WARNING)
+    from serving.postgres import database_url
+
+    url = database_url(args.database_url)
+    db.migrate(url)
+    summary = prune_mod.prune(url, args.older_than, dry_run=args.dry_run)
+    print(f"ingest prune: {summary.line()}")
+    return 1 if summary.failed else 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from serving.postgres import database_url
 
@@ -239,6 +251,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--textfile", type=Path, default=None, help="write the figures here for node_exporter's textfile collector (*.prom)")
     p.add_argument("--pushgateway", type=str, default=None, help="push the figures to this Prometheus Pushgateway URL")
     p.set_defaults(fn=cmd_health)
+    p = sub.add_parser("prune", help="retention: remove photos moved to processed/ or quarantine/ longer ago than "
+                                     "--older-than (rows kept; photos with an open or unexported review kept)")
+    p.add_argument("--older-than", type=_duration, required=True, help="e.g. 90d")
+    p.add_argument("--dry-run", action="store_true", help="count what would go, remove nothing")
+    p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
+    p.set_defaults(fn=cmd_prune)
     p = sub.add_parser("migrate", help="apply the database migrations this version has (`run` does it too)")
     p.add_argument("--database-url", type=str, default=None, help="PostgreSQL URL (default: DATABASE_URL or the private cluster)")
     p.set_defaults(fn=cmd_migrate)

@@ -38,6 +38,7 @@ from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ingest import db, files, inbox
+from ingest import prune as prune_mod
 from ingest.crashes import CrashLog
 from ingest.hooks import Hooks
 from ingest.journal import Journal
@@ -101,6 +102,7 @@ class Job:
                 self.journal.recover(self.summary)
                 self.predictor.ping()
                 self._loop()
+                self._prune()
             except (IngestError, DatabaseDown, LockLost) as exc:
                 self.fatal = self.fatal or exc
             except Exception as exc:  # noqa: BLE001 - a bug or a surprise: record it, never leave the run 'running'
@@ -112,6 +114,16 @@ class Job:
         finally:
             self.store.close()
         return self.summary
+
+    def _prune(self) -> None:
+        """--prune-after: retention, under the ingest lock (no run moves files meanwhile); its failure
+        is logged and never fails the run."""
+        if not self.s.prune_after or self.fatal is not None or self.stop.is_set():
+            return
+        try:
+            self.summary.pruned = sum(prune_mod.prune(self.s.database_url, self.s.prune_after).removed.values())
+        except Exception as exc:  # noqa: BLE001 - the photos stay; the next run tries again
+            logger.exception("retention (--prune-after) failed: %s: %s", type(exc).__name__, exc, extra={"event": "prune_failed"})
 
     def _finish(self) -> None:
         s = self.summary

@@ -139,6 +139,7 @@ class Summary:
     move_failed: int = 0
     recovery_failed: int = 0  # an earlier run's moves that could not be finished now: left pending
     worker_died: int = 0  # requests TorchServe answered "Worker died." (ingest.predict isolates their photos)
+    pruned: int = 0  # photos --prune-after removed after the run
     skipped: Counter = field(default_factory=Skipped)
     # Files left for a lasting reason, modified longer than --stuck-after ago: (relative path, reason, age s)
     waited_too_long: list = field(default_factory=list)
@@ -155,7 +156,8 @@ class Summary:
         return {"taken": self.taken, "processed": self.processed, "duplicates": self.duplicates,
                 "quarantined": self.quarantined, "failed": self.failed, "retried": self.retried,
                 "recovered": self.recovered, "move_failed": self.move_failed,
-                "recovery_failed": self.recovery_failed, "worker_died": self.worker_died, "skipped": dict(self.skipped),
+                "recovery_failed": self.recovery_failed, "worker_died": self.worker_died, "pruned": self.pruned,
+                "skipped": dict(self.skipped),
                 "waited_too_long": len(self.waited_too_long),
                 "waited_too_long_names": [f"{rel} ({reason})" for rel, reason, _ in self.waited_too_long[:20]],
                 "elapsed_s": round(self.elapsed_s, 3), "images_per_s": round(self.images_per_s, 2)}

@@ -27,6 +27,7 @@ SECTIONS = {
     "failures": ("report_failures", "Rejected photos by reason"),
     "duplicates": ("report_duplicates", "Duplicates (same content as a recorded photo)"),
     "runs": ("report_runs", "Runs"),
+    "disk": ("report_disk", "Disk: what processed/ and quarantine/ hold (recorded sizes), and what retention removed"),
 }
 # The review desk (python -m review): reads the tables of migration 004, empty until someone reviews.
 REVIEW_SECTIONS = {

@@ -119,6 +119,9 @@ FIELDS: list[Field] = [
           "symlink, not a file, unsupported) and modified longer ago than this is named in the summary and makes the run exit 1",
           "INGEST_STUCK_AFTER", "DURATION"),
     Field("incomplete_grace", parse_duration, 3600.0, "a photo TorchServe calls truncated or empty stays in the inbox (skipped: incomplete) while modified less than this long ago; 0: quarantine it at once", "INGEST_INCOMPLETE_GRACE", "DURATION"),
+    Field("prune_after", parse_duration, None, "retention: after each run, remove photos moved to processed/ or "
+          "quarantine/ longer ago than this (rows kept; photos with an open or unexported review kept; default: keep all)",
+          "INGEST_PRUNE_AFTER", "DURATION"),
     Field("limit", _positive_int, None, "stop after taking this many files (the rest waits for the next run)", "INGEST_LIMIT", "N"),
     Field("flush_every", parse_duration, 2.0, "commit at least this often even when a batch is not full", "INGEST_FLUSH_EVERY", "DURATION"),
     Field("progress", parse_bool, None, "progress bar on stderr (default: when stderr is a terminal)", "INGEST_PROGRESS", "BOOL"),
@@ -165,6 +168,7 @@ class Settings:
     max_in_flight_bytes: int = _default("max_in_flight_bytes")
     stuck_after: float = _default("stuck_after")
     incomplete_grace: float = _default("incomplete_grace")
+    prune_after: float | None = _default("prune_after")
     limit: int | None = _default("limit")
     flush_every: float = _default("flush_every")
     progress: bool | None = _default("progress")

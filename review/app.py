@@ -192,6 +192,10 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
     def photo(item_id: int):
         path = queue.photo_path(database_url, item_id)
         if path is None:
+            pruned = queue.photo_pruned(database_url, item_id)
+            if pruned is not None:  # retention removed it: say so (the rows and decisions are kept)
+                return (f"This photo was removed by retention (ingest prune) on {pruned:%Y-%m-%d}; its records are kept.",
+                        410, {"Content-Type": "text/plain; charset=utf-8"})
             abort(404)
         try:
             data = path.read_bytes()

@@ -5,7 +5,9 @@
     DIR/images/<id>.jpg    the photo: JPEG bytes copied as they are, other formats re-encoded
 
 Only each photo's current decision counts (a changed decision exports its latest label once);
-"photo unusable" is left out. `training.train --extra-data DIR` and `serving rollout --sample DIR`
+"photo unusable" is left out. Each decision written is stamped exported (`exported_at`), which lets
+retention (`ingest prune`) remove its photo later; a photo retention already removed is skipped as
+`pruned`. `training.train --extra-data DIR` and `serving rollout --sample DIR`
 read this layout.
 """
 from __future__ import annotations
@@ -74,9 +76,12 @@ def export(url: str, out: Path, *, since: datetime) -> ExportSummary:
         rows = cur.fetchall()
     summary = ExportSummary()
     lines = ["id,articleType\n"]
-    for decision_id, label, _decided_at, dest_path, dest_bytes in rows:
+    written = []
+    for decision_id, label, _decided_at, dest_path, dest_bytes, pruned in rows:
         if dest_path is None:
-            summary.skip("no_file_recorded")
+            summary.skip("pruned" if pruned else "no_file_recorded")
+            if pruned:
+                logger.warning("decision %s: its photo was removed by retention (ingest prune); skipped", decision_id)
             continue
         if "," in label or "\n" in label:  # styles.csv is read unquoted (training.catalogue)
             summary.skip("label_not_csv_safe")
@@ -99,9 +104,12 @@ def export(url: str, out: Path, *, since: datetime) -> ExportSummary:
             logger.warning("decision %s: %s cannot be read as an image (%s); skipped", decision_id, source, exc)
             continue
         lines.append(f"{decision_id},{label}\n")
+        written.append(decision_id)
         summary.written += 1
         summary.labels[label] = summary.labels.get(label, 0) + 1
     tmp = out / "styles.csv.tmp"
     tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, out / "styles.csv")
+    with db.connect(url) as conn, conn.cursor() as cur:  # after styles.csv is in place: only what was written
+        cur.execute(queue.load_query("mark_exported"), {"ids": written})
     return summary

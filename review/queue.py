@@ -165,6 +165,13 @@ def photo_path(url: str, item_id: int) -> Path | None:
     return path_from_row(row[0], row[1]) if row else None
 
 
+def photo_pruned(url: str, item_id: int):
+    """When retention (ingest prune) removed the photo of an item, or None."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "photo_pruned", {"item_id": item_id})
+    return row[0] if row else None
+
+
 def queue_by_label(url: str) -> list[dict]:
     with db.connect(url) as conn, conn.cursor() as cur:
         cur.execute(load_query("queue_by_label"))

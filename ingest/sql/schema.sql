@@ -60,8 +60,10 @@ CREATE TABLE ingest_files (
     note           text,
     source_path_bytes bytea,  -- the exact bytes of source_path / dest_path when not valid UTF-8
     dest_path_bytes   bytea,
+    pruned_at      timestamptz,  -- when `ingest prune` removed the file at dest_path (the row stays)
     CONSTRAINT ingest_files_once_per_run UNIQUE (run_id, source_path)
 );
+CREATE INDEX ingest_files_prunable ON ingest_files (moved_at) WHERE state = 'moved' AND pruned_at IS NULL;
 CREATE INDEX ingest_files_pending ON ingest_files (id) WHERE state = 'pending';
 CREATE INDEX ingest_files_run ON ingest_files (run_id);
 CREATE INDEX ingest_files_prediction ON ingest_files (prediction_id);
@@ -108,6 +110,7 @@ CREATE TABLE review_decisions (
     label           text,  -- the category, 'other', or NULL (unusable)
     previous_label  text,  -- the label this decision replaces: the model's answer, or the decision it changes
     supersedes      bigint UNIQUE REFERENCES review_decisions (id),  -- the decision it changes, if any
+    exported_at     timestamptz,  -- when `review export` first wrote it
     CONSTRAINT review_decisions_label_matches_outcome CHECK (
         (outcome = 'unusable' AND label IS NULL) OR (outcome = 'other' AND label = 'other')
         OR (outcome = 'category' AND label IS NOT NULL AND label <> 'other'))

@@ -1,10 +1,12 @@
--- Current decisions to export (not those changed since, not "photo unusable"), with a file of the photo each.
-SELECT d.id, d.label, d.decided_at, f.dest_path, f.dest_path_bytes
+-- Current decisions to export (not those changed since, not "photo unusable"), with a file of the photo
+-- each (one retention has not removed), and whether retention removed the photo's files.
+SELECT d.id, d.label, d.decided_at, f.dest_path, f.dest_path_bytes,
+       EXISTS (SELECT 1 FROM ingest_files g WHERE g.sha256 = i.sha256 AND g.pruned_at IS NOT NULL) AS pruned
 FROM review_items i
 JOIN review_decisions d ON d.id = i.decision_id
 LEFT JOIN LATERAL (
     SELECT f.dest_path, f.dest_path_bytes FROM ingest_files f
-    WHERE f.sha256 = i.sha256 AND f.destination = 'processed' AND f.state = 'moved'
+    WHERE f.sha256 = i.sha256 AND f.destination = 'processed' AND f.state = 'moved' AND f.pruned_at IS NULL
     ORDER BY (f.prediction_id = i.prediction_id) DESC, f.id LIMIT 1
 ) f ON true
 WHERE d.outcome <> 'unusable' AND d.decided_at >= %(since)s
