@@ -153,8 +153,8 @@ class Predictor:
         flight (Gate.exclusive). Returns the answers and, where the worker died on the request, how
         (WORKER_CRASH, or WORKER_TIMEOUT after about --response-timeout)."""
         timeout = (self.s.connect_timeout, self.s.timeout)
-        started = time.monotonic()
         with self.gate.exclusive() if alone else self.gate.shared():
+            started = time.monotonic()  # not the wait for the gate: a timeout is told by the request's own time
             if single:
                 try:
                     got: list[Answer | Transient] = [self.client.classify(self.s.model, photos[0], timeout=timeout)]
@@ -164,8 +164,8 @@ class Predictor:
                 got = self.client.classify_many(self.s.model, photos, timeout=timeout)
         if not any(isinstance(a, Transient) and a.worker_died for a in got):
             return got, None
-        self.on_worker_died()
         took = time.monotonic() - started
+        self.on_worker_died()
         return got, WORKER_TIMEOUT if took >= TIMEOUT_SHARE * self.s.response_timeout else WORKER_CRASH
 
     def predict_many(self, photos: list[bytes], names: list[str],
