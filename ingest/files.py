@@ -21,6 +21,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 PARTIAL_SUFFIXES = {".part", ".partial", ".tmp", ".crdownload", ".download"}
 
 
+Identity = tuple[int, int, int]  # (inode, size, mtime_ns): the same file, unchanged
+
+
+def identity_of(st: os.stat_result) -> Identity:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class Entry:
     """A regular file found in the inbox, with the stat seen by the walk."""
@@ -30,6 +37,10 @@ class Entry:
     size: int
     mtime_ns: int
     inode: int
+
+    @property
+    def identity(self) -> Identity:
+        return self.inode, self.size, self.mtime_ns
 
 
 @dataclass
@@ -128,7 +139,7 @@ def read(entry: Entry, *, max_bytes: int) -> tuple[bytes | None, str, int]:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise NotReady("not_a_file")
-        if (before.st_size, before.st_mtime_ns, before.st_ino) != (entry.size, entry.mtime_ns, entry.inode):
+        if identity_of(before) != entry.identity:
             raise NotReady("changed")
         digest = hashlib.sha256()
         chunks = [] if before.st_size <= max_bytes else None
@@ -207,13 +218,6 @@ def move(src: Path, dest: Path, *, linked=None) -> None:
 class Replaced(OSError):
     """The file under the inbox name is not the one that was read (another inode, size or mtime):
     it is not moved, so that no row stands for content it was not made from."""
-
-
-Identity = tuple[int, int, int]  # (inode, size, mtime_ns) of a file as it was read
-
-
-def identity_of(st: os.stat_result) -> Identity:
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def check_identity(src: Path, expect: Identity | None, st: os.stat_result | None = None) -> None:

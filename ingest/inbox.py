@@ -124,7 +124,7 @@ def candidates(s: Settings, stop: threading.Event, skipped: Counter, clock: Cloc
         except OSError:
             skip(skipped, entry.relative, "vanished")
             continue
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (entry.size, entry.mtime_ns, entry.inode):
+        if files.identity_of(st) != entry.identity:
             skip(skipped, entry.relative, "not_settled")
             continue
         yield entry

@@ -59,9 +59,9 @@ class Job:
         self.summary = Summary()
         self.hook = Hooks.from_env()
         self._lock = threading.Lock()
-        self.predictor = Predictor(settings, build_client(settings), self.stop, on_retry=self._count_retry,
+        self.predictor = Predictor(settings, build_client(settings), self.stop, on_retry=lambda: self._count("retried"),
                                    crashes=CrashLog(settings.database_url, settings.model_name, lambda: self.summary.run_id),
-                                   on_worker_died=self._count_worker_death)
+                                   on_worker_died=lambda: self._count("worker_died"))
         self.store = Store(settings.database_url, retry_for=settings.db_retry_for)
         self.journal = Journal(self.store, settings, hook=self.hook)
         self.fatal: BaseException | None = None  # IngestError, DatabaseDown or LockLost: ends the run
@@ -75,13 +75,10 @@ class Job:
         self.stop_requested = True
         self.stop.set()
 
-    def _count_retry(self) -> None:
-        with self._lock:  # called from the request threads
-            self.summary.retried += 1
-
-    def _count_worker_death(self) -> None:
+    def _count(self, what: str) -> None:
+        """summary.<what> + 1, from the request threads."""
         with self._lock:
-            self.summary.worker_died += 1
+            setattr(self.summary, what, getattr(self.summary, what) + 1)
 
     # -- run -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -338,8 +335,7 @@ class Job:
                          o.item.entry.relative, reason, extra={"event": "unrecorded", "path": o.item.entry.relative})
         errors = files.move_many([(o.item.entry.path, dest) for o, dest, _, _ in written.plan],
                                  linked=lambda: self.hook("mid_link"), moved_one=lambda: self.hook("mid_move"),
-                                 expect=[(o.item.entry.inode, o.item.entry.size, o.item.entry.mtime_ns)
-                                         for o, _, _, _ in written.plan])
+                                 expect=[o.item.entry.identity for o, _, _, _ in written.plan])
         moved, replaced = [], []
         for (o, dest, destination, file_id), exc in zip(written.plan, errors):
             if isinstance(exc, files.Replaced):
