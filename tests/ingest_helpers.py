@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from ingest import db
@@ -121,6 +122,35 @@ def cli(inbox: Path, env: dict, *args: str, timeout: float = 120) -> subprocess.
 def start_cli(inbox: Path, env: dict, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ingest", "run", "--inbox", str(inbox), *FAST, *args],
                             env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextmanager
+def ended(proc: subprocess.Popen):
+    """The job started by start_cli, killed (and reaped) if the block leaves it running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def handler_archive(name: str, handler_source: str, model_config: str, work: Path, store: Path) -> Path:
+    """STORE/NAME.mar of a test handler (handler_source, the module's text) with model_config (a
+    model-config.yaml's text), built with torch-model-archiver as bench.ingestion does."""
+    staging = work / f"{name}-staging"
+    staging.mkdir(parents=True)
+    module = staging / f"{name}_handler.py"
+    module.write_text(handler_source)
+    (staging / "model-config.yaml").write_text(model_config)
+    tmp = work / "archiver-tmp"  # the archiver stages in $TMPDIR/<name>: private, like bench.common.private_tmp_env
+    tmp.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1",
+           "--handler", str(module), "--config-file", str(staging / "model-config.yaml"),
+           "--export-path", str(store), "--archive-format", "default", "--force"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    assert result.returncode == 0, result.stderr or result.stdout
+    return store / f"{name}.mar"
 
 
 def summary_of(out: str) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ingest import files
-from ingest_helpers import (assert_exactly_once, cli, fetch, fill_inbox, ingest_env, sha, snapshot, start_cli,
+from ingest_helpers import (assert_exactly_once, cli, ended, fetch, fill_inbox, ingest_env, sha, snapshot, start_cli,
                             summary_of, wait_for)
 
 PARTIAL = ".ingest-partial"
@@ -297,18 +297,13 @@ def test_a_file_replaced_after_it_was_read_is_not_moved_under_its_row(layout, re
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     env = ingest_env(torchserve.inference_url, database_url)
-    proc = start_cli(inbox, {**env, "INGEST_TEST_HOOK": "pause@after_commit", "INGEST_TEST_HOOK_DIR": str(hooks)},
-                     "--batch-size", "10")
-    try:
+    with ended(start_cli(inbox, {**env, "INGEST_TEST_HOOK": "pause@after_commit", "INGEST_TEST_HOOK_DIR": str(hooks)},
+                         "--batch-size", "10")) as proc:
         wait_for(hooks / "paused-after_commit", proc)
         (victim.parent / ".upload").write_bytes(new)
         os.replace(victim.parent / ".upload", victim)  # a scanner writes the next photo under the same name
         (hooks / "resume-after_commit").touch()
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     summary = summary_of(out)
     assert summary["processed"] == 3 and summary["skipped"] == {"replaced": 1}, summary

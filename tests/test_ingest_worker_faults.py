@@ -12,12 +12,9 @@ the photo is retried (serving.client.ANSWERS), and a photo is never quarantined 
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +22,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from ingest_helpers import MODEL, assert_exactly_once, cli, fetch, ingest_env, snapshot, start_cli, summary_of, wait_for
+from ingest_helpers import (MODEL, assert_exactly_once, cli, ended, fetch, handler_archive, ingest_env, snapshot, start_cli,
+                            summary_of, wait_for)
 from serving.archive import archive_name
 from serving.torchserve import make_torchserve
 
@@ -71,9 +69,8 @@ def test_worker_killed_mid_run_is_retried_and_every_photo_recorded_once(start_to
     # At most 2 requests of 4 photos in flight (2 x --concurrency), so that most photos are still to be
     # sent when the first batch is recorded: with the whole inbox in flight at once, a fast TorchServe
     # could answer every photo before the worker is frozen, and nothing would be retried.
-    proc = start_cli(inbox, env, "--batch-size", "16", "--concurrency", "1", "--photos-per-request", "4",
-                     "--retries", "10", "--backoff", "0.2", "--backoff-max", "2")
-    try:
+    with ended(start_cli(inbox, env, "--batch-size", "16", "--concurrency", "1", "--photos-per-request", "4",
+                         "--retries", "10", "--backoff", "0.2", "--backoff-max", "2")) as proc:
         wait_for(hooks / "paused-after_commit", proc)  # mid-run: one batch recorded, most photos still to send
         # Freeze the worker, let the job send: the frontend hands the worker a batch it will never
         # answer, so the SIGKILL below surely lands with requests in the worker's hands.
@@ -82,10 +79,6 @@ def test_worker_killed_mid_run_is_retried_and_every_photo_recorded_once(start_to
         time.sleep(1.5)
         worker.kill()
         out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     summary = summary_of(out)
     assert summary["worker_died"] > 0 and summary["failed"] == 0 and summary["quarantined"] == 0, summary
@@ -121,19 +114,9 @@ class FailingHandler:
 
 
 def make_failing_archive(name: str, work: Path, store: Path) -> Path:
-    """An archive of FAILING_HANDLER named `name`, built with torch-model-archiver (as bench.ingestion does)."""
-    staging = work / f"{name}-staging"
-    staging.mkdir(parents=True)
-    (staging / "failing_handler.py").write_text(FAILING_HANDLER)
-    (staging / "model-config.yaml").write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\nmaxBatchDelay: 10\nresponseTimeout: 120\n")
-    tmp = work / "archiver-tmp"  # the archiver stages in $TMPDIR/<name>: private, like bench.common.private_tmp_env
-    tmp.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1",
-           "--handler", str(staging / "failing_handler.py"), "--config-file", str(staging / "model-config.yaml"),
-           "--export-path", str(store), "--archive-format", "default", "--force"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
-    assert result.returncode == 0, result.stderr or result.stdout
-    return store / f"{name}.mar"
+    """An archive of FAILING_HANDLER named `name`."""
+    return handler_archive(name, FAILING_HANDLER, "minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\nmaxBatchDelay: 10\n"
+                                                  "responseTimeout: 120\n", work, store)
 
 
 @pytest.fixture

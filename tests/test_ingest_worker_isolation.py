@@ -14,15 +14,12 @@ KILL_MARK ends the worker process and one holding HANG_MARK never returns.
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from ingest_helpers import cli, fetch, ingest_env, snapshot, summary_of
+from ingest_helpers import cli, fetch, handler_archive, ingest_env, snapshot, summary_of
 from serving.torchserve import make_torchserve
 
 pytestmark = pytest.mark.integration
@@ -67,21 +64,6 @@ class StandinHandler:
 ''' % {"kill": KILL_MARK, "hang": HANG_MARK}
 
 
-def make_archive(name: str, work: Path, store: Path) -> None:
-    staging = work / f"{name}-staging"
-    staging.mkdir(parents=True)
-    (staging / "standin_handler.py").write_text(STANDIN_HANDLER)
-    (staging / "model-config.yaml").write_text(
-        f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\nmaxBatchDelay: 20\nresponseTimeout: {RESPONSE_TIMEOUT_S}\n")
-    tmp = work / "archiver-tmp"
-    tmp.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1",
-           "--handler", str(staging / "standin_handler.py"), "--config-file", str(staging / "model-config.yaml"),
-           "--export-path", str(store), "--archive-format", "default", "--force"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
-    assert result.returncode == 0, result.stderr or result.stdout
-
-
 @pytest.fixture
 def standin_torchserve(tmp_path):
     """start(name) -> a TorchServe serving the stand-in handler as model `name` alone."""
@@ -90,7 +72,8 @@ def standin_torchserve(tmp_path):
     def start(name: str):
         store = tmp_path / f"store-{name}"
         store.mkdir()
-        make_archive(name, tmp_path, store)
+        handler_archive(name, STANDIN_HANDLER, "minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\nmaxBatchDelay: 20\n"
+                                               f"responseTimeout: {RESPONSE_TIMEOUT_S}\n", tmp_path, store)
         ts = make_torchserve(store, tmp_path / f"ts-{name}")
         started.append(ts)
         ts.start([f"{name}={name}.mar"])
