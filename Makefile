@@ -19,27 +19,37 @@ help:
 	@echo "make bench [BENCH_DATA=CATALOGUE] [BENCH_ARGS=--quick] - the benchmarks"
 	@echo "make up | down | status - the services"
 
-# Recreated only when the requirements change (requirements-test.txt: what the tests add).
-$(STAMP): requirements.txt requirements-test.txt
+# Recreated only when the requirements change (requirements-test.txt: what the tests add;
+# requirements-runtimes.txt: Java and PostgreSQL for machines without them).
+$(STAMP): requirements.txt requirements-test.txt requirements-runtimes.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt -r requirements-runtimes.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)
 
+# When this make began, before the virtualenv (a prerequisite) was made: the demo's first figure.
+MAKE_T0 := $(shell date +%s%N)
+DEMO_TIMES := $(DEMO)/times.txt
+# $(call timed,STEP,COMMAND): runs COMMAND (echoed as make would) and adds "STEP milliseconds" to DEMO_TIMES.
+timed = @echo '$(2)'; t=$$(date +%s%N); $(2) && echo "$(1) $$(( ($$(date +%s%N) - t) / 1000000 ))" >> $(DEMO_TIMES)
+
 demo: $(STAMP)
-	$(PY) -m training.make_sample_catalogue --out $(DEMO)/catalogue --per-class 60 --outside-per-class 30 --seed 0
-	$(PY) -m training.make_sample_catalogue --out $(DEMO)/unseen --per-class 5 --outside-per-class 2 --seed 12345 --first-id 90000
-	$(PY) -m training.train --data-dir $(DEMO)/catalogue --out $(DEMO)/run --epochs 8 --image-size 64 48
-	$(PY) -m training.export --run $(DEMO)/run --version $(VERSION) --force
+	@mkdir -p $(DEMO) && echo "virtualenv $$(( ($$(date +%s%N) - $(MAKE_T0)) / 1000000 ))" > $(DEMO_TIMES)
+	$(call timed,sample-catalogue,$(PY) -m training.make_sample_catalogue --out $(DEMO)/catalogue --per-class 60 --outside-per-class 30 --seed 0 && $(PY) -m training.make_sample_catalogue --out $(DEMO)/unseen --per-class 5 --outside-per-class 2 --seed 12345 --first-id 90000)
+	$(call timed,training,$(PY) -m training.train --data-dir $(DEMO)/catalogue --out $(DEMO)/run --epochs 8 --image-size 64 48)
+	$(call timed,export,$(PY) -m training.export --run $(DEMO)/run --version $(VERSION) --force)
 	$(PY) -m serving down >/dev/null
-	$(PY) -m serving up --archive refund_classifier-$(VERSION).mar
+	$(call timed,services-start,$(PY) -m serving up --archive refund_classifier-$(VERSION).mar)
 	rm -rf $(DEMO)/inbox && mkdir -p $(DEMO)/inbox && cp $(DEMO)/unseen/images/*.jpg $(DEMO)/inbox/
-	$(PY) -m ingest run --inbox $(DEMO)/inbox
+	$(call timed,ingest,$(PY) -m ingest run --inbox $(DEMO)/inbox)
 	$(PY) -m ingest report --latest 10
 	@echo
 	$(PY) -m review add-reviewer demo --generate-password --replace
-	$(PY) -m review up
+	$(call timed,review-desk-start,$(PY) -m review up)
+	@echo
+	@echo "demo: where the time went (seconds; the virtualenv is made on first use only, services-start is serving up's PostgreSQL + TorchServe)"
+	@awk '{ms += $$2; printf "  %-18s %7.1f\n", $$1, $$2 / 1000} END {printf "  %-18s %7.1f\n", "in all", ms / 1000}' $(DEMO_TIMES)
 	@echo
 	@echo "Review desk: http://127.0.0.1:$${REVIEW_PORT:-8090}/ - log in as 'demo' with the password printed above."
 	@echo "TorchServe, PostgreSQL and the review desk are still running: 'make status' shows them, 'make down' stops them."

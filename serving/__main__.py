@@ -9,13 +9,14 @@ import functools
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from serving import rollout
 from serving.client import AuthError
 from serving.postgres import Cluster, PostgresError
 from serving.rollout import RolloutError
-from serving.torchserve import TorchServe, TorchServeError
+from serving.torchserve import TorchServe, TorchServeError, java_runtime
 
 
 # Where `up --foreground` keeps a copy of the inference key alone (token authorization on).
@@ -30,11 +31,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     ts = TorchServe(config=args.config)
     if embedded_db():
         cluster = Cluster()
+        print(cluster.programs().line(), flush=True)
+        t0 = time.monotonic()
         cluster.start()
-        print(f"postgres: private cluster up on 127.0.0.1:{cluster.port} (data: {cluster.data})")
+        for note in cluster.notes:
+            print(f"postgres: {note}")
+        print(f"postgres: private cluster up on 127.0.0.1:{cluster.port} as {cluster.runs_as()} in "
+              f"{time.monotonic() - t0:.1f}s (data: {cluster.data})")
+    print(java_runtime().line(), flush=True)
+    t0 = time.monotonic()
     version = rollout.serve(ts, args.archive)
     print(f"torchserve: up at {ts.inference_url} serving refund_classifier version {version} as the default "
-          f"(logs: {ts.log_dir})", flush=True)
+          f"in {time.monotonic() - t0:.1f}s (logs: {ts.log_dir})", flush=True)
     if args.foreground:  # containers: live as long as TorchServe, stop it on SIGTERM
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0 if ts.stop() else 0))
         # A client allowed inference only (the compose ingest job) reads a copy holding that key alone.

