@@ -137,10 +137,11 @@ def default_image_size() -> tuple[int, int]:
 
 
 def default_arch() -> str:
-    """training.train's default --arch: what a real run serves."""
+    """The network training.train's default (--arch auto) trains on this machine: what a real run serves."""
+    from handler.refund_model import cpu_supports_bf16
     from training import train
 
-    return train.get_args_parser().get_default("arch")
+    return train.default_arch(cpu_supports_bf16())
 
 
 def build_random_run(run: Path, *, arch: str, image_size: tuple[int, int], seed: int = 0) -> Path:

@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> dict:
     from training import train
 
     defaults = train.get_args_parser()  # the recipe's defaults live in its command line
-    arch = args.arch or defaults.get_default("arch")
+    arch = args.arch or common.default_arch()  # --arch auto's choice on this machine
     image_sizes = [tuple(s) for s in args.image_size or [defaults.get_default("image_size")]]
     batch_sizes = args.batch_size or [defaults.get_default("batch_size")]
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)

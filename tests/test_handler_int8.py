@@ -237,7 +237,10 @@ def test_the_bench_archive_serves_the_default_network_s_int8_marked_timing_only(
     from handler.refund_model import cpu_supports_vnni, int8_backend_available
     from training import train
 
-    assert common.default_arch() == train.get_args_parser().get_default("arch")
+    from handler.refund_model import cpu_supports_bf16
+
+    assert common.default_arch() == train.default_arch(cpu_supports_bf16()) == \
+        train.DEFAULT_ARCH["bf16" if cpu_supports_bf16() else "fp32"]
     mar = common.make_bench_archive(tmp_path / "bench", image_size=(32, 32), arch="tinynet")
     folder = extract(mar, tmp_path / "mar")
     meta = json.loads((folder / "model_meta.json").read_text())

@@ -10,6 +10,7 @@ import yaml
 
 from handler.refund_model import build_model
 from serving.archive import MODEL_NAME, archive_name
+from support import TINY, run_train
 from training import export as export_mod
 from training.catalogue import CatalogueError, list_items, read_styles
 from training.checkpoint import CHECKPOINT, load_archive_model, load_run
@@ -104,3 +105,19 @@ def test_archive_reader_gives_back_the_trained_model(trained_run, model_store):
     assert set(state) == set(ckpt["model"]) and all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
     x = torch.randn(2, 3, 32, 32)  # (B, C, H, W)
     assert not archived.training and torch.allclose(archived(x), model(x), atol=1e-5)  # model: channels_last
+
+
+def test_the_default_network_follows_the_precision_training_runs_in(sample_catalogue, tmp_path, caplog, monkeypatch):
+    """--arch auto: ResNet-50 where training runs in bf16, ResNet-18 where it runs in float32, said in the log."""
+    import logging
+
+    from training import train
+
+    assert train.get_args_parser().get_default("arch") == "auto"
+    assert (train.default_arch(True), train.default_arch(False)) == ("resnet50", "resnet18")
+    monkeypatch.setattr(train, "DEFAULT_ARCH", {"bf16": "resnet18", "fp32": "tinynet"})  # the choice, not the network's cost
+    caplog.set_level(logging.INFO, logger="training.train")
+    tiny = [a for a in TINY if a not in ("--arch", "tinynet")]
+    run_train("--data-dir", str(sample_catalogue), "--out", str(tmp_path / "run"), "--epochs", "1", "--amp", "off", *tiny)
+    assert "--arch auto: tinynet, the network for training in float32 (--amp off)" in caplog.text
+    assert torch.load(tmp_path / "run" / CHECKPOINT, map_location="cpu", weights_only=True)["model_config"]["arch"] == "tinynet"
