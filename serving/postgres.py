@@ -96,7 +96,7 @@ class Cluster:
             existing = existing.parent
         if not user_exists(owner):
             return all(os.stat(p).st_mode & 0o001 for p in (existing, *existing.parents))
-        probe = subprocess.run(["runuser", "-u", owner, "--", "test", "-x", str(existing)],
+        probe = subprocess.run([admin_tool("runuser"), "-u", owner, "--", "test", "-x", str(existing)],
                                capture_output=True, cwd="/")
         return probe.returncode == 0
 
@@ -125,7 +125,7 @@ class Cluster:
         cmd = [str(self.programs().home / tool), *args]
         owner = self._owner()
         if owner:
-            cmd = ["runuser", "-u", owner, "--", *cmd]
+            cmd = [admin_tool("runuser"), "-u", owner, "--", *cmd]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
         if check and result.returncode != 0:
             raise PostgresError(f"{tool} failed ({result.returncode}): {(result.stderr or result.stdout).strip()}")
@@ -230,6 +230,12 @@ class Cluster:
             conn.close()
 
 
+def admin_tool(name: str) -> str:
+    """An administrator's program (runuser, useradd): on PATH, or in /usr/sbin or /sbin, which a
+    root shell's PATH may leave out. The bare name where none is found."""
+    return shutil.which(name, path=os.pathsep.join(filter(None, (os.environ.get("PATH"), "/usr/sbin", "/sbin")))) or name
+
+
 def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -240,10 +246,11 @@ def user_exists(name: str) -> bool:
 
 def create_server_user(name: str) -> None:
     """A locked system account for the server alone, as a distribution's package makes `postgres`."""
-    if not shutil.which("useradd"):
+    useradd = admin_tool("useradd")
+    if not os.path.isabs(useradd):
         raise PostgresError(f"running as root with no `{SYSTEM_SERVER_USER}` system user, and no useradd to create "
                             f"`{name}`: create a user for the server, or point DATABASE_URL at a server")
-    done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+    done = subprocess.run([useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
                            "--shell", "/usr/sbin/nologin", "--comment", "refund-classifier private PostgreSQL", name],
                           capture_output=True, text=True)
     if done.returncode != 0 and not user_exists(name):
