@@ -7,9 +7,14 @@ Starts a private PostgreSQL (free port, temporary folder) and `python -m review 
   item), logged in: median, p90 and max of `--requests` requests each;
 - decisions per minute by keyboard: Debian's Chromium (Playwright) presses `1` on `--decide` items in
   a row, each decision a form POST, a redirect and the next page with its photo loaded;
+- a reviewer deciding at a person's pace (`--paced` decisions, one every `--pace` seconds: the POST,
+  the redirect and the next page), first alone, then while `--idle` connections are held open
+  (half silent, half with a request begun and never finished) against the desk's one process:
+  each decision's time, and how many idle connections the server still holds at the end;
 - optionally a screenshot of the review page (`--screenshot FILE`).
 
-    python -m bench.review_desk [--items 1000] [--requests 20] [--decide 50] [--screenshot FILE] [--out FILE]
+    python -m bench.review_desk [--items 1000] [--requests 20] [--decide 50] [--idle 200] [--paced 20] [--pace 1]
+                                [--screenshot FILE] [--out FILE]
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -127,12 +133,56 @@ def ttfb(session: requests.Session, url: str, n: int) -> list[float]:
     return out
 
 
+def decide_paced(session: requests.Session, base: str, n: int, pace_s: float) -> list[float]:
+    """n decisions, one every pace_s seconds: each timed from its POST to the next review page read."""
+    times = []
+    page = session.get(base + "/review").text
+    for _ in range(n):
+        item = re.search(r'data-item="(\d+)"', page).group(1)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        t0 = time.perf_counter()
+        r = session.post(f"{base}/items/{item}/decide", data={"decision": ":other", "replaces": "", "csrf_token": token})
+        page = r.text
+        times.append(time.perf_counter() - t0)
+        assert r.status_code == 200 and 'data-item="' in page, (r.status_code, page[:300])
+        time.sleep(max(0.0, pace_s - times[-1]))
+    return times
+
+
+def hold_idle(port: int, n: int) -> list[socket.socket]:
+    """n connections left open: half say nothing, half begin a request and never finish it."""
+    held = []
+    for k in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if k % 2:
+            s.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        held.append(s)
+    return held
+
+
+def still_open(held: list[socket.socket]) -> int:
+    """How many of the held connections the server has not closed."""
+    n = 0
+    for s in held:
+        s.setblocking(False)
+        try:
+            n += s.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            n += 1  # nothing to read, not closed
+        except OSError:
+            pass
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.review_desk", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1000, help="queued needs-review photos")
     p.add_argument("--requests", type=int, default=20, help="requests per page for time to first byte")
     p.add_argument("--decide", type=int, default=50, help="items decided by keyboard in the browser")
+    p.add_argument("--idle", type=int, default=200, help="idle connections held open during the paced run")
+    p.add_argument("--paced", type=int, default=20, help="decisions at a person's pace, alone and beside the idle connections")
+    p.add_argument("--pace", type=float, default=1.0, help="seconds between the paced decisions")
     p.add_argument("--screenshot", type=Path, default=None, help="save a screenshot of the review page here")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     p.add_argument("--data-dir", type=Path, default=os.environ.get("RC_BENCH_DATA") or None,
@@ -201,6 +251,20 @@ def main(argv: list[str] | None = None) -> int:
         results["keyboard"] = {"decisions": args.decide, "seconds": round(elapsed, 2),
                                "decisions_per_minute": round(args.decide / elapsed * 60, 1),
                                "ms_per_decision": round(elapsed / args.decide * 1000, 1)}
+
+        s = requests.Session()  # another reviewer's session: the browser's holds no item now
+        queue.add_reviewer(url, "paced", "paced-password")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', s.get(base + "/login").text).group(1)
+        assert s.post(base + "/login", data={"name": "paced", "password": "paced-password", "csrf_token": token},
+                      allow_redirects=False).status_code == 302
+        alone = decide_paced(s, base, args.paced, args.pace)
+        held = hold_idle(port, args.idle)
+        beside = decide_paced(s, base, args.paced, args.pace)
+        results["paced"] = {"pace_s": args.pace, "idle_connections": args.idle,
+                            "alone": percentiles(alone), "beside_idle": percentiles(beside),
+                            "idle_still_open_at_end": still_open(held)}
+        for sock in held:
+            sock.close()
         results["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
         text = json.dumps(results, indent=2)
         print(text)

@@ -1,4 +1,4 @@
-"""python -m review serve | up | down | add-reviewer NAME | audit-share X | export --out DIR
+"""python -m review serve | up | down | add-reviewer NAME | deactivate NAME | reviewers | audit-share X | export --out DIR
 
 The review desk: a web page where staff decide the needs-review queue (and an audit sample of
 the confidently accepted answers), and the export of their decisions as a training catalogue.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import logging
 import os
 import sys
@@ -54,26 +55,50 @@ def _model_store(args: argparse.Namespace) -> Path | None:
     return REPO_ROOT / props.get("model_store", "model_store")
 
 
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from werkzeug.serving import make_server
+    from waitress import create_server
 
     from review.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     url = _writable_url(args)
     app = create_app(url, state=process.review_state(), lease_s=args.lease, model_store=_model_store(args),
-                     secure_cookies=args.secure_cookies)
-    server = make_server(args.host, args.port, app, threaded=True)
-    print(f"review: serving on http://{args.host}:{server.server_port}/ (Ctrl-C stops)", flush=True)
+                     secure_cookies=args.secure_cookies, proxies=args.proxies, order=args.order)
+    # waitress reads each request whole in its I/O loop before a worker thread sees it: an idle or
+    # slow connection costs a socket, never a thread. Threads, connections and idle time are bounded.
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+                           connection_limit=args.connection_limit, channel_timeout=args.idle_timeout,
+                           ident="review-desk", expose_tracebacks=False)
+    if not loopback(args.host) and not args.secure_cookies:
+        message = (f"listening on {args.host}, beyond this machine, without --secure-cookies: the session cookie "
+                   f"travels in clear wherever the connection is not HTTPS. Put a TLS proxy in front and pass "
+                   f"--secure-cookies (REVIEW_SECURE_COOKIES=1)")
+        print(f"review: WARNING: {message}", file=sys.stderr, flush=True)
+        logging.getLogger("review").warning(message)
+    print(f"review: serving on http://{args.host}:{server.effective_port}/ with waitress ({args.threads} threads, "
+          f"at most {args.connection_limit} connections, idle ones closed after {args.idle_timeout} s; Ctrl-C stops)",
+          flush=True)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        server.close()
     return 0
 
 
 def _serve_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--lease", str(args.lease)]
+    flags = ["--lease", str(args.lease), "--threads", str(args.threads), "--connection-limit", str(args.connection_limit),
+             "--idle-timeout", str(args.idle_timeout), "--proxies", str(args.proxies), "--order", args.order]
     if args.model_store:
         flags += ["--model-store", str(args.model_store)]
     if args.secure_cookies:
@@ -127,6 +152,29 @@ def cmd_add_reviewer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deactivate(args: argparse.Namespace) -> int:
+    ended, released = queue.deactivate(_writable_url(args), args.name)
+    print(f"review: reviewer {args.name} deactivated: {ended} session(s) ended, {released} held item(s) back in the "
+          f"queue; `add-reviewer {args.name} --replace` reactivates it with a new password")
+    return 0
+
+
+def _when(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def cmd_reviewers(args: argparse.Namespace) -> int:
+    rows = queue.reviewers(_writable_url(args))
+    header = ("name", "active", "last login", "decisions", "last decision", "sessions")
+    table = [header] + [(r["name"], "yes" if r["active"] else f"no (since {_when(r['deactivated_at'])})",
+                         _when(r["last_login_at"]), str(r["decisions"]), _when(r["last_decision_at"]), str(r["sessions"]))
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
 def cmd_audit_share(args: argparse.Namespace) -> int:
     share = queue.set_audit_share(_writable_url(args), args.share)
     print(f"review: {share:.2%} of the confidently accepted predictions recorded from now on also enter the queue as audit items")
@@ -174,6 +222,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "or config.properties' model_store)")
     server.add_argument("--secure-cookies", action="store_true", default=os.environ.get("REVIEW_SECURE_COOKIES") == "1",
                         help="send the session cookie over HTTPS only (behind a TLS proxy)")
+    server.add_argument("--order", choices=queue.ORDERS, default=os.environ.get("REVIEW_ORDER", "oldest"),
+                        help="which open item a reviewer gets next: the oldest, or the least confident answer "
+                             "(uncertain: a short shift resolves what the model knows least) (default: REVIEW_ORDER or oldest)")
+    server.add_argument("--threads", type=int, default=int(os.environ.get("REVIEW_THREADS", 8)),
+                        help="requests handled at once (default: REVIEW_THREADS or 8)")
+    server.add_argument("--connection-limit", type=int, default=int(os.environ.get("REVIEW_CONNECTION_LIMIT", 500)),
+                        help="open connections at most; more wait to be accepted (default: REVIEW_CONNECTION_LIMIT or 500)")
+    server.add_argument("--idle-timeout", type=int, default=int(os.environ.get("REVIEW_IDLE_TIMEOUT_S", 60)),
+                        help="seconds an idle connection stays open (default: REVIEW_IDLE_TIMEOUT_S or 60)")
+    server.add_argument("--proxies", type=int, default=int(os.environ.get("REVIEW_PROXIES", 0)),
+                        help="reverse proxies in front that set X-Forwarded-For/-Proto: the client address that "
+                             "login throttling counts is read from them (default: REVIEW_PROXIES or 0)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", parents=[common, server], help="the review web page, in the foreground")
     p.set_defaults(fn=cmd_serve)
@@ -186,6 +246,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-password", action="store_true", help="make a random password and print it")
     p.add_argument("--replace", action="store_true", help="set a new password for an existing reviewer")
     p.set_defaults(fn=cmd_add_reviewer)
+    p = sub.add_parser("deactivate", parents=[common], help="shut a reviewer's account: no login, sessions ended at once")
+    p.add_argument("name", type=str)
+    p.set_defaults(fn=cmd_deactivate)
+    p = sub.add_parser("reviewers", parents=[common], help="every reviewer: active, last login, decisions, open sessions")
+    p.set_defaults(fn=cmd_reviewers)
     p = sub.add_parser("audit-share", parents=[common], help="the share of accepted predictions audited (default 0.02)")
     p.add_argument("share", type=_share, help="a fraction (0.02) or a percentage (2%%)")
     p.set_defaults(fn=cmd_audit_share)

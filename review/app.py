@@ -8,6 +8,8 @@ in the request.
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
 import secrets
 from datetime import timedelta
@@ -17,9 +19,12 @@ from urllib.parse import urlsplit
 from flask import Flask, abort, flash, g, redirect, render_template, request, send_file, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from PIL import Image, UnidentifiedImageError
+from psycopg2 import InterfaceError, OperationalError
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from review import queue
 from review.categories import Categories
+from review.throttle import LoginThrottle, Refusal
 from serving.archive import OTHER_LABEL
 
 SECRET_ENV = "REVIEW_SECRET_KEY"
@@ -28,6 +33,7 @@ BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
 OPEN_PAGES = {"login", "login_post", "static"}
 # The decide form's buttons: a label, or one of these.
 CHOICE_OTHER, CHOICE_UNUSABLE, CHOICE_SEARCH = ":other", ":unusable", ":search"
+log = logging.getLogger("review")
 
 
 def secret_key(state: Path) -> bytes:
@@ -56,6 +62,19 @@ def _safe_next(target: str | None) -> str:
     return url_for("review")
 
 
+def _decision_id(text: str) -> int | None:
+    """The form's `replaces`: the decision shown with the item, empty where it was undecided."""
+    if not text:
+        return None
+    if not text.isdigit():
+        raise queue.ReviewError(f"Invalid decision id {text!r} in the form; reload the page")
+    return int(text)
+
+
+def _wait(seconds: int) -> str:
+    return f"{seconds} s" if seconds < 120 else f"{math.ceil(seconds / 60)} min"
+
+
 def _age(delta) -> str:
     if delta is None:
         return ""
@@ -68,28 +87,40 @@ def _age(delta) -> str:
 
 
 def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_LEASE_S,
-               model_store: Path | None = None, secure_cookies: bool = False) -> Flask:
+               model_store: Path | None = None, secure_cookies: bool = False,
+               throttle: LoginThrottle | None = None, proxies: int = 0, order: str = "oldest") -> Flask:
+    """The desk's Flask app. `proxies`: how many reverse proxies in front set X-Forwarded-For and
+    X-Forwarded-Proto (0: the client's address is the connection's)."""
     app = Flask(__name__)
+    if proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     app.config.update(
         SECRET_KEY=secret_key(state),
         SESSION_COOKIE_NAME="review_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=secure_cookies,
-        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
-        WTF_CSRF_TIME_LIMIT=12 * 3600,
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=queue.SESSION_LIFETIME_S),
+        SESSION_REFRESH_EACH_REQUEST=False,  # the session ends 12 h after login, however it is used
+        WTF_CSRF_TIME_LIMIT=queue.SESSION_LIFETIME_S,
         MAX_CONTENT_LENGTH=64 * 1024,
     )
     CSRFProtect(app)
     categories = Categories(database_url, model_store)
+    throttle = throttle or LoginThrottle()
     app.jinja_env.filters["age"] = _age
     app.jinja_env.globals["OTHER_LABEL"] = OTHER_LABEL
+    app.jinja_env.globals["undo_min"] = queue.UNDO_WINDOW_S // 60
 
     @app.before_request
     def require_login():
         g.reviewer = None
-        if "reviewer_id" in session:
-            g.reviewer = queue.Reviewer(session["reviewer_id"], session["reviewer"])
+        token = session.get("token")
+        if token and request.endpoint != "static":
+            g.reviewer = queue.session_reviewer(database_url, token)
+            if g.reviewer is None:  # logged out elsewhere, expired, deactivated or a new password
+                session.clear()
+                flash("Your session has ended: log in again.")
         if g.reviewer is None and request.endpoint not in OPEN_PAGES:
             return redirect(url_for("login", next=(request.full_path if request.query_string else request.path) if request.method == "GET" else None))
 
@@ -113,6 +144,20 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
     def review_refused(exc):
         return render_template("error.html", title="Not recorded", message=str(exc)), exc.status
 
+    @app.errorhandler(queue.LostUpdate)
+    def lost_update(exc):
+        return render_template("conflict.html", exc=exc, describe=queue.describe), 409
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def database_down(exc):
+        log.error("%s %s: the database could not be reached: %s", request.method, request.path, str(exc).strip())
+        what = ("Your decision was not recorded." if request.endpoint == "decide"
+                else "Nothing was recorded." if request.method == "POST" else "")
+        return render_template("error.html", title="Database unavailable", message=(
+            f"The review desk cannot reach its database just now. {what} Try again in a minute; "
+            f"if this persists, tell whoever runs the desk.").replace("  ", " ")), 503
+
     @app.get("/login")
     def login():
         if g.reviewer is not None:
@@ -122,18 +167,38 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
     @app.post("/login")
     def login_post():
         name, password = request.form.get("name", ""), request.form.get("password", "")
-        reviewer = queue.authenticate(database_url, name, password) if name and password else None
-        if reviewer is None:
+        address = request.remote_addr or "unknown"
+        refused = throttle.refusal(name, address)
+        slot = refused is None and throttle.check_slot()
+        if refused is None and not slot:
+            refused = Refusal("too many logins at once", 5)
+        if refused is not None:
+            log.warning("login refused for %r from %s: %s (retry after %d s)", name, address, refused.reason,
+                        refused.retry_after_s)
+            return render_template("login.html", error=f"Too many attempts ({refused.reason}): try again in "
+                                   f"{_wait(refused.retry_after_s)}.", name=name, next=request.form.get("next", "")), \
+                429, {"Retry-After": str(refused.retry_after_s)}
+        try:
+            reviewer = queue.authenticate(database_url, name, password) if name and password else None
+        finally:
+            throttle.release_slot()
+        token = queue.start_session(database_url, reviewer.id, address=address) if reviewer else None
+        if token is None:
+            throttle.failed(name, address)
+            log.warning("login refused for %r from %s: wrong name or password", name, address)
             return render_template("login.html", error="Wrong name or password.", name=name,
                                    next=request.form.get("next", "")), 401
+        throttle.succeeded(name)
+        log.info("login: %s from %s", reviewer.name, address)
         session.clear()
         session.permanent = True
-        session["reviewer_id"], session["reviewer"] = reviewer.id, reviewer.name
+        session["token"] = token
         return redirect(_safe_next(request.form.get("next")))
 
     @app.post("/logout")
     def logout():
         queue.release(database_url, g.reviewer.id)
+        queue.end_session(database_url, session["token"])
         session.clear()
         return redirect(url_for("login"))
 
@@ -152,7 +217,7 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
 
     @app.get("/review")
     def review():
-        item_id = queue.claim(database_url, g.reviewer.id, lease_s=lease_s)
+        item_id = queue.claim(database_url, g.reviewer.id, lease_s=lease_s, order=order)
         if item_id is None:
             return render_template("empty.html", rows=queue.queue_by_label(database_url))
         return render_item(item_id, claimed=True)
@@ -181,12 +246,19 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
             abort(404)
         allowed = set(categories.for_version(item["model_name"], item["model_version"]))
         allowed |= {t["label"] for t in item["topk"] or []}
-        was_decided = item["decision_id"] is not None
-        queue.decide(database_url, item_id, g.reviewer.id, label, categories=sorted(allowed))
-        if was_decided:
+        replaces = _decision_id(request.form.get("replaces", ""))
+        queue.decide(database_url, item_id, g.reviewer.id, label, replaces=replaces, categories=sorted(allowed))
+        if replaces is not None:
             flash(f"Item {item_id}: decision changed.")
             return redirect(url_for("history"))
         return redirect(url_for("review"))
+
+    @app.post("/undo")
+    def undo():
+        item_id = queue.undo(database_url, g.reviewer.id, lease_s=lease_s)
+        flash(f"Item {item_id}: your decision was taken back.")
+        item = queue.item(database_url, item_id)
+        return redirect(url_for("review") if item["decision_id"] is None else url_for("show_item", item_id=item_id))
 
     @app.get("/items/<int:item_id>/photo")
     def photo(item_id: int):

@@ -8,7 +8,9 @@ change: a new row that names the one it supersedes, so the history stays.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from ingest import db
 from serving.archive import OTHER_LABEL
 
 DEFAULT_LEASE_S = 600
+UNDO_WINDOW_S = 120  # how long after a decision its reviewer can take it back (key z)
+ORDERS = ("oldest", "uncertain")  # which open item a reviewer gets next
 OUTCOMES = ("category", "other", "unusable")
 # werkzeug's scrypt (n=2**15, r=8, p=1), salted: a standard KDF.
 PASSWORD_METHOD = "scrypt"
@@ -31,6 +35,16 @@ class ReviewError(RuntimeError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class LostUpdate(ReviewError):
+    """The item's decision changed since the form was shown: another reviewer's is kept, yours is not recorded."""
+
+    def __init__(self, item_id: int, yours: str | None, theirs: dict):
+        who = theirs["decided_by"]
+        super().__init__(f"item {item_id} was decided by {who} as {describe(theirs['decided_label'])} while you "
+                         f"were looking at it; your decision ({describe(yours)}) was not recorded", 409)
+        self.item_id, self.yours, self.theirs = item_id, yours, theirs
 
 
 def load_query(name: str) -> str:
@@ -85,6 +99,55 @@ def authenticate(url: str, name: str, password: str) -> Reviewer | None:
 _DUMMY_HASH = generate_password_hash(os.urandom(16).hex(), PASSWORD_METHOD)
 
 
+# -- sessions --------------------------------------------------------------------------------------
+
+SESSION_LIFETIME_S = 12 * 3600  # from login; not renewed by use
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def start_session(url: str, reviewer_id: int, *, address: str | None = None,
+                  lifetime_s: int = SESSION_LIFETIME_S) -> str | None:
+    """A new session for a reviewer just authenticated: the token for the cookie (PostgreSQL keeps
+    its sha256 alone). None: the account was deactivated in the meantime."""
+    token = secrets.token_urlsafe(32)
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "session_start", {"reviewer_id": reviewer_id, "token_sha256": _token_hash(token),
+                                          "address": address, "lifetime_s": lifetime_s})
+    return token if row else None
+
+
+def session_reviewer(url: str, token: str) -> Reviewer | None:
+    """The reviewer of a valid session: not ended, not expired, the account active, its password unchanged."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "session_reviewer", {"token_sha256": _token_hash(token)})
+    return Reviewer(*row) if row else None
+
+
+def end_session(url: str, token: str) -> None:
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("session_end"), {"token_sha256": _token_hash(token)})
+
+
+def deactivate(url: str, name: str) -> tuple[int, int]:
+    """Shut an account: no more logins, its sessions end now, its held items go back to the queue.
+    Returns (sessions ended, items given back)."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        found, ended, released = _one(cur, "deactivate_reviewer", {"name": name})
+    if not found:
+        raise ReviewError(f"no reviewer {name!r}", 404)
+    return ended, released
+
+
+def reviewers(url: str) -> list[dict]:
+    """Every reviewer: active, created, last login, decisions, open sessions."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("reviewers"))
+        return _dicts(cur)
+
+
 def set_audit_share(url: str, share: float) -> float:
     if not 0.0 <= share <= 1.0:
         raise ReviewError(f"Invalid audit share {share!r}; give a fraction between 0 and 1 (0.02 = 2 %)")
@@ -94,10 +157,13 @@ def set_audit_share(url: str, share: float) -> float:
 
 # -- claims ----------------------------------------------------------------------------------------
 
-def claim(url: str, reviewer_id: int, *, lease_s: int = DEFAULT_LEASE_S) -> int | None:
-    """The item this reviewer works on: the one they hold (lease renewed), else the oldest open
-    one nobody holds, claimed now. None: the queue is empty (or all of it is held by others)."""
-    params = {"reviewer_id": reviewer_id, "lease_s": lease_s}
+def claim(url: str, reviewer_id: int, *, lease_s: int = DEFAULT_LEASE_S, order: str = "oldest") -> int | None:
+    """The item this reviewer works on: the one they hold (lease renewed), else the next open one
+    nobody holds, claimed now: the oldest, or with order "uncertain" the least confident answer.
+    None: the queue is empty (or all of it is held by others)."""
+    if order not in ORDERS:
+        raise ReviewError(f"Invalid order {order!r}; one of {', '.join(ORDERS)}")
+    params = {"reviewer_id": reviewer_id, "lease_s": lease_s, "order": order}
     with db.connect(url) as conn, conn.cursor() as cur:
         row = _one(cur, "claim_current", params) or _one(cur, "claim_next", params)
     return row[0] if row else None
@@ -111,35 +177,77 @@ def release(url: str, reviewer_id: int) -> None:
 
 # -- decisions -------------------------------------------------------------------------------------
 
+def describe(label: str | None) -> str:
+    if label is None:
+        return "photo unusable"
+    return "not a refund category" if label == OTHER_LABEL else repr(label)
+
+
 def outcome_of(label: str | None) -> str:
     if label is None:
         return "unusable"
     return "other" if label == OTHER_LABEL else "category"
 
 
-def decide(url: str, item_id: int, reviewer_id: int, label: str | None, *, categories: list[str] | None = None) -> int:
+def decide(url: str, item_id: int, reviewer_id: int, label: str | None, *, replaces: int | None = None,
+           categories: list[str] | None = None) -> int:
     """Record a decision on an item: `label` is a category, OTHER_LABEL ("not a refund category")
-    or None ("photo unusable"). Returns the decision's id.
+    or None ("photo unusable"). `replaces` is the decision the reviewer saw on the item (None: it
+    was undecided). Returns the id of the item's decision.
 
-    An open item held by someone else (lease still running) is refused; a decided item gets a new
-    decision that supersedes the current one. `categories`, when given, are the labels allowed."""
+    An open item held by someone else (lease still running) is refused. If the item's decision is
+    no longer `replaces`, the decision is refused (LostUpdate, 409) and nothing is recorded, except
+    when that newer decision is this reviewer's own with the same label: the form was sent twice,
+    and the decision is recorded once. Otherwise a decided item gets a new decision that supersedes
+    the current one. `categories`, when given, are the labels allowed."""
     if label is not None and label != OTHER_LABEL and categories is not None and label not in categories:
         raise ReviewError(f"Invalid category {label!r}; choose one of the model's categories, "
                           f"'not a refund category' or 'photo unusable'")
     with db.connect(url) as conn, conn.cursor() as cur:
         cur.execute(load_query("item_for_update"), {"item_id": item_id})
-        row = cur.fetchone()
-        if row is None:
+        if cur.fetchone() is None:
             raise ReviewError(f"no review item {item_id}", 404)
-        _, sha256, claimed_by, leased, decision_id, model_label, decided_label = row
-        if decision_id is None and leased and claimed_by != reviewer_id:
+        cur.execute(load_query("item_current"), {"item_id": item_id})
+        row = _dicts(cur)[0]
+        decision_id = row["decision_id"]
+        if decision_id != replaces:
+            if decision_id is not None and row["decided_by_id"] == reviewer_id and row["decided_label"] == label:
+                return decision_id  # the same form sent twice
+            if decision_id is not None:
+                raise LostUpdate(item_id, label, row)
+        if decision_id is None and row["leased"] and row["claimed_by"] != reviewer_id:
             raise ReviewError(f"item {item_id} is being reviewed by someone else", 409)
-        previous = decided_label if decision_id is not None else model_label
+        previous = row["decided_label"] if decision_id is not None else row["model_label"]
         new_id = _one(cur, "insert_decision", {
-            "item_id": item_id, "sha256": sha256, "reviewer_id": reviewer_id, "outcome": outcome_of(label),
+            "item_id": item_id, "sha256": row["sha256"], "reviewer_id": reviewer_id, "outcome": outcome_of(label),
             "label": label, "previous_label": previous, "supersedes": decision_id})[0]
         cur.execute(load_query("set_decision"), {"decision_id": new_id, "item_id": item_id})
     return new_id
+
+
+def undo(url: str, reviewer_id: int, *, window_s: int = UNDO_WINDOW_S, lease_s: int = DEFAULT_LEASE_S) -> int:
+    """Take back the reviewer's latest decision, made within `window_s`, still its item's current
+    decision and not exported: it is removed, the item gets back the decision it replaced (or is
+    open again, held by this reviewer, other held items given back). Returns the item's id."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("undo_last"), {"reviewer_id": reviewer_id})
+        rows = _dicts(cur)
+        if not rows:
+            raise ReviewError("Nothing to undo: you have made no decision.", 409)
+        last = rows[0]
+        if not last["current"]:
+            raise ReviewError(f"Nothing to undo: your last decision (item {last['item_id']}) was changed since.", 409)
+        if last["age_s"] > window_s:
+            raise ReviewError(f"Nothing to undo: your last decision (item {last['item_id']}) is older than "
+                              f"{window_s // 60} min; change it from My decisions.", 409)
+        if last["exported"]:
+            raise ReviewError(f"Nothing to undo: your last decision (item {last['item_id']}) was exported already; "
+                              f"change it from My decisions.", 409)
+        if last["supersedes"] is None:
+            cur.execute(load_query("release_claims"), {"reviewer_id": reviewer_id})
+        cur.execute(load_query("undo_apply"), {"reviewer_id": reviewer_id, "lease_s": lease_s, "item_id": last["item_id"],
+                                               "supersedes": last["supersedes"], "decision_id": last["id"]})
+    return last["item_id"]
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def test_prune_removes_old_photos_keeps_their_rows_and_what_review_still_needs(d
     first = export(database_url, tmp_path / "export-1", since=EPOCH)
     assert first.written == 2  # 2 and 3 (4 is "unusable": never exported)
     item = fetch(database_url, "SELECT id FROM review_items WHERE sha256 = %(s)s", {"s": unexported["sha256"]})[0][0]
-    queue.decide(database_url, item, alice, "Jeans")  # 3's decision changed since its export: the new one is not exported
+    current = fetch(database_url, "SELECT decision_id FROM review_items WHERE id = %(i)s", {"i": item})[0][0]
+    queue.decide(database_url, item, alice, "Jeans", replaces=current)  # 3's decision changed since its export: the new one is not exported
     swapped["path"].write_bytes(b"another photo under the recorded name")
     recent = rows.add(7, needs_review=False, confidence=0.99)
 

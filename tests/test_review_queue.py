@@ -184,8 +184,8 @@ def test_a_changed_decision_keeps_its_history(database_url, rows, alice, bob):
     item = queue.claim(database_url, alice)
     first = queue.decide(database_url, item, alice, "Shirts")
     assert queue.claim(database_url, alice) is None, "decided: out of the queue"
-    second = queue.decide(database_url, item, bob, queue.OTHER_LABEL)
-    third = queue.decide(database_url, item, alice, None)
+    second = queue.decide(database_url, item, bob, queue.OTHER_LABEL, replaces=first)
+    third = queue.decide(database_url, item, alice, None, replaces=second)
     got = fetch(database_url, """SELECT id, reviewer_id, outcome, label, previous_label, supersedes
                                  FROM review_decisions ORDER BY id""")
     assert got == [(first, alice, "category", "Shirts", "Tshirts", None),
@@ -280,8 +280,8 @@ def test_export_writes_the_kaggle_layout(database_url, rows, alice, tmp_path):
         decided[expected["sha256"]] = queue.decide(database_url, item, alice, "Tshirts" if expected is jpeg else "Shirts")
     queue.decide(database_url, queue.claim(database_url, alice), alice, None)  # unusable: not exported
     item = queue.claim(database_url, alice)
-    queue.decide(database_url, item, alice, "Watches")
-    decided[changed["sha256"]] = queue.decide(database_url, item, alice, queue.OTHER_LABEL)  # changed: latest only
+    first = queue.decide(database_url, item, alice, "Watches")
+    decided[changed["sha256"]] = queue.decide(database_url, item, alice, queue.OTHER_LABEL, replaces=first)  # changed: latest only
 
     out = tmp_path / "export"
     summary = export(database_url, out, since=EPOCH)

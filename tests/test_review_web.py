@@ -241,6 +241,89 @@ def test_review_in_a_real_browser(browser, review_server, rows, database_url):
     assert page.locator("#total").inner_text() == "0"
 
     # logged out: redirected again
-    page.click("header button.link")
+    page.click("#logout")
     page.goto(review_server + "/review")
     assert "/login" in page.url
+
+
+def test_a_team_in_a_real_browser(browser, review_server, rows, database_url):
+    """Throttled login, a revoked session, a lost update, a double submit and undo by key, each in
+    Chromium against `python -m review serve` (waitress) and PostgreSQL."""
+    for seed, label in enumerate(["Tshirts", "Jeans", "Watches"]):
+        rows.add(seed, label=label)
+    for name in ("alice", "bob", "carol"):
+        queue.add_reviewer(database_url, name, PASSWORD)
+
+    def logged_in(name: str):
+        # bypass_csp: the page's own policy (connect-src 'none') would refuse the test's fetch() of a form, below
+        page = browser.new_context(bypass_csp=True).new_page()
+        page.goto(review_server + "/login")
+        page.fill("input[name=name]", name)
+        page.fill("input[name=password]", PASSWORD)
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        return page
+
+    def decisions() -> list[tuple]:
+        return fetch(database_url, "SELECT item_id, label FROM review_decisions ORDER BY id")
+
+    # a name hammered with wrong passwords: 429, and the right password is not even checked meanwhile
+    page = browser.new_context().new_page()
+    statuses = []
+    for password in ["wrong password"] * 5 + [PASSWORD]:
+        page.goto(review_server + "/login")
+        page.fill("input[name=name]", "carol")
+        page.fill("input[name=password]", password)
+        with page.expect_navigation() as nav:
+            page.click("button[type=submit]")
+        statuses.append(nav.value.status)
+    assert statuses == [401] * 5 + [429]
+    assert "Too many attempts" in page.locator("p.error").inner_text()
+
+    # a session revoked while open: the next page asks for a login
+    bob = logged_in("bob")
+    bob.goto(review_server + "/queue")
+    assert bob.url.endswith("/queue")
+    subprocess.run([sys.executable, "-m", "review", "deactivate", "bob"], check=True, cwd=REPO_ROOT,
+                   env={**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True)
+    bob.goto(review_server + "/queue")
+    assert "/login" in bob.url and "Your session has ended" in bob.locator("p.flash").inner_text()
+
+    # undo by key: alice decides with "1", then "z" shows the same item again and nothing is recorded
+    alice = logged_in("alice")
+    alice.goto(review_server + "/review")
+    first = int(alice.locator("#item").get_attribute("data-item"))
+    with alice.expect_navigation():
+        alice.keyboard.press("1")
+    assert decisions() == [(first, "Tshirts")]
+    with alice.expect_navigation():
+        alice.keyboard.press("z")
+    assert int(alice.locator("#item").get_attribute("data-item")) == first
+    assert "taken back" in alice.locator("p.flash").inner_text()
+    assert decisions() == []
+
+    # a lost update: dave (another tab: the same item, undecided) decides after alice did
+    queue.add_reviewer(database_url, "dave", PASSWORD)
+    dave = logged_in("dave")
+    dave.goto(review_server + f"/items/{first}")
+    with alice.expect_navigation():
+        alice.keyboard.press("1")
+    with dave.expect_navigation() as nav:
+        dave.keyboard.press("2")
+    assert nav.value.status == 409
+    assert "decided meanwhile" in dave.locator("h1").inner_text()
+    assert "alice" in dave.locator("#conflict").inner_text()
+    assert decisions() == [(first, "Tshirts")]
+
+    # the same form posted twice at once (what the page's script prevents, sent by hand): one decision
+    alice.goto(review_server + "/review")
+    second = int(alice.locator("#item").get_attribute("data-item"))
+    statuses = alice.evaluate("""async () => {
+        const form = document.getElementById('decide');
+        const data = () => { const d = new FormData(form); d.set('decision', ':other'); return d; };
+        const sent = await Promise.all([fetch(form.action, {method: 'POST', body: data(), redirect: 'manual'}),
+                                        fetch(form.action, {method: 'POST', body: data(), redirect: 'manual'})]);
+        return sent.map(r => r.type === 'opaqueredirect' ? 302 : r.status);
+    }""")
+    assert statuses == [302, 302]
+    assert decisions() == [(first, "Tshirts"), (second, "other")]

@@ -74,7 +74,10 @@ CREATE TABLE reviewers (
     name           text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9._@-]{1,64}$'),
     password_hash  text NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
-    active         boolean NOT NULL DEFAULT true
+    active         boolean NOT NULL DEFAULT true,
+    session_version integer NOT NULL DEFAULT 1,
+    last_login_at  timestamptz,
+    deactivated_at timestamptz
 );
 
 -- One row: the share of confidently accepted predictions that also enter the queue as audit items.
@@ -159,3 +162,14 @@ CREATE TABLE worker_crashes (
     last_run_id  bigint REFERENCES ingest_runs (id),
     PRIMARY KEY (sha256, model_name)
 );
+
+CREATE TABLE review_sessions (
+    token_sha256     text PRIMARY KEY,
+    reviewer_id      bigint NOT NULL REFERENCES reviewers (id),
+    session_version  integer NOT NULL,
+    address          text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    expires_at       timestamptz NOT NULL,
+    ended_at         timestamptz
+);
+CREATE INDEX review_sessions_open ON review_sessions (reviewer_id) WHERE ended_at IS NULL;

@@ -1,14 +1,16 @@
--- Claim the oldest open item nobody holds (or whose lease ran out). SKIP LOCKED: a concurrent
--- claimer passes over the row another is taking; FOR UPDATE re-checks the lease on the row it
--- locks, so a row claimed and committed meanwhile is not taken twice. Only items whose photo
--- has been moved to processed/ (the move is recorded after the row) are offered.
+-- Claim the next open item nobody holds (or whose lease ran out): the oldest first, or with
+-- order 'uncertain' the least confident answer first (the oldest among equals). SKIP LOCKED: a
+-- concurrent claimer passes over the row another is taking; FOR UPDATE re-checks the lease on the
+-- row it locks, so a row claimed and committed meanwhile is not taken twice. Only items whose
+-- photo has been moved to processed/ (the move is recorded after the row) are offered.
 WITH next AS (
     SELECT i.id FROM review_items i
+    JOIN predictions p ON p.id = i.prediction_id
     WHERE i.decision_id IS NULL
       AND (i.lease_until IS NULL OR i.lease_until <= now())
       AND EXISTS (SELECT 1 FROM ingest_files f
                   WHERE f.prediction_id = i.prediction_id AND f.destination = 'processed' AND f.state = 'moved')
-    ORDER BY i.received_at, i.id
+    ORDER BY CASE WHEN %(order)s = 'uncertain' THEN p.confidence END ASC NULLS LAST, i.received_at, i.id
     LIMIT 1
     FOR UPDATE OF i SKIP LOCKED
 )

@@ -1,7 +1,4 @@
-SELECT i.id, i.sha256, i.claimed_by, i.lease_until > now() AS leased, i.decision_id,
-       p.label AS model_label, d.label AS decided_label
-FROM review_items i
-JOIN predictions p ON p.id = i.prediction_id
-LEFT JOIN review_decisions d ON d.id = i.decision_id
-WHERE i.id = %(item_id)s
-FOR UPDATE OF i
+-- Lock an item for a decision. Its current decision is read after the lock, by item_current
+-- (a statement of its own: under READ COMMITTED it sees what a concurrent decision committed while
+-- this one waited; a join here would read the joined rows from before the wait).
+SELECT id FROM review_items WHERE id = %(item_id)s FOR UPDATE
