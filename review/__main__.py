@@ -204,6 +204,37 @@ def _share(text: str) -> float:
     return value
 
 
+def _whole(low: int, high: int | None = None):
+    """A whole number in [low, high]: argparse's `type`, and the check of a REVIEW_* setting."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}" if high is not None
+                                             else f"{value} is less than {low}")
+        return value
+    return convert
+
+
+def _order(text: str) -> str:
+    if text not in queue.ORDERS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(queue.ORDERS)}")
+    return text
+
+
+def _setting(name: str, default, convert):
+    """A REVIEW_* setting from the environment, checked like its option: a bad one stops here, named."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return convert(text)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"python -m review: {name}={text!r}: {exc}") from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m review", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,25 +244,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--host", type=str, default=os.environ.get("REVIEW_HOST", DEFAULT_HOST),
                         help="address to bind (default: REVIEW_HOST or 127.0.0.1)")
-    server.add_argument("--port", type=int, default=int(os.environ.get("REVIEW_PORT", DEFAULT_PORT)),
+    server.add_argument("--port", type=_whole(0, 65535), default=_setting("REVIEW_PORT", DEFAULT_PORT, _whole(0, 65535)),
                         help=f"port (default: REVIEW_PORT or {DEFAULT_PORT})")
-    server.add_argument("--lease", type=int, default=int(os.environ.get("REVIEW_LEASE_S", queue.DEFAULT_LEASE_S)),
+    server.add_argument("--lease", type=_whole(1), default=_setting("REVIEW_LEASE_S", queue.DEFAULT_LEASE_S, _whole(1)),
                         help="seconds a reviewer holds an item before it goes back to the queue (default: REVIEW_LEASE_S or 600)")
     server.add_argument("--model-store", type=Path, default=os.environ.get("REVIEW_MODEL_STORE") or None,
                         help="where the archives are, for each version's category list (default: REVIEW_MODEL_STORE "
                              "or config.properties' model_store)")
     server.add_argument("--secure-cookies", action="store_true", default=os.environ.get("REVIEW_SECURE_COOKIES") == "1",
                         help="send the session cookie over HTTPS only (behind a TLS proxy)")
-    server.add_argument("--order", choices=queue.ORDERS, default=os.environ.get("REVIEW_ORDER", "oldest"),
+    server.add_argument("--order", type=_order, default=_setting("REVIEW_ORDER", "oldest", _order),
                         help="which open item a reviewer gets next: the oldest, or the least confident answer "
                              "(uncertain: a short shift resolves what the model knows least) (default: REVIEW_ORDER or oldest)")
-    server.add_argument("--threads", type=int, default=int(os.environ.get("REVIEW_THREADS", 8)),
+    server.add_argument("--threads", type=_whole(1), default=_setting("REVIEW_THREADS", 8, _whole(1)),
                         help="requests handled at once (default: REVIEW_THREADS or 8)")
-    server.add_argument("--connection-limit", type=int, default=int(os.environ.get("REVIEW_CONNECTION_LIMIT", 500)),
+    server.add_argument("--connection-limit", type=_whole(1), default=_setting("REVIEW_CONNECTION_LIMIT", 500, _whole(1)),
                         help="open connections at most; more wait to be accepted (default: REVIEW_CONNECTION_LIMIT or 500)")
-    server.add_argument("--idle-timeout", type=int, default=int(os.environ.get("REVIEW_IDLE_TIMEOUT_S", 60)),
+    server.add_argument("--idle-timeout", type=_whole(1), default=_setting("REVIEW_IDLE_TIMEOUT_S", 60, _whole(1)),
                         help="seconds an idle connection stays open (default: REVIEW_IDLE_TIMEOUT_S or 60)")
-    server.add_argument("--proxies", type=int, default=int(os.environ.get("REVIEW_PROXIES", 0)),
+    server.add_argument("--proxies", type=_whole(0), default=_setting("REVIEW_PROXIES", 0, _whole(0)),
                         help="reverse proxies in front that set X-Forwarded-For/-Proto: the client address that "
                              "login throttling counts is read from them (default: REVIEW_PROXIES or 0)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -87,6 +87,20 @@ def test_names_are_counted_without_case_and_addresses_apart():
     assert throttle.refusal("alice", "10.0.0.9") is None
 
 
+@pytest.mark.parametrize("name, value, said", [("REVIEW_THREADS", "abc", "'abc' is not a whole number"),
+                                               ("REVIEW_CONNECTION_LIMIT", "0", "0 is less than 1"),
+                                               ("REVIEW_PORT", "70000", "70000 is not between 0 and 65535"),
+                                               ("REVIEW_ORDER", "newest", "expected one of oldest, uncertain")])
+def test_a_bad_server_setting_stops_the_desk_naming_it(monkeypatch, name, value, said):
+    from review.__main__ import get_args_parser
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        get_args_parser()
+    assert str(stopped.value) == f"python -m review: {name}={value!r}: {said}" or said in str(stopped.value)
+    assert name in str(stopped.value)
+
+
 # -- sessions and accounts, against PostgreSQL ------------------------------------------------------------
 
 @pytest.fixture
