@@ -187,13 +187,7 @@ class Predictor:
                 for i in todo:
                     results[i] = _refused(exc)
                 return results  # type: ignore[return-value]
-            still = []
-            for i, answer in zip(todo, got):
-                if isinstance(answer, Answer):
-                    results[i] = answer
-                elif not answer.worker_died:
-                    last[i] = answer
-                    still.append(i)
+            still = _collect(todo, got, results, last)
             if death is not None:
                 died = [(i, answer) for i, answer in zip(todo, got) if isinstance(answer, Transient) and answer.worker_died]
                 self._isolate([i for i, _ in died], death, died[0][1].reason, photos, names, keys, results)
@@ -267,14 +261,7 @@ class Predictor:
                     results[todo[0]] = verdict
                     return
                 continue  # once: the photo goes alone again
-            still = []
-            for i, answer in zip(todo, got):
-                if isinstance(answer, Answer):
-                    results[i] = answer
-                else:
-                    last[i] = answer
-                    still.append(i)
-            todo = still
+            todo = _collect(todo, got, results, last)
             if todo and attempt < self.s.retries and self.stop.wait(self._backoff(attempt)):
                 break
         self._give_up(todo, last, results)
@@ -333,6 +320,19 @@ class Predictor:
                 if self.stop.wait(delay):
                     break
         raise self._down(last)
+
+
+def _collect(todo: list[int], got: list, results: list, last: dict[int, Transient]) -> list[int]:
+    """Answers go into `results`; the photos still without a verdict (each with its last Transient)
+    are returned, except those the worker died on: isolation decides them."""
+    still = []
+    for i, answer in zip(todo, got):
+        if isinstance(answer, Answer):
+            results[i] = answer
+        elif not answer.worker_died:
+            last[i] = answer
+            still.append(i)
+    return still
 
 
 def _halves(group: list[int]) -> list[list[int]]:

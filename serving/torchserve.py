@@ -139,8 +139,6 @@ class TorchServe:
         if models:
             cmd += ["--models", *models]
         self.java = java_runtime({**os.environ, **(env or {})})
-        with open(self.log_dir / "console.log", "a") as console:
-            console.write(self.java.line() + "\n")
         run_env = {
             **os.environ,
             "JAVA_HOME": str(self.java.home),  # TorchServe runs $JAVA_HOME/bin/java
@@ -150,6 +148,8 @@ class TorchServe:
             **(env or {}),
         }
         with open(self.log_dir / "console.log", "ab") as console:
+            console.write((self.java.line() + "\n").encode())
+            console.flush()  # before TorchServe's own lines, which it writes through its own handle
             proc = subprocess.Popen(cmd, cwd=self.state,  # TorchServe writes key_file.json into its cwd
                                      env=run_env, stdout=console, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
