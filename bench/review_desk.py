@@ -133,15 +133,26 @@ def ttfb(session: requests.Session, url: str, n: int) -> list[float]:
     return out
 
 
+def csrf_token(html: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def logged_in(base: str, name: str, password: str) -> requests.Session:
+    s = requests.Session()
+    assert s.post(base + "/login", data={"name": name, "password": password, "csrf_token": csrf_token(s.get(base + "/login").text)},
+                  allow_redirects=False).status_code == 302
+    return s
+
+
 def decide_paced(session: requests.Session, base: str, n: int, pace_s: float) -> list[float]:
     """n decisions, one every pace_s seconds: each timed from its POST to the next review page read."""
     times = []
     page = session.get(base + "/review").text
     for _ in range(n):
         item = re.search(r'data-item="(\d+)"', page).group(1)
-        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        form = {"decision": ":other", "replaces": "", "csrf_token": csrf_token(page)}
         t0 = time.perf_counter()
-        r = session.post(f"{base}/items/{item}/decide", data={"decision": ":other", "replaces": "", "csrf_token": token})
+        r = session.post(f"{base}/items/{item}/decide", data=form)
         page = r.text
         times.append(time.perf_counter() - t0)
         assert r.status_code == 200 and 'data-item="' in page, (r.status_code, page[:300])
@@ -212,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except requests.ConnectionError:
                 time.sleep(0.1)
-        s = requests.Session()
-        token = re.search(r'name="csrf_token" value="([^"]+)"', s.get(base + "/login").text).group(1)
-        assert s.post(base + "/login", data={"name": "bench", "password": "bench-password", "csrf_token": token},
-                      allow_redirects=False).status_code == 302
+        s = logged_in(base, "bench", "bench-password")
         ttfb(s, base + "/queue", 3)  # warm up
         results = {"items_queued": args.items,
                    "queue_ttfb": percentiles(ttfb(s, base + "/queue", args.requests)),
@@ -252,11 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                "decisions_per_minute": round(args.decide / elapsed * 60, 1),
                                "ms_per_decision": round(elapsed / args.decide * 1000, 1)}
 
-        s = requests.Session()  # another reviewer's session: the browser's holds no item now
         queue.add_reviewer(url, "paced", "paced-password")
-        token = re.search(r'name="csrf_token" value="([^"]+)"', s.get(base + "/login").text).group(1)
-        assert s.post(base + "/login", data={"name": "paced", "password": "paced-password", "csrf_token": token},
-                      allow_redirects=False).status_code == 302
+        s = logged_in(base, "paced", "paced-password")  # another reviewer: the browser's holds no item now
         alone = decide_paced(s, base, args.paced, args.pace)
         held = hold_idle(port, args.idle)
         beside = decide_paced(s, base, args.paced, args.pace)

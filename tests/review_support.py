@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -79,3 +80,16 @@ def fetch(url: str, sql: str, params: dict | None = None) -> list[tuple]:
             return cur.fetchall()
     finally:
         conn.close()
+
+
+# -- the pages, through Flask's test client ---------------------------------------------------------
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def post_login(client, name: str, password: str, address: str = "127.0.0.1"):
+    """The login form as a browser sends it (its CSRF token from the login page), from `address`."""
+    token = csrf_of(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"name": name, "password": password, "csrf_token": token},
+                       environ_base={"REMOTE_ADDR": address})

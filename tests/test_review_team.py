@@ -17,7 +17,7 @@ import pytest
 from review import queue
 from review.app import create_app
 from review.throttle import FailureWindow, LoginThrottle
-from review_support import Rows, fetch
+from review_support import Rows, csrf_of, fetch, post_login
 from serving.paths import REPO_ROOT
 from serving.torchserve import free_port
 
@@ -274,14 +274,8 @@ def test_the_queue_can_serve_the_least_confident_answer_first(database_url, rows
 
 # -- the pages ------------------------------------------------------------------------------------------------
 
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-
-
 def log_in(client, name: str = "alice", password: str = PASSWORD, address: str = "127.0.0.1"):
-    token = csrf_of(client.get("/login").get_data(as_text=True))
-    return client.post("/login", data={"name": name, "password": password, "csrf_token": token},
-                       environ_base={"REMOTE_ADDR": address})
+    return post_login(client, name, password, address)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import requests
 
 from review import queue
 from review.app import create_app
-from review_support import Rows, fetch, image_bytes
+from review_support import Rows, csrf_of, fetch, image_bytes, post_login
 from serving.paths import REPO_ROOT
 from serving.torchserve import free_port
 
@@ -40,13 +40,8 @@ def client(database_url, tmp_path):
     return app.test_client()
 
 
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-
-
 def log_in(client) -> None:
-    token = csrf_of(client.get("/login").get_data(as_text=True))
-    r = client.post("/login", data={"name": "alice", "password": PASSWORD, "csrf_token": token})
+    r = post_login(client, "alice", PASSWORD)
     assert r.status_code == 302 and r.headers["Location"] == "/review"
 
 
