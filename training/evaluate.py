@@ -371,7 +371,13 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
 
 # Logit adjustment strengths tried: the label is argmax(log p - tau * log prior) (served_labels).
 LABEL_ADJUSTMENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-MIN_ROUTING = 0.95  # out-of-category photos answered `other` or sent to review: never below this for a tau
+MIN_ROUTING = 0.95  # out-of-category photos answered `other` or sent to review: never below this for a tau or the margin
+
+
+def routes_enough(share: float | None, base: float | None) -> bool:
+    """A served rule may replace the base rule only if it still sends at least min(MIN_ROUTING, the
+    base's share) of the out-of-category photos to `other` or review (no out-of-category photos: any)."""
+    return base is None or share >= min(MIN_ROUTING, base)
 
 
 def served_figures(probs: torch.Tensor, y: torch.Tensor, tau: float, log_prior: torch.Tensor,
@@ -409,7 +415,7 @@ def choose_label_adjustment(probs: torch.Tensor, y: torch.Tensor, log_prior: tor
         r["outside_handled"] = None if out_probs is None or not len(out_probs) else \
             routing(out_probs, r["threshold"], classes, -r["tau"] * log_prior if r["tau"] else None, order)["handled_share"]
     base_routing = rows[0]["outside_handled"]
-    eligible = [r["tau"] for r in rows if base_routing is None or r["outside_handled"] >= min(MIN_ROUTING, base_routing)]
+    eligible = [r["tau"] for r in rows if routes_enough(r["outside_handled"], base_routing)]
 
     def pick(idx):
         base = served_figures(probs[idx], y[idx], 0.0, log_prior, order)
@@ -458,7 +464,7 @@ def choose_confidence(probs: torch.Tensor, y: torch.Tensor, out_probs: torch.Ten
                        "outside_handled": None if out_probs is None or not len(out_probs) else
                        routing(out_probs, whole["threshold"], classes, None, order)["handled_share"]}
     prob, margin = rows["probability"], rows["margin"]
-    routes = prob["outside_handled"] is None or margin["outside_handled"] >= min(MIN_ROUTING, prob["outside_handled"])
+    routes = routes_enough(margin["outside_handled"], prob["outside_handled"])
     chosen = "margin" if margin["cross_fit_coverage"] > prob["cross_fit_coverage"] and routes else "probability"
     return {"score": chosen, **rows}
 
