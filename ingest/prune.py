@@ -33,14 +33,14 @@ class PruneSummary:
     already_gone: int = 0
     other_content: int = 0  # the path holds a file that is not the recorded photo: left alone
     failed: int = 0  # the unlink failed (permissions, a read-only mount): tried again next time
-    kept_open: int = 0  # older than the retention, kept: review item open
+    kept_open: int = 0  # older than the retention, kept: its review item waits, or a gold photo
     kept_unexported: int = 0  # older than the retention, kept: decision not exported yet
 
     def line(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
         where = ", ".join(f"{k} {v}" for k, v in sorted(self.removed.items())) or "none"
         return (f"{verb} {sum(self.removed.values())} photos ({self.removed_bytes / 1048576:.1f} MiB; {where}) moved more than "
-                f"{self.older_than_s / 86400:g} days ago; kept {self.kept_open} with an open review item and "
+                f"{self.older_than_s / 86400:g} days ago; kept {self.kept_open} waiting for review or kept as gold and "
                 f"{self.kept_unexported} whose decision is not exported yet; {self.already_gone} already gone, "
                 f"{self.other_content} left because their path holds other content, {self.failed} could not be removed")
 

@@ -29,13 +29,16 @@ SECTIONS = {
     "runs": ("report_runs", "Runs"),
     "disk": ("report_disk", "Disk: what processed/ and quarantine/ hold (recorded sizes), and what retention removed"),
 }
-# The review desk (python -m review): reads the tables of migration 004, empty until someone reviews.
+# The review desk (python -m review): reads the tables of migrations 004 and 008, empty until someone reviews.
 REVIEW_SECTIONS = {
     "review_open": ("report_review_open", "Review desk: open items"),
     "review_per_day": ("report_review_per_day", "Review desk: decisions per day"),
     "review_agreement": ("report_review_agreement", "Review desk: decisions agreeing with the model, per version and class"),
-    "review_audit": ("report_review_audit", "Review desk: measured precision of accepted answers (audit sample, Wilson 95 % interval)"),
+    "review_audit": ("report_review_audit", "Review desk: measured precision of accepted answers (audit sample, settled labels, Wilson 95 % interval)"),
     "review_accuracy": ("report_review_accuracy", "Review desk: reviewed accuracy of the needs-review answers"),
+    "review_opinions": ("report_review_opinions", "Review desk: second opinions"),
+    "review_kappa": ("report_review_kappa", "Review desk: agreement per pair of reviewers (Cohen's kappa)"),
+    "review_gold": ("report_review_gold", "Review desk: reviewers' accuracy on gold items (Wilson 95 % interval)"),
 }
 SECTIONS.update(REVIEW_SECTIONS)
 # Shown on request only (`report --latest N`), not among the default sections.

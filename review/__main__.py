@@ -1,4 +1,5 @@
-"""python -m review serve | up | down | add-reviewer NAME | deactivate NAME | reviewers | audit-share X | export --out DIR
+"""python -m review serve | up | down | add-reviewer NAME | deactivate NAME | reviewers | lead NAME |
+audit-share X | quality | gold DIR | export --out DIR
 
 The review desk: a web page where staff decide the needs-review queue (and an audit sample of
 the confidently accepted answers), and the export of their decisions as a training catalogue.
@@ -165,8 +166,9 @@ def _when(value) -> str:
 
 def cmd_reviewers(args: argparse.Namespace) -> int:
     rows = queue.reviewers(_writable_url(args))
-    header = ("name", "active", "last login", "decisions", "last decision", "sessions")
+    header = ("name", "active", "lead", "last login", "decisions", "last decision", "sessions")
     table = [header] + [(r["name"], "yes" if r["active"] else f"no (since {_when(r['deactivated_at'])})",
+                         "yes" if r["lead"] else "",
                          _when(r["last_login_at"]), str(r["decisions"]), _when(r["last_decision_at"]), str(r["sessions"]))
                         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -178,6 +180,53 @@ def cmd_reviewers(args: argparse.Namespace) -> int:
 def cmd_audit_share(args: argparse.Namespace) -> int:
     share = queue.set_audit_share(_writable_url(args), args.share)
     print(f"review: {share:.2%} of the confidently accepted predictions recorded from now on also enter the queue as audit items")
+    return 0
+
+
+def cmd_lead(args: argparse.Namespace) -> int:
+    queue.set_lead(_writable_url(args), args.name, not args.off)
+    print(f"review: {args.name} {'is no longer' if args.off else 'is'} a lead"
+          + ("" if args.off else " (the Lead page: reviewers' accuracy on gold items, agreement per pair)"))
+    return 0
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    audit = None if args.second_opinion_audit is None else args.second_opinion_audit == "on"
+    got = queue.set_quality(_writable_url(args), gold_share=args.gold_share,
+                            second_opinion_share=args.second_opinion_share, second_opinion_audit=audit)
+    print(f"review: gold items {got['gold_share']:.2%} of what a reviewer is shown; second opinion on "
+          f"{'every audit item and ' if got['second_opinion_audit'] else ''}{got['second_opinion_share']:.2%} of "
+          f"the items decided from now on")
+    return 0
+
+
+GOLD_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def cmd_gold(args: argparse.Namespace) -> int:
+    """DIR/<category>/<photo>: photos of known label (a catalogue's test split) that the inbox
+    has already taken in. `other` is "not a refund category"."""
+    import hashlib
+
+    url = _writable_url(args)
+    if not args.dir.is_dir():
+        raise queue.ReviewError(f"{args.dir} is not a folder (expected DIR/<category>/<photo>)")
+    counts: dict[str, int] = {}
+    missing = []
+    for folder in sorted(p for p in args.dir.iterdir() if p.is_dir()):
+        label = folder.name
+        for photo in sorted(folder.iterdir()):
+            if not photo.is_file() or photo.suffix.lower() not in GOLD_SUFFIXES:
+                continue
+            sha = hashlib.sha256(photo.read_bytes()).hexdigest()
+            status = queue.add_gold(url, sha, label)
+            counts[status] = counts.get(status, 0) + 1
+            if status == "not recorded":
+                missing.append(photo)
+    print(f"review gold: {counts.get('added', 0)} photos added, {counts.get('known', 0)} gold already, "
+          f"{counts.get('not recorded', 0)} not taken in by the inbox yet")
+    for photo in missing[:10]:
+        print(f"  not recorded: {photo} (drop it into the inbox, then run this again)")
     return 0
 
 
@@ -285,6 +334,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit-share", parents=[common], help="the share of accepted predictions audited (default 0.02)")
     p.add_argument("share", type=_share, help="a fraction (0.02) or a percentage (2%%)")
     p.set_defaults(fn=cmd_audit_share)
+    p = sub.add_parser("lead", parents=[common], help="make a reviewer a lead (the Lead page), or not with --off")
+    p.add_argument("name", type=str)
+    p.add_argument("--off", action="store_true", help="no longer a lead")
+    p.set_defaults(fn=cmd_lead)
+    p = sub.add_parser("quality", parents=[common], help="gold items and second opinions (prints the settings; "
+                       "options change them)")
+    p.add_argument("--gold-share", type=_share, default=None,
+                   help="share of what a reviewer is shown that is a gold item, a photo of known label (default 0.02)")
+    p.add_argument("--second-opinion-share", type=_share, default=None,
+                   help="share of decided items (any) that also go to a second reviewer, blind (default 0)")
+    p.add_argument("--second-opinion-audit", choices=("on", "off"), default=None,
+                   help="every decided audit item goes to a second reviewer (default on)")
+    p.set_defaults(fn=cmd_quality)
+    p = sub.add_parser("gold", parents=[common], help="photos of known label, DIR/<category>/<photo>, already "
+                       "taken in by the inbox, as gold items")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(fn=cmd_gold)
     p = sub.add_parser("export", parents=[common], help="decided photos as a Kaggle-layout catalogue (styles.csv + images/)")
     p.add_argument("--out", type=Path, required=True, help="new folder to write styles.csv and images/ into")
     p.add_argument("--since", type=since_arg, default=datetime(1970, 1, 1, tzinfo=timezone.utc),

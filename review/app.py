@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from psycopg2 import InterfaceError, OperationalError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from ingest import report
 from review import queue
 from review.categories import Categories
 from review.throttle import LoginThrottle, Refusal
@@ -31,6 +32,7 @@ SECRET_ENV = "REVIEW_SECRET_KEY"
 # Formats a browser shows as they are; anything else is re-encoded to JPEG on the way out.
 BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 OPEN_PAGES = {"login", "login_post", "static"}
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # The decide form's buttons: a label, or one of these.
 CHOICE_OTHER, CHOICE_UNUSABLE, CHOICE_SEARCH = ":other", ":unusable", ":search"
 log = logging.getLogger("review")
@@ -207,7 +209,7 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
         return redirect(url_for("review"))
 
     def render_item(item_id: int, *, claimed: bool):
-        item = queue.item(database_url, item_id)
+        item = queue.view(database_url, item_id, g.reviewer.id)
         if item is None:
             abort(404)
         topk = (item["topk"] or [])[:5]
@@ -255,10 +257,9 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
 
     @app.post("/undo")
     def undo():
-        item_id = queue.undo(database_url, g.reviewer.id, lease_s=lease_s)
+        item_id, waiting = queue.undo(database_url, g.reviewer.id, lease_s=lease_s)
         flash(f"Item {item_id}: your decision was taken back.")
-        item = queue.item(database_url, item_id)
-        return redirect(url_for("review") if item["decision_id"] is None else url_for("show_item", item_id=item_id))
+        return redirect(url_for("review") if waiting else url_for("show_item", item_id=item_id))
 
     @app.get("/items/<int:item_id>/photo")
     def photo(item_id: int):
@@ -292,5 +293,16 @@ def create_app(database_url: str, *, state: Path, lease_s: int = queue.DEFAULT_L
     @app.get("/history")
     def history():
         return render_template("history.html", rows=queue.history(database_url, g.reviewer.id))
+
+    @app.get("/lead")
+    def lead():
+        """For a lead: each reviewer's accuracy on gold items, agreement per pair, second opinions,
+        and the photos three reviewers answered three ways."""
+        if not g.reviewer.lead:
+            abort(403)
+        data = report.collect(database_url, since=EPOCH, limit=100,
+                              sections=["review_gold", "review_kappa", "review_opinions", "review_audit"])
+        return render_template("lead.html", data=data, titles={k: v[1] for k, v in report.SECTIONS.items()},
+                               unsettled=queue.no_majority(database_url))
 
     return app

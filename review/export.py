@@ -4,8 +4,10 @@
                                              category, or `other` for "not a refund category")
     DIR/images/<id>.jpg    the photo: JPEG bytes copied as they are, other formats re-encoded
 
-Only each photo's current decision counts (a changed decision exports its latest label once);
-"photo unusable" is left out. Each decision written is stamped exported (`exported_at`), which lets
+Only each photo's settled label counts: its current decision (a changed decision exports its latest
+label once), or, where the photo went to a second opinion, the label the reviewers settled on; a
+photo still waiting for an opinion (`awaiting_opinion`) or whose three reviewers all differ
+(`no_majority`) is skipped, and "photo unusable" is left out. Each decision written is stamped exported (`exported_at`), which lets
 retention (`ingest prune`) remove its photo later; a photo retention already removed is skipped as
 `pruned`. `training.train --extra-data DIR` and `serving rollout --sample DIR`
 read this layout.
@@ -77,7 +79,10 @@ def export(url: str, out: Path, *, since: datetime) -> ExportSummary:
     summary = ExportSummary()
     lines = ["id,articleType\n"]
     written = []
-    for decision_id, label, _decided_at, dest_path, dest_bytes, pruned in rows:
+    for decision_id, label, _decided_at, dest_path, dest_bytes, pruned, waiting, no_majority in rows:
+        if waiting or no_majority:
+            summary.skip("awaiting_opinion" if waiting else "no_majority")
+            continue
         if dest_path is None:
             summary.skip("pruned" if pruned else "no_file_recorded")
             if pruned:

@@ -5,11 +5,19 @@ one per photo content (sha256), so a decision covers every prediction row of tha
 A reviewer claims the oldest open item for `lease_s` seconds; an item nobody decides before its
 lease runs out goes back to the queue for the next claimer. A decision on a decided item is a
 change: a new row that names the one it supersedes, so the history stays.
+
+Quality is measured two ways (migration 008). A share of decided items (audit items by default)
+waits for a second opinion from another reviewer, who is shown the item as if undecided; if the two
+differ, a third reviewer's opinion settles it by majority. And a share of what a reviewer is shown
+(gold_share) is gold: a settled photo of known label (a catalogue's, or one two reviewers agreed
+on blind) they have not seen, shown like any other item, their answer scored. Where an item stands
+is computed in PostgreSQL (review_settle) after every decision, opinion and undo.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +75,7 @@ def _dicts(cur) -> list[dict]:
 class Reviewer:
     id: int
     name: str
+    lead: bool = False  # sees the reviewers' measures (/lead) and every item's decisions
 
 
 def add_reviewer(url: str, name: str, password: str, *, replace: bool = False) -> tuple[int, bool]:
@@ -155,17 +164,56 @@ def set_audit_share(url: str, share: float) -> float:
         return _one(cur, "set_audit_share", {"share": share})[0]
 
 
+def settings(cur) -> dict:
+    cur.execute(load_query("settings"))
+    return _dicts(cur)[0]
+
+
+def set_quality(url: str, *, gold_share: float | None = None, second_opinion_share: float | None = None,
+                second_opinion_audit: bool | None = None) -> dict:
+    """Change the quality settings given (the others stay); returns all the review settings."""
+    for name, value in (("gold share", gold_share), ("second-opinion share", second_opinion_share)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ReviewError(f"Invalid {name} {value!r}; give a fraction between 0 and 1 (0.02 = 2 %)")
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("set_quality"),
+                    {"gold": gold_share, "second": second_opinion_share, "audit": second_opinion_audit})
+        return settings(cur)
+
+
+def set_lead(url: str, name: str, lead: bool = True) -> None:
+    """A lead sees the reviewers' measures (/lead) and every item's decisions."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        if _one(cur, "set_lead", {"lead": lead, "name": name}) is None:
+            raise ReviewError(f"no reviewer {name!r}", 404)
+
+
+def add_gold(url: str, sha256: str, label: str) -> str:
+    """A catalogue photo of known `label` (a category or OTHER_LABEL), by its content's sha256:
+    "added", "known" (gold already), or "not recorded" (no prediction of that content yet: ingest
+    the photo first)."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        recorded, added = _one(cur, "add_gold", {"sha256": sha256, "label": label, "outcome": outcome_of(label)})
+    return "added" if added else "known" if recorded else "not recorded"
+
+
 # -- claims ----------------------------------------------------------------------------------------
 
-def claim(url: str, reviewer_id: int, *, lease_s: int = DEFAULT_LEASE_S, order: str = "oldest") -> int | None:
-    """The item this reviewer works on: the one they hold (lease renewed), else the next open one
-    nobody holds, claimed now: the oldest, or with order "uncertain" the least confident answer.
-    None: the queue is empty (or all of it is held by others)."""
+def claim(url: str, reviewer_id: int, *, lease_s: int = DEFAULT_LEASE_S, order: str = "oldest",
+          draw: float | None = None) -> int | None:
+    """The item this reviewer works on: the gold item shown to them and not answered, else the
+    item they hold (lease renewed), else a new one: with probability gold_share (`draw`, uniform in
+    [0, 1), is the die) a gold item they have not seen, else the next item nobody holds that waits
+    for them (a first decision, or an opinion on an item they have not answered): the oldest, or
+    with order "uncertain" the least confident answer. None: nothing waits for this reviewer."""
     if order not in ORDERS:
         raise ReviewError(f"Invalid order {order!r}; one of {', '.join(ORDERS)}")
     params = {"reviewer_id": reviewer_id, "lease_s": lease_s, "order": order}
     with db.connect(url) as conn, conn.cursor() as cur:
-        row = _one(cur, "claim_current", params) or _one(cur, "claim_next", params)
+        row = _one(cur, "claim_current", params)
+        if row is None and (random.random() if draw is None else draw) < settings(cur)["gold_share"]:
+            row = _one(cur, "claim_gold", params)
+        row = row or _one(cur, "claim_next", params)
     return row[0] if row else None
 
 
@@ -191,63 +239,102 @@ def outcome_of(label: str | None) -> str:
 
 def decide(url: str, item_id: int, reviewer_id: int, label: str | None, *, replaces: int | None = None,
            categories: list[str] | None = None) -> int:
-    """Record a decision on an item: `label` is a category, OTHER_LABEL ("not a refund category")
-    or None ("photo unusable"). `replaces` is the decision the reviewer saw on the item (None: it
-    was undecided). Returns the id of the item's decision.
+    """Record what a reviewer answers on an item: `label` is a category, OTHER_LABEL ("not a refund
+    category") or None ("photo unusable"). `replaces` is the decision the reviewer saw on the item
+    (None: it was shown undecided). Returns the id of the row recorded (or found, for a form sent
+    twice).
 
-    An open item held by someone else (lease still running) is refused. If the item's decision is
-    no longer `replaces`, the decision is refused (LostUpdate, 409) and nothing is recorded, except
+    What the answer is depends on what the item is to this reviewer: on a gold item shown to them,
+    their scored gold answer; on an item waiting for a second or third opinion that they have not
+    answered, that opinion (refused while someone else holds the item); otherwise a decision. An
+    open item held by someone else (lease still running) is refused. If the item's decision is no
+    longer `replaces`, the decision is refused (LostUpdate, 409) and nothing is recorded, except
     when that newer decision is this reviewer's own with the same label: the form was sent twice,
-    and the decision is recorded once. Otherwise a decided item gets a new decision that supersedes
-    the current one. `categories`, when given, are the labels allowed."""
+    and the decision is recorded once. A decided item gets a new decision that supersedes the
+    current one, until another reviewer has given an opinion on it: then it is final.
+    `categories`, when given, are the labels allowed."""
     if label is not None and label != OTHER_LABEL and categories is not None and label not in categories:
         raise ReviewError(f"Invalid category {label!r}; choose one of the model's categories, "
                           f"'not a refund category' or 'photo unusable'")
+    answer = {"item_id": item_id, "reviewer_id": reviewer_id, "outcome": outcome_of(label), "label": label}
     with db.connect(url) as conn, conn.cursor() as cur:
         cur.execute(load_query("item_for_update"), {"item_id": item_id})
         if cur.fetchone() is None:
             raise ReviewError(f"no review item {item_id}", 404)
-        cur.execute(load_query("item_current"), {"item_id": item_id})
+        gold = _one(cur, "gold_answer", answer)
+        if gold is not None:
+            return gold[0]
+        cur.execute(load_query("item_current"), {"item_id": item_id, "reviewer_id": reviewer_id})
         row = _dicts(cur)[0]
+        for given, given_label in ((row["my_gold_id"], row["my_gold_label"]), (row["my_opinion_id"], row["my_opinion_label"])):
+            if given is not None:
+                if given_label == label and replaces is None:
+                    return given  # the same form sent twice
+                raise ReviewError(f"You answered item {item_id} already ({describe(given_label)}); that answer is final.", 409)
+        if row["stage"] in ("second", "third") and not row["my_decision"]:
+            if row["leased"] and row["claimed_by"] != reviewer_id:
+                raise ReviewError(f"item {item_id} is being reviewed by someone else", 409)
+            new_id = _one(cur, "insert_opinion", {**answer, "round": 2 if row["stage"] == "second" else 3})[0]
+            cur.execute(load_query("settle"), {"item_id": item_id})
+            return new_id
         decision_id = row["decision_id"]
         if decision_id != replaces:
             if decision_id is not None and row["decided_by_id"] == reviewer_id and row["decided_label"] == label:
                 return decision_id  # the same form sent twice
             if decision_id is not None:
                 raise LostUpdate(item_id, label, row)
+        if row["stage"] == "settled" and decision_id is None:
+            raise ReviewError(f"item {item_id} is a photo of known label, not open for a decision", 409)
+        if row["opinions"]:
+            raise ReviewError(f"item {item_id} was settled with another reviewer's opinion; its decision is final", 409)
         if decision_id is None and row["leased"] and row["claimed_by"] != reviewer_id:
             raise ReviewError(f"item {item_id} is being reviewed by someone else", 409)
         previous = row["decided_label"] if decision_id is not None else row["model_label"]
         new_id = _one(cur, "insert_decision", {
-            "item_id": item_id, "sha256": row["sha256"], "reviewer_id": reviewer_id, "outcome": outcome_of(label),
-            "label": label, "previous_label": previous, "supersedes": decision_id})[0]
-        cur.execute(load_query("set_decision"), {"decision_id": new_id, "item_id": item_id})
+            **answer, "sha256": row["sha256"], "previous_label": previous, "supersedes": decision_id})[0]
+        cur.execute(load_query("set_decision"), {"decision_id": new_id, "item_id": item_id, "first": decision_id is None})
     return new_id
 
 
-def undo(url: str, reviewer_id: int, *, window_s: int = UNDO_WINDOW_S, lease_s: int = DEFAULT_LEASE_S) -> int:
-    """Take back the reviewer's latest decision, made within `window_s`, still its item's current
-    decision and not exported: it is removed, the item gets back the decision it replaced (or is
-    open again, held by this reviewer, other held items given back). Returns the item's id."""
+def undo(url: str, reviewer_id: int, *, window_s: int = UNDO_WINDOW_S, lease_s: int = DEFAULT_LEASE_S) -> tuple[int, bool]:
+    """Take back the reviewer's latest answer (a decision, an opinion or a gold answer), given
+    within `window_s`, still in force, not exported and with nothing built on it since (another
+    reviewer's opinion on a decision; a gold answer on a photo an agreement made gold). It is
+    removed: the item gets back the decision it replaced, or waits again, held by this reviewer
+    (other held items given back). Returns (the item's id, whether it waits for this reviewer)."""
     with db.connect(url) as conn, conn.cursor() as cur:
         cur.execute(load_query("undo_last"), {"reviewer_id": reviewer_id})
         rows = _dicts(cur)
         if not rows:
             raise ReviewError("Nothing to undo: you have made no decision.", 409)
-        last = rows[0]
+        cur.execute(load_query("item_for_update"), {"item_id": rows[0]["item_id"]})
+        cur.execute(load_query("undo_last"), {"reviewer_id": reviewer_id})  # again, with the item locked
+        last = _dicts(cur)[0]
+        item_id = last["item_id"]
+        if last["item_id"] != rows[0]["item_id"]:
+            raise ReviewError("Nothing undone: you answered again meanwhile; try again.", 409)
         if not last["current"]:
-            raise ReviewError(f"Nothing to undo: your last decision (item {last['item_id']}) was changed since.", 409)
+            raise ReviewError(f"Nothing to undo: your last decision (item {item_id}) was changed since.", 409)
         if last["age_s"] > window_s:
-            raise ReviewError(f"Nothing to undo: your last decision (item {last['item_id']}) is older than "
-                              f"{window_s // 60} min; change it from My decisions.", 409)
+            raise ReviewError(f"Nothing to undo: your last decision (item {item_id}) is older than "
+                              f"{window_s // 60} min" + ("; change it from My decisions." if last["kind"] == "decision" else "."), 409)
         if last["exported"]:
-            raise ReviewError(f"Nothing to undo: your last decision (item {last['item_id']}) was exported already; "
+            raise ReviewError(f"Nothing to undo: your last decision (item {item_id}) was exported already; "
                               f"change it from My decisions.", 409)
-        if last["supersedes"] is None:
+        if last["built_on"]:
+            raise ReviewError(f"Nothing to undo: another reviewer has answered on item {item_id} since.", 409)
+        if last["kind"] != "decision" or last["supersedes"] is None:
             cur.execute(load_query("release_claims"), {"reviewer_id": reviewer_id})
-        cur.execute(load_query("undo_apply"), {"reviewer_id": reviewer_id, "lease_s": lease_s, "item_id": last["item_id"],
-                                               "supersedes": last["supersedes"], "decision_id": last["id"]})
-    return last["item_id"]
+        if last["kind"] == "decision":
+            cur.execute(load_query("undo_apply"), {"item_id": item_id, "supersedes": last["supersedes"],
+                                                   "decision_id": last["id"]})
+        elif last["kind"] == "opinion":
+            cur.execute(load_query("undo_opinion"), {"item_id": item_id, "opinion_id": last["id"]})
+        else:
+            cur.execute(load_query("undo_gold"), {"answer_id": last["id"]})
+            return item_id, True
+        held = _one(cur, "hold_item", {"item_id": item_id, "reviewer_id": reviewer_id, "lease_s": lease_s})
+    return item_id, held is not None
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -261,6 +348,26 @@ def item(url: str, item_id: int) -> dict | None:
         found = rows[0]
         cur.execute(load_query("item_decisions"), {"item_id": item_id})
         found["decisions"] = _dicts(cur)
+    return found
+
+
+def view(url: str, item_id: int, reviewer_id: int) -> dict | None:
+    """An item as this reviewer is shown it. Blind (shown as undecided: no decision, no history)
+    where it is a gold item shown to them, an item they hold for an opinion, or, for anyone but a
+    lead, an item waiting for an opinion or of known label that they have not answered."""
+    found = item(url, item_id)
+    if found is None:
+        return None
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("task"), {"item_id": item_id, "reviewer_id": reviewer_id})
+        task = _dicts(cur)[0]
+    waiting = task["stage"] in ("second", "third")
+    found["blind"] = bool(task["gold_held"] or (waiting and task["held"])
+                          or (not task["lead"] and not task["answered"] and (waiting or task["gold"])))
+    if found["reason"] == "gold":  # a catalogue photo: shown as the prediction that recorded it was
+        found["reason"] = "needs_review" if found["needs_review"] else "audit"
+    if found["blind"]:
+        found.update(decision_id=None, outcome=None, decided_label=None, decided_at=None, decided_by=None, decisions=[])
     return found
 
 
@@ -289,6 +396,13 @@ def queue_by_label(url: str) -> list[dict]:
 def history(url: str, reviewer_id: int, *, limit: int = 200) -> list[dict]:
     with db.connect(url) as conn, conn.cursor() as cur:
         cur.execute(load_query("history"), {"reviewer_id": reviewer_id, "limit": limit})
+        return _dicts(cur)
+
+
+def no_majority(url: str, *, limit: int = 200) -> list[dict]:
+    """Items three reviewers answered three ways, newest first: for a lead to look at."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(load_query("no_majority"), {"limit": limit})
         return _dicts(cur)
 
 

@@ -95,7 +95,7 @@ def test_export_and_report_from_the_command_line(env, database_url, tmp_path):
     for title in ("Review desk: open items", "Review desk: decisions per day", "Review desk: measured precision"):
         assert f"== {title}" in r.stdout
     doc = json.loads(run(env, "ingest", "report", "--format", "json").stdout)
-    assert doc["review_open"] == [{"open": 0, "open_audit": 0, "held_now": 0, "oldest_received": None}]
+    assert doc["review_open"] == [{"open": 0, "open_audit": 0, "awaiting_opinion": 0, "held_now": 0, "oldest_received": None}]
     assert [(d["decisions"], d["category"], d["unusable"]) for d in doc["review_per_day"]] == [(2, 1, 1)]
 
 
@@ -130,3 +130,36 @@ def test_the_category_list_comes_from_the_versions_archive(tmp_path):
     write_archive(["Tshirts", "Belts", "Caps", "other"])
     os.utime(tmp_path / "refund_classifier-2.mar", (1, 1))
     assert cats.for_version("refund_classifier", "2") == ["Belts", "Caps", "Tshirts"]
+
+
+@pytest.mark.integration
+def test_gold_photos_a_lead_and_the_quality_settings_from_the_command_line(env, database_url, tmp_path):
+    rows = Rows(database_url, tmp_path / "processed")
+    taken_in = rows.add(1, label="Jeans", confidence=0.99, needs_review=False)
+    catalogue = tmp_path / "test-split"
+    (catalogue / "Jeans").mkdir(parents=True)
+    (catalogue / "Jeans" / "a.jpg").write_bytes(taken_in["data"])
+    (catalogue / "Jeans" / "notes.txt").write_text("not a photo")
+    (catalogue / "other").mkdir()
+    (catalogue / "other" / "b.jpg").write_bytes(b"a photo the inbox never saw")
+    r = run(env, "review", "gold", str(catalogue))
+    assert r.returncode == 0, r.stderr
+    assert "1 photos added, 0 gold already, 1 not taken in by the inbox yet" in r.stdout
+    assert f"not recorded: {catalogue / 'other' / 'b.jpg'}" in r.stdout
+    assert "0 photos added, 1 gold already" in run(env, "review", "gold", str(catalogue)).stdout
+    r = run(env, "review", "gold", str(tmp_path / "nowhere"))
+    assert r.returncode == 1 and "is not a folder" in r.stderr
+
+    queue.add_reviewer(database_url, "lena", "lena's password")
+    r = run(env, "review", "lead", "lena")
+    assert r.returncode == 0 and "lena is a lead" in r.stdout
+    assert "lead" in run(env, "review", "reviewers").stdout.splitlines()[0]
+    assert run(env, "review", "lead", "nobody").returncode == 1
+
+    r = run(env, "review", "quality", "--gold-share", "5%", "--second-opinion-audit", "off")
+    assert r.returncode == 0 and "gold items 5.00%" in r.stdout and "every audit item" not in r.stdout
+    r = run(env, "review", "quality", "--second-opinion-share", "2")
+    assert r.returncode == 1 and "Invalid second-opinion share" in r.stderr
+    r = run(env, "ingest", "report", "--format", "json")
+    doc = json.loads(r.stdout)
+    assert doc["review_gold"] == [] and doc["review_kappa"] == [] and doc["review_opinions"][0]["sent"] == 0

@@ -230,14 +230,17 @@ def test_a_category_outside_the_models_list_is_refused(database_url, rows, alice
 def test_review_report_sections_on_empty_review_tables(database_url):
     data = report.collect(database_url, since=EPOCH, limit=100, sections=list(report.REVIEW_SECTIONS))
     assert set(data) == set(report.REVIEW_SECTIONS)
-    assert data["review_open"]["rows"] == [[0, 0, 0, None]]
-    for name in ("review_per_day", "review_agreement", "review_audit", "review_accuracy"):
+    assert data["review_open"]["rows"] == [[0, 0, 0, 0, None]]
+    assert data["review_opinions"]["rows"] == [[0, 0, 0, 0, 0, 0]]
+    for name in ("review_per_day", "review_agreement", "review_audit", "review_accuracy", "review_kappa", "review_gold"):
         assert data[name]["rows"] == [], name
 
 
 def test_audit_precision_per_version_with_a_wilson_interval(database_url, rows, alice):
     """Version 1: 10 audited accepted answers, 8 right; version 2: 4 of 4. Plus one unsure item,
-    decided against the model (reviewed accuracy 0/1), and one audited photo unusable (left out)."""
+    decided against the model (reviewed accuracy 0/1), and one audited photo unusable (left out).
+    One reviewer each (no second opinions: test_review_quality has those)."""
+    queue.set_quality(database_url, second_opinion_audit=False)
     seed = 0
     for version, right, wrong in (("1", 8, 2), ("2", 4, 0)):
         for n in range(right + wrong):
@@ -263,7 +266,7 @@ def test_audit_precision_per_version_with_a_wilson_interval(database_url, rows, 
     cols = data["review_accuracy"]["columns"]
     acc = [dict(zip(cols, r)) for r in data["review_accuracy"]["rows"]]
     assert [(a["model_version"], a["reviewed"], a["correct"]) for a in acc] == [("1", 1, 0)]
-    assert data["review_open"]["rows"] == [[0, 0, 0, None]]
+    assert data["review_open"]["rows"] == [[0, 0, 0, 0, None]]
 
 
 # -- export -----------------------------------------------------------------------------------------

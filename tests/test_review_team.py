@@ -222,7 +222,7 @@ def test_undo_takes_back_the_last_decision_and_holds_its_item_again(database_url
     first = queue.claim(database_url, alice)
     queue.decide(database_url, first, alice, "Shirts")
     second = queue.claim(database_url, alice)  # the next item follows at once
-    assert queue.undo(database_url, alice) == first
+    assert queue.undo(database_url, alice) == (first, True)  # it waits for alice again
     assert fetch(database_url, "SELECT count(*) FROM review_decisions") == [(0,)]
     assert queue.claim(database_url, alice) == first, "shown again, held by alice"
     assert queue.claim(database_url, bob) == second, "the item alice held meanwhile went back to the queue"
@@ -235,7 +235,7 @@ def test_undoing_a_change_restores_the_decision_it_replaced(database_url, rows, 
     item = queue.claim(database_url, alice)
     first = queue.decide(database_url, item, alice, "Shirts")
     queue.decide(database_url, item, alice, "Jeans", replaces=first)
-    assert queue.undo(database_url, alice) == item
+    assert queue.undo(database_url, alice) == (item, False)  # decided again: waits for nobody
     assert fetch(database_url, "SELECT decision_id, claimed_by FROM review_items") == [(first, None)]
     assert fetch(database_url, "SELECT label FROM review_decisions") == [("Shirts",)]
 

@@ -16,7 +16,7 @@ import requests
 
 from review import queue
 from review.app import create_app
-from review_support import Rows, csrf_of, fetch, image_bytes, post_login
+from review_support import Rows, csrf_of, fetch, image_bytes, post_login, sha_with_point
 from serving.paths import REPO_ROOT
 from serving.torchserve import free_port
 
@@ -326,3 +326,63 @@ def test_a_team_in_a_real_browser(browser, review_server, rows, database_url):
     }""")
     assert statuses == [302, 302]
     assert decisions() == [(first, "Tshirts"), (second, "other")]
+
+
+def test_second_opinions_and_gold_items_in_a_real_browser(browser, review_server, rows, database_url):
+    """In Chromium: an audit decision goes to a second reviewer who is not shown it, their agreement
+    is reported on the lead's page; a gold photo is shown like any other item and each answer scored."""
+    audit = rows.add(1, label="Tshirts", confidence=0.99, needs_review=False, sha256=sha_with_point(True, 1))
+    gold = rows.add(2, label="Jeans", confidence=0.99, needs_review=False, sha256=sha_with_point(False, 2))
+    assert queue.add_gold(database_url, gold["sha256"], "Jeans") == "added"
+    for name in ("alice", "bob", "lena"):
+        queue.add_reviewer(database_url, name, PASSWORD)
+    queue.set_lead(database_url, "lena")
+    queue.set_quality(database_url, gold_share=0.0)
+    (audit_item,), (gold_item,) = fetch(database_url, "SELECT id FROM review_items ORDER BY reason")
+
+    def logged_in(name: str):
+        page = browser.new_context().new_page()
+        page.goto(review_server + "/login")
+        page.fill("input[name=name]", name)
+        page.fill("input[name=password]", PASSWORD)
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        return page
+
+    def decide(page, key: str) -> None:
+        with page.expect_navigation():
+            page.keyboard.press(key)
+
+    alice = logged_in("alice")
+    assert int(alice.locator("#item").get_attribute("data-item")) == audit_item
+    decide(alice, "1")  # Tshirts, the model's answer
+    assert "Nothing to review" in alice.locator("h1").inner_text(), "she does not give the second opinion"
+
+    bob = logged_in("bob")
+    assert int(bob.locator("#item").get_attribute("data-item")) == audit_item
+    body = bob.locator("body").inner_text()
+    assert "alice" not in body and "Decided" not in body and bob.locator("table.decisions").count() == 0, \
+        "the first decision is hidden"
+    assert bob.locator("#decide input[name=replaces]").get_attribute("value") == ""
+    decide(bob, "1")
+    assert fetch(database_url, "SELECT stage, settled_how FROM review_items WHERE id = %(i)s",
+                 {"i": audit_item}) == [("settled", "agreement")]
+
+    queue.set_quality(database_url, gold_share=1.0)  # every claim a gold item where one is left
+    alice.goto(review_server + "/review")
+    assert int(alice.locator("#item").get_attribute("data-item")) == gold_item
+    assert alice.locator("#decide").count() == 1 and "Decided" not in alice.locator("body").inner_text()
+    decide(alice, "1")  # Jeans: right
+    bob.goto(review_server + "/review")
+    assert int(bob.locator("#item").get_attribute("data-item")) == gold_item
+    decide(bob, "n")  # not a refund category: wrong
+    assert fetch(database_url, """SELECT r.name, a.correct FROM review_gold_answers a JOIN reviewers r ON r.id = a.reviewer_id
+                                  ORDER BY r.name""") == [("alice", True), ("bob", False)]
+
+    assert bob.locator("nav a[href='/lead']").count() == 0
+    lena = logged_in("lena")
+    lena.click("nav a[href='/lead']")
+    gold_rows = lena.locator("#review_gold tbody tr").all_inner_texts()
+    assert [r.split("\t")[:3] for r in gold_rows] == [["alice", "1", "1"], ["bob", "1", "0"]]
+    assert lena.locator("#review_kappa tbody tr").inner_text().split("\t")[:4] == ["alice", "bob", "1", "1.000"]
+    assert lena.locator("#review_opinions tbody tr").inner_text().split("\t")[:4] == ["1", "0", "0", "1"]

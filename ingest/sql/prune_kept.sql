@@ -1,6 +1,7 @@
--- Moved photos older than the retention that stay for their review: (open items, decisions not exported).
+-- Moved photos older than the retention that stay for their review: (items waiting or gold photos, decisions not exported).
 SELECT
-    count(*) FILTER (WHERE EXISTS (SELECT 1 FROM review_items i WHERE i.sha256 = f.sha256 AND i.decision_id IS NULL)),
+    count(*) FILTER (WHERE EXISTS (SELECT 1 FROM review_items i WHERE i.sha256 = f.sha256 AND i.stage <> 'settled')
+                                   OR EXISTS (SELECT 1 FROM review_gold g WHERE g.sha256 = f.sha256)),
     count(*) FILTER (WHERE EXISTS (SELECT 1 FROM review_items i JOIN review_decisions d ON d.id = i.decision_id
                                    WHERE i.sha256 = f.sha256 AND d.outcome <> 'unusable' AND d.exported_at IS NULL))
 FROM ingest_files f

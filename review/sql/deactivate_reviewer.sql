@@ -9,7 +9,9 @@ WITH r AS (
     RETURNING s.expires_at > now() AND s.session_version = r.old_version AS live
 ), released AS (
     UPDATE review_items i SET claimed_by = NULL, claimed_at = NULL, lease_until = NULL
-    FROM r WHERE i.claimed_by = r.id AND i.decision_id IS NULL
+    FROM r WHERE i.claimed_by = r.id AND i.stage <> 'settled'
     RETURNING i.id
+), unshown AS (
+    DELETE FROM review_gold_answers a USING r WHERE a.reviewer_id = r.id AND a.answered_at IS NULL
 )
 SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM ended WHERE live), (SELECT count(*) FROM released)

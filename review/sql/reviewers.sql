@@ -1,5 +1,5 @@
 -- Every reviewer: active or not, last login, decisions made (and of them current), open sessions.
-SELECT r.name, r.active, r.created_at, r.last_login_at, r.deactivated_at,
+SELECT r.name, r.active, r.lead, r.created_at, r.last_login_at, r.deactivated_at,
        (SELECT count(*) FROM review_decisions d WHERE d.reviewer_id = r.id) AS decisions,
        (SELECT max(d.decided_at) FROM review_decisions d WHERE d.reviewer_id = r.id) AS last_decision_at,
        (SELECT count(*) FROM review_sessions s

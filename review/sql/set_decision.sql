@@ -1,3 +1,12 @@
-UPDATE review_items
-SET decision_id = %(decision_id)s, decided_at = now(), claimed_by = NULL, claimed_at = NULL, lease_until = NULL
-WHERE id = %(item_id)s
+-- The item's current decision is this one; an item decided for the first time is chosen for a
+-- second opinion now (audit items when second_opinion_audit; any item whose content falls below
+-- second_opinion_share, by bits of its sha256 the audit sample does not use), then settled.
+UPDATE review_items i
+SET decision_id = %(decision_id)s, decided_at = now(), claimed_by = NULL, claimed_at = NULL, lease_until = NULL,
+    second_opinion = CASE WHEN %(first)s THEN
+        (SELECT (i.reason = 'audit' AND s.second_opinion_audit)
+                OR ('x' || substr(i.sha256, 9, 8))::bit(32)::bigint / 4294967296.0 < s.second_opinion_share
+         FROM review_settings s)
+        ELSE i.second_opinion END
+WHERE i.id = %(item_id)s;
+SELECT review_settle(%(item_id)s)

@@ -1,0 +1,1 @@
+UPDATE reviewers SET lead = %(lead)s WHERE name = %(name)s RETURNING id

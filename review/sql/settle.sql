@@ -1,0 +1,1 @@
+SELECT review_settle(%(item_id)s)
