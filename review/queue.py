@@ -339,26 +339,30 @@ def undo(url: str, reviewer_id: int, *, window_s: int = UNDO_WINDOW_S, lease_s: 
 
 # -- reading ---------------------------------------------------------------------------------------
 
+def _item(cur, item_id: int) -> dict | None:
+    cur.execute(load_query("item"), {"item_id": item_id})
+    rows = _dicts(cur)
+    if not rows:
+        return None
+    found = rows[0]
+    cur.execute(load_query("item_decisions"), {"item_id": item_id})
+    found["decisions"] = _dicts(cur)
+    return found
+
+
 def item(url: str, item_id: int) -> dict | None:
     with db.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(load_query("item"), {"item_id": item_id})
-        rows = _dicts(cur)
-        if not rows:
-            return None
-        found = rows[0]
-        cur.execute(load_query("item_decisions"), {"item_id": item_id})
-        found["decisions"] = _dicts(cur)
-    return found
+        return _item(cur, item_id)
 
 
 def view(url: str, item_id: int, reviewer_id: int) -> dict | None:
     """An item as this reviewer is shown it. Blind (shown as undecided: no decision, no history)
     where it is a gold item shown to them, an item they hold for an opinion, or, for anyone but a
     lead, an item waiting for an opinion or of known label that they have not answered."""
-    found = item(url, item_id)
-    if found is None:
-        return None
     with db.connect(url) as conn, conn.cursor() as cur:
+        found = _item(cur, item_id)
+        if found is None:
+            return None
         cur.execute(load_query("task"), {"item_id": item_id, "reviewer_id": reviewer_id})
         task = _dicts(cur)[0]
     waiting = task["stage"] in ("second", "third")

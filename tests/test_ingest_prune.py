@@ -86,3 +86,27 @@ def test_prune_removes_old_photos_keeps_their_rows_and_what_review_still_needs(d
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0 and "removed 1 photos" in cli.stdout, cli.stdout + cli.stderr
     assert not unexported["path"].exists() and still_open["path"].exists() and swapped["path"].exists()
+
+
+def test_prune_keeps_gold_photos_and_photos_waiting_for_an_opinion(database_url, tmp_path):
+    import hashlib
+
+    from review_support import image_bytes
+
+    def point(seed: int) -> float:  # where the photo's content falls for the audit sample
+        return int(hashlib.sha256(image_bytes(seed)).hexdigest()[:8], 16) / 2**32
+
+    accepted = [seed for seed in range(1, 200) if point(seed) >= 0.02][:2]
+    audited = next(seed for seed in range(1, 10000) if point(seed) < 0.02)
+    rows = Rows(database_url, tmp_path / "processed")
+    alice = queue.add_reviewer(database_url, "alice", "alice-password")[0]
+    gold = rows.add(accepted[0], needs_review=False, confidence=0.99)
+    assert queue.add_gold(database_url, gold["sha256"], "Tshirts") == "added"
+    waiting = rows.add(audited, needs_review=False, confidence=0.99)
+    queue.decide(database_url, queue.claim(database_url, alice, draw=0.99), alice, "Tshirts")
+    assert fetch(database_url, "SELECT stage FROM review_items WHERE reason = 'audit'") == [("second",)]
+    plain = rows.add(accepted[1], needs_review=False, confidence=0.99)
+    age(database_url, 100)
+    summary = prune_mod.prune(database_url, 90 * DAY)
+    assert dict(summary.removed) == {"processed": 1} and summary.kept_open == 2 and summary.other_content == 0
+    assert gold["path"].exists() and waiting["path"].exists() and not plain["path"].exists()
