@@ -5,6 +5,7 @@ SQL lives in ingest/sql/*.sql; parameters are always placeholders, never interpo
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import contextmanager
 from importlib import resources
 from typing import Iterator
@@ -49,18 +50,80 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def _open(url: str, **extra) -> psycopg2.extensions.connection:
+    return psycopg2.connect(url, connect_timeout=10, application_name="refund-classifier", **extra)
+
+
+class Pool:
+    """Connections kept open between uses, for a long-lived server with many short requests (the
+    review desk: opening one costs about 6 ms, more than most of its queries). At most `size` kept;
+    a use beyond that opens its own connection and closes it after. A kept connection is checked
+    (SELECT 1) before each use and replaced if PostgreSQL restarted or dropped it meanwhile."""
+
+    def __init__(self, url: str, size: int):
+        self.url, self.size = url, size
+        self._idle: list[psycopg2.extensions.connection] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> psycopg2.extensions.connection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return _open(self.url)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                conn.rollback()
+                return conn
+            except psycopg2.Error:
+                conn.close()  # gone meanwhile: try the next kept one, else a new one
+
+    def give_back(self, conn: psycopg2.extensions.connection) -> None:
+        if not conn.closed and conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            with self._lock:
+                if len(self._idle) < self.size:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+_POOLS: dict[str, Pool] = {}
+
+
+def use_pool(url: str, size: int) -> Pool:
+    """From now on, in this process, connect(url) without extra parameters takes its connection
+    from a pool of at most `size` kept connections."""
+    pool = _POOLS[url] = Pool(url, size)
+    return pool
+
+
 @contextmanager
 def connect(url: str, **extra) -> Iterator[psycopg2.extensions.connection]:
-    """Commit on success, roll back on error, always close. extra: more libpq parameters."""
-    conn = psycopg2.connect(url, connect_timeout=10, application_name="refund-classifier", **extra)
+    """Commit on success, roll back on error, always close (or give back to the pool `use_pool`
+    made for this url). extra: more libpq parameters."""
+    pool = None if extra else _POOLS.get(url)
+    conn = pool.take() if pool else _open(url, **extra)
     try:
         yield conn
         conn.commit()
     except BaseException:
-        conn.rollback()
+        try:
+            conn.rollback()
+        except psycopg2.Error:
+            conn.close()  # the connection itself failed: never kept
         raise
     finally:
-        conn.close()
+        if pool:
+            pool.give_back(conn)
+        else:
+            conn.close()
 
 
 def pending_migrations(url: str) -> list[str]:

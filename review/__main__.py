@@ -72,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     url = _writable_url(args)
+    db.use_pool(url, args.threads)  # one connection kept per request handled at once
     app = create_app(url, state=process.review_state(), lease_s=args.lease, model_store=_model_store(args),
                      secure_cookies=args.secure_cookies, proxies=args.proxies, order=args.order)
     # waitress reads each request whole in its I/O loop before a worker thread sees it: an idle or
