@@ -61,7 +61,7 @@ class Pool:
     (SELECT 1) before each use and replaced if PostgreSQL restarted or dropped it meanwhile."""
 
     def __init__(self, url: str, size: int):
-        self.url, self.size = url, size
+        self.url, self.size = url, size  # kept connections probe a silent peer (KEEPALIVE_ARGS)
         self._idle: list[psycopg2.extensions.connection] = []
         self._lock = threading.Lock()
 
@@ -70,7 +70,7 @@ class Pool:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                return _open(self.url)
+                return _open(self.url, **KEEPALIVE_ARGS)
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT 1")
@@ -99,9 +99,11 @@ _POOLS: dict[str, Pool] = {}
 
 def use_pool(url: str, size: int) -> Pool:
     """From now on, in this process, connect(url) without extra parameters takes its connection
-    from a pool of at most `size` kept connections."""
-    pool = _POOLS[url] = Pool(url, size)
-    return pool
+    from a pool of at most `size` kept connections (one made before for it is closed)."""
+    old, _POOLS[url] = _POOLS.get(url), Pool(url, size)
+    if old is not None:
+        old.close()
+    return _POOLS[url]
 
 
 @contextmanager

@@ -206,10 +206,15 @@ GOLD_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tif
 
 def cmd_gold(args: argparse.Namespace) -> int:
     """DIR/<category>/<photo>: photos of known label (a catalogue's test split) that the inbox
-    has already taken in. `other` is "not a refund category"."""
+    has already taken in. `other` is "not a refund category"; a folder that is not one of the
+    model's categories is refused photo by photo (a misspelt label would score every reviewer wrong)."""
     import hashlib
 
+    from review.categories import Categories
+    from serving.archive import OTHER_LABEL
+
     url = _writable_url(args)
+    categories = Categories(url, _model_store(args))
     if not args.dir.is_dir():
         raise queue.ReviewError(f"{args.dir} is not a folder (expected DIR/<category>/<photo>)")
     counts: dict[str, int] = {}
@@ -220,14 +225,22 @@ def cmd_gold(args: argparse.Namespace) -> int:
             if not photo.is_file() or photo.suffix.lower() not in GOLD_SUFFIXES:
                 continue
             sha = hashlib.sha256(photo.read_bytes()).hexdigest()
-            status = queue.add_gold(url, sha, label)
+            model = queue.prediction_of(url, sha)
+            if model is None:
+                status = "not recorded"
+            elif label != OTHER_LABEL and label not in categories.for_version(*model):
+                status = "unknown category"
+            else:
+                status = queue.add_gold(url, sha, label)
             counts[status] = counts.get(status, 0) + 1
-            if status == "not recorded":
-                missing.append(photo)
+            if status in ("not recorded", "unknown category"):
+                missing.append((photo, status))
     print(f"review gold: {counts.get('added', 0)} photos added, {counts.get('known', 0)} gold already, "
-          f"{counts.get('not recorded', 0)} not taken in by the inbox yet")
-    for photo in missing[:10]:
-        print(f"  not recorded: {photo} (drop it into the inbox, then run this again)")
+          f"{counts.get('not recorded', 0)} not taken in by the inbox yet, "
+          f"{counts.get('unknown category', 0)} in a folder that is not one of the model's categories")
+    for photo, status in missing[:10]:
+        print(f"  {status}: {photo}" + (" (drop it into the inbox, then run this again)" if status == "not recorded"
+                                       else f" ({photo.parent.name!r} is not a category of the model that answered it)"))
     return 0
 
 
@@ -351,6 +364,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gold", parents=[common], help="photos of known label, DIR/<category>/<photo>, already "
                        "taken in by the inbox, as gold items")
     p.add_argument("dir", type=Path)
+    p.add_argument("--model-store", type=Path, default=os.environ.get("REVIEW_MODEL_STORE") or None,
+                   help="where the archives are, for each version's category list (as for serve)")
     p.set_defaults(fn=cmd_gold)
     p = sub.add_parser("export", parents=[common], help="decided photos as a Kaggle-layout catalogue (styles.csv + images/)")
     p.add_argument("--out", type=Path, required=True, help="new folder to write styles.csv and images/ into")

@@ -7,7 +7,9 @@
 Only each photo's settled label counts: its current decision (a changed decision exports its latest
 label once), or, where the photo went to a second opinion, the label the reviewers settled on; a
 photo still waiting for an opinion (`awaiting_opinion`) or whose three reviewers all differ
-(`no_majority`) is skipped, and "photo unusable" is left out. Each decision written is stamped exported (`exported_at`), which lets
+(`no_majority`) is skipped, and so is a photo a catalogue added as gold (`catalogue_gold`: a test
+split never becomes training data); "photo unusable" is left out. `--since` counts from when a
+photo's label settled. Each decision written is stamped exported (`exported_at`), which lets
 retention (`ingest prune`) remove its photo later; a photo retention already removed is skipped as
 `pruned`. `training.train --extra-data DIR` and `serving rollout --sample DIR`
 read this layout.
@@ -79,9 +81,9 @@ def export(url: str, out: Path, *, since: datetime) -> ExportSummary:
     summary = ExportSummary()
     lines = ["id,articleType\n"]
     written = []
-    for decision_id, label, _decided_at, dest_path, dest_bytes, pruned, waiting, no_majority in rows:
-        if waiting or no_majority:
-            summary.skip("awaiting_opinion" if waiting else "no_majority")
+    for decision_id, label, _decided_at, dest_path, dest_bytes, pruned, waiting, no_majority, catalogue in rows:
+        if waiting or no_majority or catalogue:
+            summary.skip("awaiting_opinion" if waiting else "no_majority" if no_majority else "catalogue_gold")
             continue
         if dest_path is None:
             summary.skip("pruned" if pruned else "no_file_recorded")

@@ -22,6 +22,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2.errors
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from ingest import db
@@ -188,6 +189,13 @@ def set_lead(url: str, name: str, lead: bool = True) -> None:
             raise ReviewError(f"no reviewer {name!r}", 404)
 
 
+def prediction_of(url: str, sha256: str) -> tuple[str, str] | None:
+    """(model name, version) of the first answer recorded for a content, or None."""
+    with db.connect(url) as conn, conn.cursor() as cur:
+        row = _one(cur, "prediction_of", {"sha256": sha256})
+    return (row[0], row[1]) if row else None
+
+
 def add_gold(url: str, sha256: str, label: str) -> str:
     """A catalogue photo of known `label` (a category or OTHER_LABEL), by its content's sha256:
     "added", "known" (gold already), or "not recorded" (no prediction of that content yet: ingest
@@ -202,18 +210,24 @@ def add_gold(url: str, sha256: str, label: str) -> str:
 def claim(url: str, reviewer_id: int, *, lease_s: int = DEFAULT_LEASE_S, order: str = "oldest",
           draw: float | None = None) -> int | None:
     """The item this reviewer works on: the gold item shown to them and not answered, else the
-    item they hold (lease renewed), else a new one: with probability gold_share (`draw`, uniform in
-    [0, 1), is the die) a gold item they have not seen, else the next item nobody holds that waits
-    for them (a first decision, or an opinion on an item they have not answered): the oldest, or
-    with order "uncertain" the least confident answer. None: nothing waits for this reviewer."""
+    item they hold (lease renewed), else the next item nobody holds that waits for them (a first
+    decision, or an opinion on an item they have not answered): the oldest, or with order
+    "uncertain" the least confident answer, claimed now. With probability gold_share (`draw`,
+    uniform in [0, 1), is the die) a gold item they have not seen is shown instead of that next
+    item, which stays in the queue; only when there is one, so that a gold item never shows up in
+    an empty queue. None: nothing waits for this reviewer."""
     if order not in ORDERS:
         raise ReviewError(f"Invalid order {order!r}; one of {', '.join(ORDERS)}")
     params = {"reviewer_id": reviewer_id, "lease_s": lease_s, "order": order}
     with db.connect(url) as conn, conn.cursor() as cur:
         row = _one(cur, "claim_current", params)
-        if row is None and (random.random() if draw is None else draw) < settings(cur)["gold_share"]:
-            row = _one(cur, "claim_gold", params)
-        row = row or _one(cur, "claim_next", params)
+        if row is None:
+            row = _one(cur, "claim_next", params)
+            if row is not None and (random.random() if draw is None else draw) < settings(cur)["gold_share"]:
+                gold = _one(cur, "claim_gold", params)
+                if gold is not None:
+                    cur.execute(load_query("unclaim"), {"item_id": row[0]})
+                    row = gold
     return row[0] if row else None
 
 
@@ -246,7 +260,7 @@ def decide(url: str, item_id: int, reviewer_id: int, label: str | None, *, repla
 
     What the answer is depends on what the item is to this reviewer: on a gold item shown to them,
     their scored gold answer; on an item waiting for a second or third opinion that they have not
-    answered, that opinion (refused while someone else holds the item); otherwise a decision. An
+    answered and claimed from the queue, that opinion (refused otherwise); otherwise a decision. An
     open item held by someone else (lease still running) is refused. If the item's decision is no
     longer `replaces`, the decision is refused (LostUpdate, 409) and nothing is recorded, except
     when that newer decision is this reviewer's own with the same label: the form was sent twice,
@@ -272,8 +286,8 @@ def decide(url: str, item_id: int, reviewer_id: int, label: str | None, *, repla
                     return given  # the same form sent twice
                 raise ReviewError(f"You answered item {item_id} already ({describe(given_label)}); that answer is final.", 409)
         if row["stage"] in ("second", "third") and not row["my_decision"]:
-            if row["leased"] and row["claimed_by"] != reviewer_id:
-                raise ReviewError(f"item {item_id} is being reviewed by someone else", 409)
+            if row["claimed_by"] != reviewer_id:  # given on an item claimed blind, never from a page seen otherwise
+                raise ReviewError(f"item {item_id} waits for another reviewer's opinion; take your next item from Review", 409)
             new_id = _one(cur, "insert_opinion", {**answer, "round": 2 if row["stage"] == "second" else 3})[0]
             cur.execute(load_query("settle"), {"item_id": item_id})
             return new_id
@@ -301,7 +315,8 @@ def undo(url: str, reviewer_id: int, *, window_s: int = UNDO_WINDOW_S, lease_s: 
     within `window_s`, still in force, not exported and with nothing built on it since (another
     reviewer's opinion on a decision; a gold answer on a photo an agreement made gold). It is
     removed: the item gets back the decision it replaced, or waits again, held by this reviewer
-    (other held items given back). Returns (the item's id, whether it waits for this reviewer)."""
+    (other held items given back), blind as before for an opinion or a gold answer. Returns (the
+    item's id, whether it waits for this reviewer)."""
     with db.connect(url) as conn, conn.cursor() as cur:
         cur.execute(load_query("undo_last"), {"reviewer_id": reviewer_id})
         rows = _dicts(cur)
@@ -311,8 +326,8 @@ def undo(url: str, reviewer_id: int, *, window_s: int = UNDO_WINDOW_S, lease_s: 
         cur.execute(load_query("undo_last"), {"reviewer_id": reviewer_id})  # again, with the item locked
         last = _dicts(cur)[0]
         item_id = last["item_id"]
-        if last["item_id"] != rows[0]["item_id"]:
-            raise ReviewError("Nothing undone: you answered again meanwhile; try again.", 409)
+        if (last["kind"], last["id"]) != (rows[0]["kind"], rows[0]["id"]):
+            raise ReviewError("Nothing undone: your last answer changed meanwhile; try again.", 409)
         if not last["current"]:
             raise ReviewError(f"Nothing to undo: your last decision (item {item_id}) was changed since.", 409)
         if last["age_s"] > window_s:
@@ -329,10 +344,15 @@ def undo(url: str, reviewer_id: int, *, window_s: int = UNDO_WINDOW_S, lease_s: 
             cur.execute(load_query("undo_apply"), {"item_id": item_id, "supersedes": last["supersedes"],
                                                    "decision_id": last["id"]})
         elif last["kind"] == "opinion":
-            cur.execute(load_query("undo_opinion"), {"item_id": item_id, "opinion_id": last["id"]})
+            try:
+                cur.execute(load_query("undo_opinion"), {"item_id": item_id, "opinion_id": last["id"]})
+            except psycopg2.errors.ForeignKeyViolation:  # shown as gold to someone just now
+                raise ReviewError(f"Nothing to undo: another reviewer has answered on item {item_id} since.", 409) from None
         else:
             cur.execute(load_query("undo_gold"), {"answer_id": last["id"]})
             return item_id, True
+        if last["kind"] == "decision" and last["supersedes"] is not None:
+            return item_id, False  # the decision it changed is back: nothing waits for this reviewer
         held = _one(cur, "hold_item", {"item_id": item_id, "reviewer_id": reviewer_id, "lease_s": lease_s})
     return item_id, held is not None
 
@@ -357,17 +377,19 @@ def item(url: str, item_id: int) -> dict | None:
 
 def view(url: str, item_id: int, reviewer_id: int) -> dict | None:
     """An item as this reviewer is shown it. Blind (shown as undecided: no decision, no history)
-    where it is a gold item shown to them, an item they hold for an opinion, or, for anyone but a
-    lead, an item waiting for an opinion or of known label that they have not answered."""
+    where it is a gold item shown to them, or an item waiting for an opinion that they did not
+    decide (for a lead, one they hold). A settled item shown with its answers is noted
+    (review_item_views): it is never a gold item for that reviewer."""
     with db.connect(url) as conn, conn.cursor() as cur:
         found = _item(cur, item_id)
         if found is None:
             return None
         cur.execute(load_query("task"), {"item_id": item_id, "reviewer_id": reviewer_id})
         task = _dicts(cur)[0]
-    waiting = task["stage"] in ("second", "third")
-    found["blind"] = bool(task["gold_held"] or (waiting and task["held"])
-                          or (not task["lead"] and not task["answered"] and (waiting or task["gold"])))
+        waiting = task["stage"] in ("second", "third")
+        found["blind"] = bool(task["gold_held"] or (waiting and not task["decided"] and (task["mine"] or not task["lead"])))
+        if not found["blind"] and task["stage"] == "settled":
+            cur.execute(load_query("note_view"), {"item_id": item_id, "reviewer_id": reviewer_id})
     if found["reason"] == "gold":  # a catalogue photo: shown as the prediction that recorded it was
         found["reason"] = "needs_review" if found["needs_review"] else "audit"
     if found["blind"]:

@@ -142,10 +142,15 @@ def test_gold_photos_a_lead_and_the_quality_settings_from_the_command_line(env, 
     (catalogue / "Jeans" / "notes.txt").write_text("not a photo")
     (catalogue / "other").mkdir()
     (catalogue / "other" / "b.jpg").write_bytes(b"a photo the inbox never saw")
+    misspelt = rows.add(2, label="Jeans", confidence=0.99, needs_review=False)
+    (catalogue / "Jeanz").mkdir()
+    (catalogue / "Jeanz" / "c.jpg").write_bytes(misspelt["data"])
     r = run(env, "review", "gold", str(catalogue))
     assert r.returncode == 0, r.stderr
-    assert "1 photos added, 0 gold already, 1 not taken in by the inbox yet" in r.stdout
+    assert "1 photos added, 0 gold already, 1 not taken in by the inbox yet, 1 in a folder that is not one" in r.stdout
     assert f"not recorded: {catalogue / 'other' / 'b.jpg'}" in r.stdout
+    assert f"unknown category: {catalogue / 'Jeanz' / 'c.jpg'} ('Jeanz' is not a category" in r.stdout
+    assert queue.prediction_of(database_url, misspelt["sha256"]) == ("refund_classifier", "1")
     assert "0 photos added, 1 gold already" in run(env, "review", "gold", str(catalogue)).stdout
     r = run(env, "review", "gold", str(tmp_path / "nowhere"))
     assert r.returncode == 1 and "is not a folder" in r.stderr

@@ -9,6 +9,7 @@ import hashlib
 import math
 from datetime import datetime, timezone
 
+import psycopg2
 import pytest
 
 from ingest import report
@@ -50,6 +51,15 @@ def section(url: str, name: str) -> list[dict]:
 
 def stage(url: str, item: int) -> tuple:
     return fetch(url, "SELECT stage, settled_how, settled_label FROM review_items WHERE id = %(i)s", {"i": item})[0]
+
+
+def expire_leases(url: str) -> None:
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("UPDATE review_items SET lease_until = now() - interval '1 s' WHERE lease_until IS NOT NULL")
+    finally:
+        conn.close()
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -153,14 +163,63 @@ def test_a_decision_is_final_once_another_reviewer_gave_an_opinion(database_url,
     assert fetch(database_url, "SELECT count(*) FROM review_opinions") == [(1,)]
 
 
-def test_an_opinion_is_refused_while_another_reviewer_holds_the_item(database_url, rows, team):
+def test_an_opinion_is_given_only_on_an_item_claimed_for_it(database_url, rows, team):
+    """Never from a page seen otherwise: a lead (who sees the decision on a page they do not hold)
+    cannot answer it as a blind opinion, even once the holder's lease ran out."""
     audited(rows, 1)
     item = claim(database_url, team["alice"])
     queue.decide(database_url, item, team["alice"], "Tshirts")
     assert claim(database_url, team["bob"]) == item
-    with pytest.raises(queue.ReviewError, match="someone else"):
+    with pytest.raises(queue.ReviewError, match="waits for another reviewer's opinion"):
         queue.decide(database_url, item, team["carol"], "Tshirts")
+    queue.set_lead(database_url, "dave")
+    expire_leases(database_url)
+    assert fetch(database_url, "SELECT claimed_by, lease_until < now() FROM review_items") == [(team["bob"], True)]
+    assert not queue.view(database_url, item, team["dave"])["blind"], "a lead not holding it sees it whole"
+    with pytest.raises(queue.ReviewError, match="waits for another reviewer's opinion"):
+        queue.decide(database_url, item, team["dave"], "Tshirts")
     assert fetch(database_url, "SELECT count(*) FROM review_opinions") == [(0,)]
+    queue.decide(database_url, item, team["bob"], "Tshirts")  # bob still holds it, lease run out or not
+    assert stage(database_url, item)[1] == "agreement"
+    audited(rows, 2)
+    other = claim(database_url, team["alice"])
+    queue.decide(database_url, other, team["alice"], "Tshirts")
+    assert claim(database_url, team["dave"]) == other
+    assert queue.view(database_url, other, team["dave"])["blind"], "a lead asked for an opinion is blind too"
+
+
+def test_an_opinion_giver_stays_blind_after_answering_so_undo_teaches_nothing(database_url, rows, team):
+    audited(rows, 1)
+    item = claim(database_url, team["alice"])
+    queue.decide(database_url, item, team["alice"], "Tshirts")
+    claim(database_url, team["bob"])
+    queue.decide(database_url, item, team["bob"], "Shirts")
+    assert queue.view(database_url, item, team["bob"])["blind"], "alice's decision stays hidden from bob"
+    assert queue.undo(database_url, team["bob"]) == (item, True)
+    assert queue.view(database_url, item, team["bob"])["blind"]
+
+
+def test_undoing_a_change_of_a_decision_waiting_for_its_opinion_leaves_the_item_to_others(database_url, rows, team):
+    audited(rows, 1)
+    item = claim(database_url, team["alice"])
+    first = queue.decide(database_url, item, team["alice"], "Tshirts")
+    queue.decide(database_url, item, team["alice"], "Shirts", replaces=first)
+    assert queue.undo(database_url, team["alice"]) == (item, False)
+    assert fetch(database_url, "SELECT stage, claimed_by, decision_id FROM review_items") == [("second", None, first)]
+    assert claim(database_url, team["alice"]) is None and claim(database_url, team["bob"]) == item
+
+
+def test_a_page_seen_with_its_answers_is_never_a_gold_item_for_that_reviewer(database_url, rows, team):
+    audited(rows, 1)
+    item = claim(database_url, team["alice"])
+    queue.decide(database_url, item, team["alice"], "Tshirts")
+    claim(database_url, team["bob"])
+    queue.decide(database_url, item, team["bob"], "Tshirts")
+    rows.add(2)
+    assert not queue.view(database_url, item, team["carol"])["blind"], "settled: carol may look"
+    assert claim(database_url, team["carol"], draw=ALWAYS) != item, "but then it is no test of her"
+    queue.release(database_url, team["carol"])
+    assert claim(database_url, team["dave"], draw=ALWAYS) == item
 
 
 def test_the_share_of_needs_review_items_with_a_second_opinion_is_a_setting(database_url, rows, team):
@@ -228,6 +287,7 @@ def test_a_gold_item_is_shown_like_any_other_and_scored_per_reviewer(database_ur
     assert claim(database_url, team["bob"], draw=ALWAYS) == gold_item, "held until answered"
     queue.decide(database_url, gold_item, team["bob"], "Jeans")
     assert claim(database_url, team["bob"], draw=ALWAYS) != gold_item, "shown to each reviewer once"
+    queue.release(database_url, team["bob"])
     assert claim(database_url, team["alice"], draw=ALWAYS) == gold_item
     queue.decide(database_url, gold_item, team["alice"], "Shirts")
     assert claim(database_url, team["carol"], draw=ALWAYS) == gold_item
@@ -249,8 +309,11 @@ def test_an_agreement_makes_gold_for_everyone_but_the_two_who_agreed(database_ur
     queue.decide(database_url, item, team["alice"], "Tshirts")
     claim(database_url, team["bob"])
     queue.decide(database_url, item, team["bob"], "Tshirts")
-    assert claim(database_url, team["alice"], draw=ALWAYS) is None
-    assert claim(database_url, team["bob"], draw=ALWAYS) is None
+    assert claim(database_url, team["carol"], draw=ALWAYS) is None, "never a gold item in an empty queue"
+    rows.add(2)  # an item waiting: now a gold item may be shown instead
+    for name in ("alice", "bob"):
+        assert claim(database_url, team[name], draw=ALWAYS) not in (item, None)
+        queue.release(database_url, team[name])
     assert claim(database_url, team["carol"], draw=ALWAYS) == item
     assert queue.view(database_url, item, team["carol"])["blind"], "alice's and bob's answers hidden"
     queue.decide(database_url, item, team["carol"], "Tshirts")
@@ -271,6 +334,7 @@ def test_a_catalogue_photo_is_not_open_for_a_decision(database_url, rows, team):
 def test_logout_forgets_a_gold_item_shown_and_not_answered(database_url, rows, team):
     photo = rows.add(1, label="Jeans", confidence=0.99, needs_review=False, sha256=sha_with_point(False, 1))
     queue.add_gold(database_url, photo["sha256"], "Jeans")
+    rows.add(2)
     item = claim(database_url, team["alice"], draw=ALWAYS)
     queue.release(database_url, team["alice"])
     assert fetch(database_url, "SELECT count(*) FROM review_gold_answers") == [(0,)]
@@ -295,6 +359,7 @@ def test_undo_takes_back_an_opinion_and_a_gold_answer(database_url, rows, team):
     assert claim(database_url, team["bob"]) == item
     queue.decide(database_url, item, team["bob"], "Tshirts")
 
+    rows.add(2)
     gold_item = claim(database_url, team["carol"], draw=ALWAYS)
     assert gold_item == item
     queue.decide(database_url, gold_item, team["carol"], "Shirts")
@@ -346,8 +411,6 @@ def test_pages_hide_what_a_blind_reviewer_must_not_see_and_a_lead_sees_the_measu
 def test_items_decided_before_the_upgrade_are_settled_by_one_reviewer(pg_cluster, tmp_path):
     """Migration 008 over a desk in use: a decided item is settled with its decision's label; an
     undecided one waits for its first decision; the desk works on both afterwards."""
-    import psycopg2
-
     from ingest import db
 
     name = "upgrade_" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:10]
@@ -386,3 +449,49 @@ def test_items_decided_before_the_upgrade_are_settled_by_one_reviewer(pg_cluster
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+# -- export and retention read the settled label ------------------------------------------------------
+
+def test_export_since_counts_from_when_a_label_settled_and_never_writes_a_catalogue_photo(database_url, rows, team, tmp_path):
+    audited(rows, 1)
+    item = claim(database_url, team["alice"])
+    decision = queue.decide(database_url, item, team["alice"], "Tshirts")
+    first = export(database_url, tmp_path / "export-1", since=EPOCH)
+    assert first.skipped == {"awaiting_opinion": 1}
+    since = fetch(database_url, "SELECT now()")[0][0]
+    claim(database_url, team["bob"])
+    queue.decide(database_url, item, team["bob"], "Tshirts")  # settles after the first export
+    later = export(database_url, tmp_path / "export-2", since=since)
+    assert later.written == 1, "decided before --since, settled after it: in the next export"
+
+    test_photo = rows.add(2, label="Jeans")  # a test-split photo the inbox took in, which needed review
+    assert queue.add_gold(database_url, test_photo["sha256"], "Jeans") == "added"
+    queue.decide(database_url, claim(database_url, team["carol"]), team["carol"], "Jeans")
+    third = export(database_url, tmp_path / "export-3", since=EPOCH)
+    assert third.skipped == {"catalogue_gold": 1} and third.written == 1
+    with open(tmp_path / "export-3" / "styles.csv", newline="") as f:
+        assert list(csv.reader(f))[1:] == [[str(decision), "Tshirts"]]
+
+
+def test_retention_keeps_a_photo_until_its_settled_label_is_exported(database_url, rows, team):
+    from ingest import prune as prune_mod
+
+    def point(seed: int) -> float:
+        from review_support import image_bytes
+        return int(hashlib.sha256(image_bytes(seed)).hexdigest()[:8], 16) / 2**32
+
+    seed = next(s for s in range(1, 10000) if point(s) < 0.02)  # a real content in the audit sample
+    photo = rows.add(seed, label="Tshirts", confidence=0.99, needs_review=False)
+    item = claim(database_url, team["alice"])
+    queue.decide(database_url, item, team["alice"], None)  # unusable: alone, never exported
+    for name in ("bob", "carol"):
+        claim(database_url, team[name])
+        queue.decide(database_url, item, team[name], "Tshirts")
+    assert stage(database_url, item) == ("settled", "majority", "Tshirts")
+    conn = psycopg2.connect(database_url)
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE ingest_files SET moved_at = now() - interval '100 days'")
+    conn.close()
+    summary = prune_mod.prune(database_url, 90 * 86400.0)
+    assert summary.kept_unexported == 1 and photo["path"].exists(), "its settled label is still to export"

@@ -21,8 +21,10 @@ ALTER TABLE review_items
     ADD COLUMN second_opinion boolean NOT NULL DEFAULT false,  -- chosen when the item is first decided
     ADD COLUMN settled_outcome text CHECK (settled_outcome IN ('category', 'other', 'unusable')),
     ADD COLUMN settled_label text,
-    ADD COLUMN settled_how text CHECK (settled_how IN ('one reviewer', 'agreement', 'majority', 'no majority', 'catalogue'));
-UPDATE review_items i SET stage = 'settled', settled_outcome = d.outcome, settled_label = d.label, settled_how = 'one reviewer'
+    ADD COLUMN settled_how text CHECK (settled_how IN ('one reviewer', 'agreement', 'majority', 'no majority', 'catalogue')),
+    ADD COLUMN settled_at timestamptz;  -- when it last settled (what export --since and the report's --since read)
+UPDATE review_items i SET stage = 'settled', settled_outcome = d.outcome, settled_label = d.label, settled_how = 'one reviewer',
+    settled_at = i.decided_at
 FROM review_decisions d WHERE d.id = i.decision_id;
 CREATE INDEX review_items_waiting ON review_items (received_at, id) WHERE stage <> 'settled';
 CREATE INDEX review_decisions_item ON review_decisions (item_id);
@@ -71,6 +73,15 @@ CREATE TABLE review_gold_answers (
 );
 CREATE INDEX review_gold_answers_reviewer ON review_gold_answers (reviewer_id, answered_at);
 
+-- Items whose page a reviewer was shown with their answers (or, for a photo of known label, outside
+-- a gold turn): never shown to that reviewer as gold.
+CREATE TABLE review_item_views (
+    reviewer_id  bigint NOT NULL REFERENCES reviewers (id),
+    item_id      bigint NOT NULL REFERENCES review_items (id),
+    viewed_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (reviewer_id, item_id)
+);
+
 -- Where an item stands, from its rows: called after every decision, opinion or undo on it. When
 -- the stage changes the claim ends, so the next round's reviewer can take the item at once.
 CREATE FUNCTION review_settle(item bigint) RETURNS text
@@ -111,6 +122,7 @@ BEGIN
     END IF;
     UPDATE review_items
     SET stage = new_stage, settled_how = how, settled_outcome = s_outcome, settled_label = s_label,
+        settled_at = CASE WHEN new_stage = 'settled' THEN now() END,
         claimed_by = CASE WHEN new_stage = it.stage THEN claimed_by END,
         claimed_at = CASE WHEN new_stage = it.stage THEN claimed_at END,
         lease_until = CASE WHEN new_stage = it.stage THEN lease_until END

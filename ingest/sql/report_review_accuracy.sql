@@ -6,6 +6,6 @@ SELECT p.model_version, count(*) AS reviewed, count(*) FILTER (WHERE i.settled_l
 FROM review_items i
 JOIN predictions p ON p.sha256 = i.sha256 AND p.status = 'ok' AND p.needs_review
 WHERE i.stage = 'settled' AND i.settled_outcome IN ('category', 'other') AND i.reason <> 'gold'
-  AND i.decided_at >= %(since)s
+  AND i.settled_at >= %(since)s
 GROUP BY p.model_version
 ORDER BY p.model_version

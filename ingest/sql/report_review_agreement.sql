@@ -8,6 +8,6 @@ SELECT p.model_version, p.label AS predicted, count(*) AS decided,
 FROM review_items i
 JOIN predictions p ON p.sha256 = i.sha256 AND p.status = 'ok'
 WHERE i.stage = 'settled' AND i.settled_outcome IN ('category', 'other') AND i.reason <> 'gold'
-  AND i.decided_at >= %(since)s
+  AND i.settled_at >= %(since)s
 GROUP BY p.model_version, p.label
 ORDER BY p.model_version, p.label

@@ -8,7 +8,7 @@ WITH audited AS (
     FROM review_items i
     JOIN predictions p ON p.sha256 = i.sha256 AND p.status = 'ok' AND NOT p.needs_review
     WHERE i.stage = 'settled' AND i.settled_outcome IN ('category', 'other') AND i.reason <> 'gold'
-      AND i.decided_at >= %(since)s
+      AND i.settled_at >= %(since)s
       AND (i.reason = 'audit' OR review_audit_point(i.sha256) < (SELECT audit_share FROM review_settings))
     GROUP BY p.model_version
 )

@@ -111,6 +111,7 @@ CREATE TABLE review_items (
     settled_outcome text CHECK (settled_outcome IN ('category', 'other', 'unusable')),
     settled_label  text,
     settled_how    text CHECK (settled_how IN ('one reviewer', 'agreement', 'majority', 'no majority', 'catalogue')),
+    settled_at     timestamptz,  -- when it last settled (what export --since and the report's --since read)
     -- gold: a photo of known label added by `review gold`, in no queue of its own
     CONSTRAINT review_items_reason_check CHECK (reason IN ('needs_review', 'audit', 'gold'))
 );
@@ -234,6 +235,15 @@ CREATE TABLE review_gold_answers (
 );
 CREATE INDEX review_gold_answers_reviewer ON review_gold_answers (reviewer_id, answered_at);
 
+-- Items whose page a reviewer was shown with their answers (or, for a photo of known label, outside
+-- a gold turn): never shown to that reviewer as gold.
+CREATE TABLE review_item_views (
+    reviewer_id  bigint NOT NULL REFERENCES reviewers (id),
+    item_id      bigint NOT NULL REFERENCES review_items (id),
+    viewed_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (reviewer_id, item_id)
+);
+
 -- Where an item stands, from its rows: called after every decision, opinion or undo on it. When
 -- the stage changes the claim ends, so the next round's reviewer can take the item at once.
 CREATE FUNCTION review_settle(item bigint) RETURNS text
@@ -274,6 +284,7 @@ BEGIN
     END IF;
     UPDATE review_items
     SET stage = new_stage, settled_how = how, settled_outcome = s_outcome, settled_label = s_label,
+        settled_at = CASE WHEN new_stage = 'settled' THEN now() END,
         claimed_by = CASE WHEN new_stage = it.stage THEN claimed_by END,
         claimed_at = CASE WHEN new_stage = it.stage THEN claimed_at END,
         lease_until = CASE WHEN new_stage = it.stage THEN lease_until END
