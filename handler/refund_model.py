@@ -61,6 +61,7 @@ RESNET_SHAPES = {
     "resnet18_deep2": ResNetShape("basic", (2, 2, 2, 2), stem="deep2"),
     "resnet26_deep2": ResNetShape("bottleneck", (2, 2, 2, 2), stem="deep2"),
     "wide_resnet18_s2": ResNetShape("basic", (2, 2, 2, 2), stem="s2", widths=(96, 192, 384, 768)),
+    "wide_resnet18": ResNetShape("basic", (2, 2, 2, 2), widths=(96, 192, 384, 768)),
     "resnet10_s2": ResNetShape("basic", (1, 1, 1, 1), stem="s2"),
 }
 DEEP_STEM_WIDTHS = (32, 32)  # the deep stem's first two convs; its third has the first stage's width

@@ -67,13 +67,15 @@ def test_resnet34_is_torchvision_s_network_with_an_int8_form():
     assert not [n for n, m in q.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-def test_the_wide_shape_is_wider_everywhere():
-    model = build_model("wide_resnet18_s2", 31)
+@pytest.mark.parametrize("arch", ["wide_resnet18_s2", "wide_resnet18"])
+def test_the_wide_shapes_are_wider_everywhere(arch):
+    model = build_model(arch, 31)
     assert model.conv1.out_channels == 96 and model.layer4[-1].conv2.out_channels == 768
     assert model.fc.in_features == 768
+    assert last_grid(model) == ((5, 4) if arch.endswith("_s2") else (3, 2))
 
 
-@pytest.mark.parametrize("arch", ["resnet18_s2", "resnet26_s2", "resnet18_deep2", "wide_resnet18_s2"])
+@pytest.mark.parametrize("arch", ["resnet18_s2", "resnet26_s2", "resnet18_deep2", "wide_resnet18_s2", "wide_resnet18"])
 def test_the_int8_form_loads_the_float_weights_fuses_every_bn_and_agrees(arch):
     torch.manual_seed(0)
     model = randomized_bn(build_model(arch, 31))
