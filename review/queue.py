@@ -158,9 +158,13 @@ def reviewers(url: str) -> list[dict]:
         return _dicts(cur)
 
 
+def _check_share(name: str, share: float | None) -> None:
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise ReviewError(f"Invalid {name} {share!r}; give a fraction between 0 and 1 (0.02 = 2 %)")
+
+
 def set_audit_share(url: str, share: float) -> float:
-    if not 0.0 <= share <= 1.0:
-        raise ReviewError(f"Invalid audit share {share!r}; give a fraction between 0 and 1 (0.02 = 2 %)")
+    _check_share("audit share", share)
     with db.connect(url) as conn, conn.cursor() as cur:
         return _one(cur, "set_audit_share", {"share": share})[0]
 
@@ -173,9 +177,8 @@ def settings(cur) -> dict:
 def set_quality(url: str, *, gold_share: float | None = None, second_opinion_share: float | None = None,
                 second_opinion_audit: bool | None = None) -> dict:
     """Change the quality settings given (the others stay); returns all the review settings."""
-    for name, value in (("gold share", gold_share), ("second-opinion share", second_opinion_share)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ReviewError(f"Invalid {name} {value!r}; give a fraction between 0 and 1 (0.02 = 2 %)")
+    _check_share("gold share", gold_share)
+    _check_share("second-opinion share", second_opinion_share)
     with db.connect(url) as conn, conn.cursor() as cur:
         cur.execute(load_query("set_quality"),
                     {"gold": gold_share, "second": second_opinion_share, "audit": second_opinion_audit})
