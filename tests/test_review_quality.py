@@ -44,6 +44,21 @@ def claim(url, reviewer, draw=NEVER):
     return queue.claim(url, reviewer, draw=draw)
 
 
+def decided(url: str, rows, team, seed: int = 1, label: str = "Tshirts") -> tuple[int, int]:
+    """An audit item (the model said Tshirts) claimed and decided by alice: (item, decision)."""
+    audited(rows, seed)
+    item = claim(url, team["alice"])
+    return item, queue.decide(url, item, team["alice"], label)
+
+
+def agreed(url: str, rows, team) -> int:
+    """An audit item alice decided and bob, asked for the second opinion, agreed with: settled."""
+    item, _ = decided(url, rows, team)
+    assert claim(url, team["bob"]) == item
+    queue.decide(url, item, team["bob"], "Tshirts")
+    return item
+
+
 def section(url: str, name: str) -> list[dict]:
     data = report.collect(url, since=EPOCH, limit=100, sections=[name])[name]
     return [dict(zip(data["columns"], row)) for row in data["rows"]]
@@ -95,9 +110,7 @@ def test_an_audit_item_goes_to_a_second_reviewer_blind_and_agreement_settles_it(
 
 
 def test_an_item_waiting_for_its_second_opinion_counts_nowhere_yet(database_url, rows, team, tmp_path):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    queue.decide(database_url, item, team["alice"], "Tshirts")
+    item, _ = decided(database_url, rows, team)
     assert section(database_url, "review_audit") == []
     summary = export(database_url, tmp_path / "export", since=EPOCH)
     assert summary.written == 0 and summary.skipped == {"awaiting_opinion": 1}
@@ -108,9 +121,7 @@ def test_an_item_waiting_for_its_second_opinion_counts_nowhere_yet(database_url,
 def test_a_disagreement_goes_to_a_third_reviewer_and_the_majority_settles_it(database_url, rows, team, tmp_path):
     """The model said Tshirts; alice agreed, bob and carol said Shirts: the settled label is Shirts,
     so the audit counts the model wrong and the export writes Shirts, though alice's decision stands."""
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    decision = queue.decide(database_url, item, team["alice"], "Tshirts")
+    item, decision = decided(database_url, rows, team)
     assert claim(database_url, team["bob"]) == item
     queue.decide(database_url, item, team["bob"], "Shirts")
     assert stage(database_url, item) == ("third", None, None)
@@ -144,9 +155,7 @@ def test_three_answers_three_ways_settle_without_a_majority(database_url, rows, 
 
 
 def test_a_decision_is_final_once_another_reviewer_gave_an_opinion(database_url, rows, team):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    mine = queue.decide(database_url, item, team["alice"], "Tshirts")
+    item, mine = decided(database_url, rows, team)
     queue.decide(database_url, item, team["alice"], "Jeans", replaces=mine)  # before any opinion: a change
     changed = fetch(database_url, "SELECT decision_id FROM review_items")[0][0]
     assert stage(database_url, item)[0] == "second"
@@ -161,14 +170,16 @@ def test_a_decision_is_final_once_another_reviewer_gave_an_opinion(database_url,
         database_url, "SELECT id FROM review_opinions")[0][0], "bob's form sent twice: recorded once"
     assert fetch(database_url, "SELECT count(*) FROM review_decisions") == [(2,)]
     assert fetch(database_url, "SELECT count(*) FROM review_opinions") == [(1,)]
+    assert [(h["label"], h["current"], h["final"]) for h in queue.history(database_url, team["alice"])] == [
+        ("Jeans", True, True), ("Tshirts", False, True)], "My decisions: no change link once an opinion exists"
+    assert [(h["item_id"], h["label"], h["final"], h["reason"]) for h in queue.history(database_url, team["bob"])] == [
+        (item, "Shirts", True, "audit")]
 
 
 def test_an_opinion_is_given_only_on_an_item_claimed_for_it(database_url, rows, team):
     """Never from a page seen otherwise: a lead (who sees the decision on a page they do not hold)
     cannot answer it as a blind opinion, even once the holder's lease ran out."""
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    queue.decide(database_url, item, team["alice"], "Tshirts")
+    item, _ = decided(database_url, rows, team)
     assert claim(database_url, team["bob"]) == item
     with pytest.raises(queue.ReviewError, match="waits for another reviewer's opinion"):
         queue.decide(database_url, item, team["carol"], "Tshirts")
@@ -189,9 +200,7 @@ def test_an_opinion_is_given_only_on_an_item_claimed_for_it(database_url, rows, 
 
 
 def test_an_opinion_giver_stays_blind_after_answering_so_undo_teaches_nothing(database_url, rows, team):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    queue.decide(database_url, item, team["alice"], "Tshirts")
+    item, _ = decided(database_url, rows, team)
     claim(database_url, team["bob"])
     queue.decide(database_url, item, team["bob"], "Shirts")
     assert queue.view(database_url, item, team["bob"])["blind"], "alice's decision stays hidden from bob"
@@ -200,9 +209,7 @@ def test_an_opinion_giver_stays_blind_after_answering_so_undo_teaches_nothing(da
 
 
 def test_undoing_a_change_of_a_decision_waiting_for_its_opinion_leaves_the_item_to_others(database_url, rows, team):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    first = queue.decide(database_url, item, team["alice"], "Tshirts")
+    item, first = decided(database_url, rows, team)
     queue.decide(database_url, item, team["alice"], "Shirts", replaces=first)
     assert queue.undo(database_url, team["alice"]) == (item, False)
     assert fetch(database_url, "SELECT stage, claimed_by, decision_id FROM review_items") == [("second", None, first)]
@@ -210,11 +217,7 @@ def test_undoing_a_change_of_a_decision_waiting_for_its_opinion_leaves_the_item_
 
 
 def test_a_page_seen_with_its_answers_is_never_a_gold_item_for_that_reviewer(database_url, rows, team):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    queue.decide(database_url, item, team["alice"], "Tshirts")
-    claim(database_url, team["bob"])
-    queue.decide(database_url, item, team["bob"], "Tshirts")
+    item = agreed(database_url, rows, team)
     rows.add(2)
     assert not queue.view(database_url, item, team["carol"])["blind"], "settled: carol may look"
     assert claim(database_url, team["carol"], draw=ALWAYS) != item, "but then it is no test of her"
@@ -304,11 +307,7 @@ def test_a_gold_item_is_shown_like_any_other_and_scored_per_reviewer(database_ur
 
 
 def test_an_agreement_makes_gold_for_everyone_but_the_two_who_agreed(database_url, rows, team):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    queue.decide(database_url, item, team["alice"], "Tshirts")
-    claim(database_url, team["bob"])
-    queue.decide(database_url, item, team["bob"], "Tshirts")
+    item = agreed(database_url, rows, team)
     assert claim(database_url, team["carol"], draw=ALWAYS) is None, "never a gold item in an empty queue"
     rows.add(2)  # an item waiting: now a gold item may be shown instead
     for name in ("alice", "bob"):
@@ -344,11 +343,7 @@ def test_logout_forgets_a_gold_item_shown_and_not_answered(database_url, rows, t
 # -- undo -------------------------------------------------------------------------------------------------
 
 def test_undo_takes_back_an_opinion_and_a_gold_answer(database_url, rows, team):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    queue.decide(database_url, item, team["alice"], "Tshirts")
-    claim(database_url, team["bob"])
-    queue.decide(database_url, item, team["bob"], "Tshirts")
+    item = agreed(database_url, rows, team)
     assert fetch(database_url, "SELECT count(*) FROM review_gold") == [(1,)]
     with pytest.raises(queue.ReviewError, match="answered on item"):
         queue.undo(database_url, team["alice"])  # bob's opinion is built on her decision
@@ -376,9 +371,7 @@ def test_undo_takes_back_an_opinion_and_a_gold_answer(database_url, rows, team):
 
 def test_pages_hide_what_a_blind_reviewer_must_not_see_and_a_lead_sees_the_measures(database_url, rows, team, tmp_path):
     app = create_app(database_url, state=tmp_path / "state")
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    queue.decide(database_url, item, team["alice"], "Sandals")  # not among the top-k the page lists
+    item, _ = decided(database_url, rows, team, label="Sandals")  # not among the top-k the page lists
 
     def page(name: str, path: str):
         client = app.test_client()
@@ -454,9 +447,7 @@ def test_items_decided_before_the_upgrade_are_settled_by_one_reviewer(pg_cluster
 # -- export and retention read the settled label ------------------------------------------------------
 
 def test_export_since_counts_from_when_a_label_settled_and_never_writes_a_catalogue_photo(database_url, rows, team, tmp_path):
-    audited(rows, 1)
-    item = claim(database_url, team["alice"])
-    decision = queue.decide(database_url, item, team["alice"], "Tshirts")
+    item, decision = decided(database_url, rows, team)
     first = export(database_url, tmp_path / "export-1", since=EPOCH)
     assert first.skipped == {"awaiting_opinion": 1}
     since = fetch(database_url, "SELECT now()")[0][0]
