@@ -171,6 +171,17 @@ def browser():
         b.close()
 
 
+def log_in_page(browser, base: str, name: str, *, bypass_csp: bool = False):
+    """A new browser context's page, logged in as `name` through the login form."""
+    page = browser.new_context(bypass_csp=bypass_csp).new_page()
+    page.goto(base + "/login")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", PASSWORD)
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    return page
+
+
 def test_review_in_a_real_browser(browser, review_server, rows, database_url):
     labels = ["Tshirts", "Jeans", "Watches", "Sandals"]
     added = [rows.add(seed, label=label) for seed, label in enumerate(labels)]
@@ -255,13 +266,7 @@ def test_a_team_in_a_real_browser(browser, review_server, rows, database_url):
 
     def logged_in(name: str):
         # bypass_csp: the page's own policy (connect-src 'none') would refuse the test's fetch() of a form, below
-        page = browser.new_context(bypass_csp=True).new_page()
-        page.goto(review_server + "/login")
-        page.fill("input[name=name]", name)
-        page.fill("input[name=password]", PASSWORD)
-        with page.expect_navigation():
-            page.click("button[type=submit]")
-        return page
+        return log_in_page(browser, review_server, name, bypass_csp=True)
 
     def decisions() -> list[tuple]:
         return fetch(database_url, "SELECT item_id, label FROM review_decisions ORDER BY id")
@@ -343,13 +348,7 @@ def test_second_opinions_and_gold_items_in_a_real_browser(browser, review_server
     (audit_item,), (gold_item,) = fetch(database_url, "SELECT id FROM review_items WHERE reason <> 'needs_review' ORDER BY reason")
 
     def logged_in(name: str):
-        page = browser.new_context().new_page()
-        page.goto(review_server + "/login")
-        page.fill("input[name=name]", name)
-        page.fill("input[name=password]", PASSWORD)
-        with page.expect_navigation():
-            page.click("button[type=submit]")
-        return page
+        return log_in_page(browser, review_server, name)
 
     def decide(page, key: str) -> None:
         with page.expect_navigation():
