@@ -126,6 +126,26 @@ def test_a_failed_gate_is_recorded_and_the_handler_falls_back(int8_store, traine
         assert h.handle([{"body": val_photos(trained_run)[0].path.read_bytes()}], ctx)[0]["label"] in h.classes
 
 
+def test_int8_serves_fp32_s_rule_with_its_own_fit(trained_run, tmp_path):
+    """The label adjustment and the confidence's score are fp32's (calibration.json), not chosen
+    again on int8's outputs; its threshold is fitted on them."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    n = ckpt["model_config"]["num_classes"]
+    (run / "calibration.json").write_text(json.dumps({
+        "image_size": ckpt["preprocess"]["image_size"], "weights": "raw",
+        "temperature": 1.0, "prior_weight": 0.0, "class_bias": [0.0] * n, "review_threshold": 0.5,
+        "label_adjustment": 1.0, "label_bias": [0.1 * i for i in range(n)],
+        "confidence_fit": {"score": "margin", "slope": 1.0, "intercept": 0.0}}))
+    lenient = quantize.Gate(min_agreement=0.0, max_top1_drop=1.0, max_coverage_drop=1.0)
+    export_mod.export(run, "1", model_store=tmp_path / "store", int8="on", int8_gate=lenient, sample_per_class=0)
+    int8 = json.loads(zipfile.ZipFile(tmp_path / "store" / archive_name("1")).read("model_meta.json"))["int8"]
+    assert int8["status"] == "passed"
+    assert int8["label_adjustment"] == 1.0 and int8["confidence_fit"]["score"] == "margin"
+    assert int8["review_threshold"] != 0.5  # fitted on int8's outputs
+
+
 def test_export_logs_a_failed_gate(trained_run, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="training.export"):
         export_mod.export(trained_run, "3", model_store=tmp_path, int8_gate=FAILING_GATE, sample_per_class=0)

@@ -287,6 +287,25 @@ def test_the_top_probability_stays_the_confidence_where_the_margin_answers_no_mo
     assert fit["val_coverage"] > 0.85
 
 
+def test_a_kept_rule_is_served_as_it_is_and_only_the_rest_is_fitted():
+    """int8 keeps fp32's served rule: the confidence's score and the label adjustment are not chosen
+    again on int8's outputs (a flipped near tie would change 1-2 % of the labels), while T, the
+    prior weight, the margin's fit and the threshold are fitted on them."""
+    logits, y = capped_val(wrong_runner_up_close=True)  # chosen freely: the margin (above)
+    classes = [f"c{i}" for i in range(10)]
+    prior = torch.full((10,), 0.1).log()
+    free = evaluate_mod.fit_served(logits, y, torch.empty(0, 10), classes, prior)
+    assert evaluate_mod.served_rule(free) == {"confidence": "margin", "label_adjustment": 0.0}
+    kept = evaluate_mod.fit_served(logits, y, torch.empty(0, 10), classes, prior,
+                                   rule={"confidence": "probability", "label_adjustment": 0.5})
+    assert evaluate_mod.served_rule(kept) == {"confidence": "probability", "label_adjustment": 0.5}
+    assert "confidence_fit" not in kept and kept["label_bias"] == [round(-0.5 * float(p), 6) for p in prior]
+    assert kept["val_coverage"] < 0.1  # the top probability cannot tell right from wrong here: kept all the same
+    again = evaluate_mod.fit_served(logits * 1.3, y, torch.empty(0, 10), classes, prior, rule=evaluate_mod.served_rule(free))
+    assert evaluate_mod.served_rule(again) == evaluate_mod.served_rule(free)
+    assert again["temperature"] == pytest.approx(free["temperature"] * 1.3, rel=0.05)  # refitted on these logits
+
+
 def test_the_margin_is_not_chosen_where_it_would_accept_out_of_category_photos():
     """The out-of-category photos are answered a category at a top probability below most right
     answers', but far ahead of their runner-up: the margin would accept them."""

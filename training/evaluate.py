@@ -308,13 +308,25 @@ def split_logits(ckpt: dict, model, split: str, *, image_size, mean, std, batch_
     return logits, torch.tensor([to_index[r.label] for r in recs]), out_logits
 
 
+def served_rule(calibration: dict) -> dict:
+    """The choices a fit made rather than fitted: which score the confidence is read from
+    (choose_confidence) and the label adjustment tau (choose_label_adjustment)."""
+    return {"confidence": "margin" if calibration.get("confidence_fit") else "probability",
+            "label_adjustment": float(calibration.get("label_adjustment") or 0.0)}
+
+
 def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, classes: list[str],
-               log_prior: torch.Tensor) -> dict:
+               log_prior: torch.Tensor, rule: dict | None = None) -> dict:
     """The served decision fitted on val: T and the prior weight by NLL (on the out-of-category
     photos too, labelled `other`, where the model has that output), then the review threshold:
     the lowest confidence at which accepted answers on in-category photos are >= 98 % right (an
     `other` answer on one is wrong). The threshold does not depend on how many out-of-category
     photos val happens to hold; what it does to them is reported beside it (`val_outside`).
+
+    With `rule` (served_rule of another fit), the confidence's score and the label adjustment are
+    that fit's, not chosen again: the int8 model serves fp32's rule, and only T, the prior weight,
+    the margin's fit and the threshold are its own. Chosen again on int8's outputs, a near tie
+    (two taus 0.1 point of macro-F1 apart) could flip and change the label of 1-2 % of photos.
 
     The out-of-category photos are weighted in the NLL so that they make up the share `other` had
     in training (its per-epoch draw), not the share val happens to hold (a quarter of it): fitted
@@ -332,9 +344,14 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
     bias = prior_weight * log_prior
     probs = calibrated_probs(logits, temperature, bias)
     out_probs = calibrated_probs(out_logits, temperature, bias) if len(out_logits) else None
-    choice = choose_confidence(probs, y, out_probs, classes)
-    order = RAW_MARGIN if choice["score"] == "margin" else None  # the confidence's order, before its fit
-    adjustment = choose_label_adjustment(probs, y, log_prior, out_probs, classes, order)
+    if rule is None:
+        choice = choose_confidence(probs, y, out_probs, classes)
+        order = RAW_MARGIN if choice["score"] == "margin" else None  # the confidence's order, before its fit
+        adjustment = choose_label_adjustment(probs, y, log_prior, out_probs, classes, order)
+    else:
+        choice = {"score": rule["confidence"], "kept": True}
+        order = RAW_MARGIN if choice["score"] == "margin" else None
+        adjustment = {"tau": rule["label_adjustment"], "kept": True}
     lbias = -adjustment["tau"] * log_prior if adjustment["tau"] else None
     fit = None
     if order is not None:

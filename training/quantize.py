@@ -44,7 +44,7 @@ from handler.refund_preprocess import normalize
 from training import prepare as prepare_mod
 from training.checkpoint import model_from
 from training.engine import load_images, predict
-from training.evaluate import fit_served, review_threshold, train_log_prior
+from training.evaluate import fit_served, review_threshold, served_rule, train_log_prior
 
 METHOD = ("eager post-training static quantization (torch.ao.quantization), x86 backend: fused conv+bn+relu, "
           "quint8 activations over 8 bits (HistogramObserver), qint8 per-channel symmetric weights; stored as TorchScript")
@@ -236,7 +236,8 @@ def build_int8(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, c
 
     Quantized on `calibration_images` photos of the run's train split; then temperature, class
     bias and review threshold fitted on the int8 model's own validation outputs (as
-    training.evaluate fits fp32's), and the gate measured there against fp32."""
+    training.evaluate fits fp32's) under fp32's served rule (its label adjustment and confidence
+    score), and the gate measured there against fp32."""
     arch, num_classes = ckpt["model_config"]["arch"], ckpt["model_config"]["num_classes"]
     if arch not in quantizable_archs():
         raise Int8Error(f"no quantizable form of arch {arch!r}; int8 exists for: {', '.join(quantizable_archs())}")
@@ -273,7 +274,7 @@ def build_int8(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, c
     logits32, out32 = logits_of(fp32)
     with quietly():
         logits8, out8 = logits_of(int8)
-    fit = fit_served(logits8, y, out8, ckpt["classes"], train_log_prior(ckpt, prepared))
+    fit = fit_served(logits8, y, out8, ckpt["classes"], train_log_prior(ckpt, prepared), rule=served_rule(fp32_calibration))
     served = {k: fit[k] for k in SERVED_CALIBRATION if k in fit}
     figures = gate_figures(logits32, out32, logits8, out8, y, fp32_calibration=fp32_calibration, int8_calibration=served)
     failed = gate_failures(figures, gate)
