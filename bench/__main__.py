@@ -105,7 +105,7 @@ def summary_markdown(out: Path, cmd: str, wall_s: float) -> str:
         def row(label, r):
             return (f"| {label} | {r['images']} | {r['images_per_s']:.1f} | {r.get('images_per_cpu_s', float('nan')):.1f} | "
                     f"{r['rows']} ({r['distinct_contents']}) | {r['moved']} | {r['left_in_inbox']} | {r['exit_code']} |")
-        lines += [row(f"ingest, {MODEL_NAME} ResNet-50 (defaults)", r) for r in ingestion["results"]]
+        lines += [row(f"ingest, {MODEL_NAME} {ingestion.get('arch')} (defaults)", r) for r in ingestion["results"]]
         if ingestion.get("tuned"):
             lines.append(row(f"ingest `{' '.join(ingestion['tuned']['extra_args'])}`", ingestion["tuned"]))
         lines += [row(f"ingest, {ingestion.get('memory_archive_arch')} archive (scaling run)", r) for r in ingestion.get("memory_runs", [])]

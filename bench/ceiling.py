@@ -196,7 +196,7 @@ def print_results(res: dict) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
+    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random one of training.train's default network, made now)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to time")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per configuration")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved grid; each figure the median")

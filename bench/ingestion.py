@@ -305,7 +305,7 @@ def run(archive: Path, work: Path, *, images: int, sizes: list[int], baseline_im
         naive = bench_naive(archive, sources, work, pg=pg, n=baseline_images) if baseline_images else None
     best = throughput[0]
     res = {
-        "bench": "ingestion", "archive": str(archive), "image_size": info.meta.get("image_size"),
+        "bench": "ingestion", "archive": str(archive), "arch": info.meta.get("arch"), "image_size": info.meta.get("image_size"),
         "source": source_of(sources),
         "results": throughput, "best": best, "tuned": tuned, "jit_warm_up": jit_warm, "warmup": warm, "naive": naive, "torchserve_memory": ts_memory,
         "memory_runs": memory_runs, "memory_archive_arch": read_archive(memory_archive or archive).meta.get("arch"),
@@ -370,8 +370,8 @@ def print_results(res: dict) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
-    parser.add_argument("--images", type=int, default=4000, help="inbox size of the throughput run (ResNet-50)")
+    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random one of training.train's default network, made now)")
+    parser.add_argument("--images", type=int, default=4000, help="inbox size of the throughput run (the archive's network)")
     parser.add_argument("--warm-s", type=float, default=None,
                         help="untimed seconds of multi-photo requests on TorchServe before the ingest runs (default: bench.serving's)")
     parser.add_argument("--warmup-images", type=int, default=1000,

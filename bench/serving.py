@@ -511,7 +511,7 @@ DEFAULT_VARIANTS = ["workers=1", "maxBatchDelay=10", "batchSize=4", "batchSize=1
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random ResNet-50 one made now)")
+    parser.add_argument("--archive", type=Path, default=None, help="model archive (default: a random one of training.train's default network, made now)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64], help="clients in flight, one photo per request")
     parser.add_argument("--multi-concurrency", type=int, nargs="*", default=[1, 4, 8, 16],
                         help=f"clients in flight, {PHOTOS_PER_REQUEST} photos per request (as ingest run sends them)")

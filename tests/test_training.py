@@ -108,13 +108,13 @@ def test_archive_reader_gives_back_the_trained_model(trained_run, model_store):
 
 
 def test_the_default_network_follows_the_precision_training_runs_in(sample_catalogue, tmp_path, caplog, monkeypatch):
-    """--arch auto: ResNet-50 where training runs in bf16, ResNet-18 where it runs in float32, said in the log."""
+    """--arch auto: ResNet-26 where training runs in bf16, ResNet-18 where it runs in float32, said in the log."""
     import logging
 
     from training import train
 
     assert train.get_args_parser().get_default("arch") == "auto"
-    assert (train.default_arch(True), train.default_arch(False)) == ("resnet50", "resnet18")
+    assert (train.default_arch(True), train.default_arch(False)) == ("resnet26", "resnet18")
     monkeypatch.setattr(train, "DEFAULT_ARCH", {"bf16": "resnet18", "fp32": "tinynet"})  # the choice, not the network's cost
     caplog.set_level(logging.INFO, logger="training.train")
     tiny = [a for a in TINY if a not in ("--arch", "tinynet")]
