@@ -42,6 +42,7 @@ import yaml
 
 from bench import common
 from bench import serving as serving_bench
+from handler import refund_model
 from serving.archive import MODEL_NAME, read_archive
 
 NAIVE_MODEL = "refund_classifier_naive"
@@ -186,11 +187,12 @@ def make_naive_archive(archive: Path, out: Path) -> Path:
     (staging / "model-config.yaml").write_text(yaml.safe_dump({
         "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 120}))
     shutil.copy(Path(__file__).with_name("naive_handler.py"), staging / "naive_handler.py")
+    shutil.copy(refund_model.__file__, staging / "refund_model.py")  # builds any network the project trains
     store = out / "naive-store"
     store.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", NAIVE_MODEL, "--version", "1",
            "--serialized-file", str(staging / "weights.pt"), "--handler", str(staging / "naive_handler.py"),
-           "--extra-files", str(staging / "naive_meta.json"), "--config-file", str(staging / "model-config.yaml"),
+           "--extra-files", f"{staging / 'naive_meta.json'},{staging / 'refund_model.py'}", "--config-file", str(staging / "model-config.yaml"),
            "--export-path", str(store), "--archive-format", "default", "--force"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=common.private_tmp_env(store))
     if result.returncode != 0:

@@ -9,8 +9,8 @@ import json
 import os
 
 import torch
-import torchvision
 from PIL import Image
+from refund_model import build_model  # the network's definition, shipped beside this file (not the handler)
 from torchvision import transforms
 
 _state = {}
@@ -20,7 +20,7 @@ def _initialize(context) -> None:
     model_dir = context.system_properties["model_dir"]
     with open(os.path.join(model_dir, "naive_meta.json")) as f:
         meta = json.load(f)
-    model = torchvision.models.get_model(meta["arch"], weights=None, num_classes=len(meta["classes"]))
+    model = build_model(meta["arch"], len(meta["classes"]))
     serialized = context.manifest["model"]["serializedFile"]
     model.load_state_dict(torch.load(os.path.join(model_dir, serialized), map_location="cpu", weights_only=True))
     _state["model"] = model.eval()

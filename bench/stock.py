@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from bench import common
+from handler.refund_model import RESNET_SHAPES, ResNetShape
 
 STOCK_MODEL = "refund_stock"
 # torchvision's ResNet constructors: block and layers of each depth.
@@ -30,6 +31,20 @@ _RESNETS = {
     "resnet50": ("Bottleneck", [3, 4, 6, 3]), "resnet101": ("Bottleneck", [3, 4, 23, 3]),
     "resnet152": ("Bottleneck", [3, 8, 36, 3]),
 }
+
+
+def stock_resnet(arch: str) -> tuple[str, list[int]] | None:
+    """(block, layers) of torchvision's ResNet that `arch` is, or None: torchvision's own depths, and
+    our shapes that keep torchvision's stem and widths (resnet26: its bottleneck blocks, 2-2-2-2)."""
+    if arch in _RESNETS:
+        return _RESNETS[arch]
+    shape = RESNET_SHAPES.get(arch)
+    plain = ResNetShape(shape.block, shape.layers) if shape else None
+    if shape is None or shape != plain:
+        return None
+    return ("BasicBlock" if shape.block == "basic" else "Bottleneck"), list(shape.layers)
+
+
 _MODEL_FILE = '''from torchvision.models.resnet import {block}, ResNet
 
 
@@ -78,10 +93,12 @@ def make_stock_archive(archive: Path, out: Path) -> Path:
         weights = z.read(manifest["serializedFile"])
         index_to_name = z.read("index_to_name.json")
     arch = meta.get("arch")
-    if arch not in _RESNETS:
+    resnet = stock_resnet(arch)
+    if resnet is None:
+        usable = [a for a in [*_RESNETS, *RESNET_SHAPES] if stock_resnet(a)]
         raise SystemExit(f"bench.stock: the stock handler's model file is a torchvision ResNet; the archive's arch is "
-                         f"{arch!r}; use one of: {', '.join(_RESNETS)}")
-    block, layers = _RESNETS[arch]
+                         f"{arch!r}; use one of: {', '.join(usable)}")
+    block, layers = resnet
     src = out / "src"
     if src.exists():
         shutil.rmtree(src)
