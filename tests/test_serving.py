@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import gzip
 import os
 import re
 import signal
@@ -90,13 +91,21 @@ def test_versioned_endpoint_and_management(torchserve):
     assert r.status_code == 400 and r.json()["code"] == "empty"
 
 
+def whole_log(log_dir: Path, name: str) -> str:
+    """A TorchServe log with what its daily roll-over has moved aside (NAME.<day>.log.gz) before it:
+    a server started before midnight keeps its start-up lines there."""
+    stem = name.removesuffix(".log")
+    rolled = sorted(log_dir.glob(f"{stem}.*.log.gz"), key=lambda p: p.stat().st_mtime)
+    return "".join(gzip.decompress(p.read_bytes()).decode() for p in rolled) + (log_dir / name).read_text()
+
+
 def test_archive_settings_reach_torchserve(torchserve):
     """batchSize / maxBatchDelay / workers come from handler/model-config.yaml inside the archive."""
     model = torchserve.describe("refund_classifier", "1")[0]
     # a lone request waits the whole maxBatchDelay in TorchServe's queue: it must stay short
     assert model["batchSize"] == 8 and model["maxBatchDelay"] == 2
     assert model["minWorkers"] == model["maxWorkers"] == 2 and len(model["workers"]) == 2
-    log = (torchserve.log_dir / "model_log.log").read_text()
+    log = whole_log(torchserve.log_dir, "model_log.log")
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert re.search(rf"loaded refund_classifier v1: .* threads={threads} ", log), "workers x threads != cores"
 
@@ -213,7 +222,7 @@ def test_requests_write_an_access_line_each_and_nothing_more_to_the_logs(torchse
     assert grew["access_log.log"] == len(bodies), grew
     assert grew["ts_log.log"] <= 2 and grew["console.log"] <= 2, grew
     assert 1 <= grew["model_log.log"] <= len(bodies), grew  # the handler's line per batch, nothing per request
-    assert "precision=" in logs["model_log.log"].read_text()  # the handler's start-up line is kept
+    assert "precision=" in whole_log(torchserve.log_dir, "model_log.log")  # the handler's start-up line is kept
     assert "Backend received inference" not in logs["model_log.log"].read_text()
 
 
