@@ -326,7 +326,7 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
     With `rule` (served_rule of another fit), the confidence's score and the label adjustment are
     that fit's, not chosen again: the int8 model serves fp32's rule, and only T, the prior weight,
     the margin's fit and the threshold are its own. Chosen again on int8's outputs, a near tie
-    (two taus 0.1 point of macro-F1 apart) could flip and change the label of 1-2 % of photos.
+    between two taus could flip and change the label of 1-2 % of the photos.
 
     The out-of-category photos are weighted in the NLL so that they make up the share `other` had
     in training (its per-epoch draw), not the share val happens to hold (a quarter of it): fitted
