@@ -39,8 +39,7 @@ def stock_resnet(arch: str) -> tuple[str, list[int]] | None:
     if arch in _RESNETS:
         return _RESNETS[arch]
     shape = RESNET_SHAPES.get(arch)
-    plain = ResNetShape(shape.block, shape.layers) if shape else None
-    if shape is None or shape != plain:
+    if shape is None or shape != ResNetShape(shape.block, shape.layers):  # another stem or widths
         return None
     return ("BasicBlock" if shape.block == "basic" else "Bottleneck"), list(shape.layers)
 

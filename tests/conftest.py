@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
-import zipfile
 from pathlib import Path
 
 import psycopg2
@@ -18,7 +17,7 @@ from ingest import db
 from serving.archive import MODEL_NAME, archive_name
 from serving.postgres import Cluster
 from serving.torchserve import free_port, make_torchserve
-from support import train_tiny
+from support import extract, train_tiny
 from training import export as export_mod
 from training import make_sample_catalogue
 
@@ -62,10 +61,7 @@ def model_store(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def extracted_archive(model_store, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mar")
-    with zipfile.ZipFile(model_store / archive_name("1")) as z:
-        z.extractall(out)
-    return out
+    return extract(model_store / archive_name("1"), tmp_path_factory.mktemp("mar"))
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------

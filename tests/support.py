@@ -1,8 +1,9 @@
-"""Helpers the test files share that are not fixtures: a handler in TorchServe's MockContext, and tiny
-training runs. Fixtures live in conftest.py; test files import nothing from each other.
+"""Helpers the test files share that are not fixtures: a handler in TorchServe's MockContext, tiny
+training runs, an archive unpacked. Fixtures live in conftest.py; test files import nothing from each other.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,13 @@ def run_train(*argv: str) -> Path:
 
 def train_tiny(data_dir: Path, out: Path, *extra: str, epochs: int = 10) -> Path:
     run_train("--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs), *TINY, *extra)
+    return out
+
+
+def extract(mar: Path, out: Path) -> Path:
+    """A .mar unpacked into `out`, as TorchServe unpacks it for its workers."""
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(out)
     return out
 
 

@@ -4,26 +4,19 @@ archive's weights into the same network and answer a photo."""
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from bench import common
 from bench.ingestion import make_naive_archive
 from bench.stock import make_stock_archive, stock_resnet
+from review_support import image_bytes
+from support import extract
 from training import train
-
-
-def extract(mar: Path, out: Path) -> Path:
-    with zipfile.ZipFile(mar) as z:
-        z.extractall(out)
-    return out
 
 
 def load_module(path: Path, name: str):
@@ -31,12 +24,6 @@ def load_module(path: Path, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def photo() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (60, 80), (200, 40, 40)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module", params=sorted(set(train.DEFAULT_ARCH.values())))
@@ -54,7 +41,7 @@ def test_the_naive_baseline_serves_the_archive_s_network(archive, tmp_path, monk
     handler = load_module(folder / manifest["model"]["handler"], "naive_handler_under_test")
     ctx = type("Context", (), {"system_properties": {"model_dir": str(folder)}, "manifest": manifest})()
     classes = json.loads((folder / "naive_meta.json").read_text())["classes"]
-    [answer] = handler.handle([{"body": photo()}], ctx)
+    [answer] = handler.handle([{"body": image_bytes(0)}], ctx)
     assert answer["label"] in classes and 0 <= answer["confidence"] <= 1
 
 

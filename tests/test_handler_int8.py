@@ -18,7 +18,7 @@ from handler.refund_model import load_int8
 from handler.refund_preprocess import normalize
 from serving.archive import MODEL_NAME, archive_name
 from serving.torchserve import make_torchserve
-from support import make_handler
+from support import extract, make_handler
 from training import export as export_mod
 from training import prepare as prepare_mod
 from training import quantize
@@ -26,12 +26,6 @@ from training.engine import load_images
 
 # Impossible to pass: every archive exported with it must fall back.
 FAILING_GATE = quantize.Gate(min_agreement=1.01)
-
-
-def extract(mar: Path, out: Path) -> Path:
-    with zipfile.ZipFile(mar) as z:
-        z.extractall(out)
-    return out
 
 
 def with_settings(folder: Path, out: Path, **settings) -> Path:

@@ -344,14 +344,10 @@ def fit_served(logits: torch.Tensor, y: torch.Tensor, out_logits: torch.Tensor, 
     bias = prior_weight * log_prior
     probs = calibrated_probs(logits, temperature, bias)
     out_probs = calibrated_probs(out_logits, temperature, bias) if len(out_logits) else None
-    if rule is None:
-        choice = choose_confidence(probs, y, out_probs, classes)
-        order = RAW_MARGIN if choice["score"] == "margin" else None  # the confidence's order, before its fit
-        adjustment = choose_label_adjustment(probs, y, log_prior, out_probs, classes, order)
-    else:
-        choice = {"score": rule["confidence"], "kept": True}
-        order = RAW_MARGIN if choice["score"] == "margin" else None
-        adjustment = {"tau": rule["label_adjustment"], "kept": True}
+    choice = choose_confidence(probs, y, out_probs, classes) if rule is None else {"score": rule["confidence"], "kept": True}
+    order = RAW_MARGIN if choice["score"] == "margin" else None  # the confidence's order, before its fit
+    adjustment = choose_label_adjustment(probs, y, log_prior, out_probs, classes, order) if rule is None else \
+        {"tau": rule["label_adjustment"], "kept": True}
     lbias = -adjustment["tau"] * log_prior if adjustment["tau"] else None
     fit = None
     if order is not None:
