@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -170,6 +171,8 @@ def test_export_logs_a_failed_gate(trained_run, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="training.export"):
         export_mod.export(trained_run, "3", model_store=tmp_path, int8_gate=FAILING_GATE, sample_per_class=0)
     assert "int8 failed its gate (top-1 agreement with fp32" in caplog.text
+    assert re.search(r"coverage at 98 % precision [\d.]+ \(fp32 [\d.]+; [\d.]+ (lower|higher) on average over 200 resamples\)",
+                     caplog.text)
 
 
 def test_int8_off_and_unavailable(trained_run, tmp_path):

@@ -125,9 +125,10 @@ def int8_entry(ckpt: dict, state: dict, *, mode: str, image_size, calibration: d
         logger.warning("no int8 model in this archive: %s", exc)
         return {"status": "unavailable", "reason": str(exc)}, None
     g = entry["gate"]
+    drop = g["coverage_drop"]
     figures = (f"top-1 agreement with fp32 {g['top1_agreement']:.4f}, top-1 {g['int8_top1']:.4f} (fp32 {g['fp32_top1']:.4f}), "
-               f"coverage at 98 % precision {g['int8_coverage']:.4f} (fp32 {g['fp32_coverage']:.4f}; "
-               f"{g['coverage_drop']:.4f} lower on average over {g['coverage_resamples']} resamples) on {g['images']} val photos")
+               f"coverage at 98 % precision {g['int8_coverage']:.4f} (fp32 {g['fp32_coverage']:.4f}; {abs(drop):.4f} "
+               f"{'lower' if drop >= 0 else 'higher'} on average over {g['coverage_resamples']} resamples) on {g['images']} val photos")
     if model is None:
         logger.warning("int8 failed its gate (%s): the archive carries no int8 model and serves bf16/fp32; %s",
                        entry["reason"], figures)
