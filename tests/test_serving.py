@@ -214,17 +214,22 @@ def test_requests_write_an_access_line_each_and_nothing_more_to_the_logs(torchse
     a request, the handler's lines in model_log.log, and TorchServe's events."""
     logs = {name: torchserve.log_dir / name for name in ("ts_log.log", "console.log", "access_log.log", "model_log.log")}
     bodies = [p.read_bytes() for p in unseen(unseen_images)] * 4
+
+    def lines() -> dict[str, int]:
+        return {name: len(path.read_bytes().splitlines()) for name, path in logs.items()}
+
+    def one_round() -> None:
+        start = lines()["access_log.log"]
+        assert all(r.status_code == 200 for r in post_all(torchserve, bodies))
+        assert wait_for(lambda: lines()["access_log.log"] - start >= len(bodies))
+        time.sleep(1)  # the metrics' lines reach the frontend a moment after the answers
+
     # A fresh TorchServe logs "Registering auto detected backend metric" once per new metric, at
     # its first requests: a warm-up round first, so that what is counted is what every request costs.
-    warm_up = len(logs["access_log.log"].read_bytes().splitlines())
-    assert all(r.status_code == 200 for r in post_all(torchserve, bodies))
-    assert wait_for(lambda: len(logs["access_log.log"].read_bytes().splitlines()) - warm_up >= len(bodies))
-    time.sleep(1)
-    before = {name: len(path.read_bytes().splitlines()) for name, path in logs.items()}
-    assert all(r.status_code == 200 for r in post_all(torchserve, bodies))
-    assert wait_for(lambda: len(logs["access_log.log"].read_bytes().splitlines()) - before["access_log.log"] >= len(bodies))
-    time.sleep(1)  # the metrics' lines reach the frontend a moment after the answers
-    grew = {name: len(path.read_bytes().splitlines()) - before[name] for name, path in logs.items()}
+    one_round()
+    before = lines()
+    one_round()
+    grew = {name: n - before[name] for name, n in lines().items()}
     assert grew["access_log.log"] == len(bodies), grew
     assert grew["ts_log.log"] <= 2 and grew["console.log"] <= 2, grew
     assert 1 <= grew["model_log.log"] <= len(bodies), grew  # the handler's line per batch, nothing per request
